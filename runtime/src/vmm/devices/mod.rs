@@ -1,0 +1,105 @@
+//! Device models. Every device runs inside the VMM process (see
+//! docs/design.md): an outside daemon would map the template's memory file,
+//! not a clone's private copy-on-write pages.
+//!
+//! Virtio devices implement [`VirtioDevice`]; the virtio-mmio transport
+//! (`mmio.rs`) owns the registers and queue configuration, and hands the
+//! queues to the device when the driver sets DRIVER_OK.
+
+pub mod block;
+pub mod mmio;
+pub mod serial;
+pub mod vsock;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as every device sees it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Bit in the virtio-mmio InterruptStatus register: a used ring was updated.
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// Bit in the virtio-mmio InterruptStatus register: the config space changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// A device's interrupt line: an irqfd registered with KVM for the device's
+/// GSI, plus the InterruptStatus register the driver reads and acknowledges.
+pub struct IrqLine {
+    pub gsi: u32,
+    pub evt: EventFd,
+    status: AtomicU32,
+}
+
+impl IrqLine {
+    pub fn new(gsi: u32) -> std::io::Result<Self> {
+        Ok(Self { gsi, evt: EventFd::new(libc::EFD_NONBLOCK)?, status: AtomicU32::new(0) })
+    }
+
+    /// Sets `bits` in InterruptStatus and raises the interrupt.
+    pub fn trigger(&self, bits: u32) -> std::io::Result<()> {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.evt.write(1)
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: the driver clears the bits it has handled.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Restores InterruptStatus (template/clone).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+}
+
+/// One activated queue: the queue itself and the ioeventfd KVM signals when
+/// the driver writes the queue's index to QueueNotify.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+/// What a virtio device model provides to the virtio-mmio transport.
+///
+/// `activate` is called once the driver has set DRIVER_OK; the device then
+/// serves its queues on a thread of its own until `reset` (or drop) stops it.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (2 = block, 19 = vsock, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers (including VIRTIO_F_VERSION_1).
+    fn avail_features(&self) -> u64;
+    /// The features the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific config space at `offset` (relative to 0x100).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific config space; most devices ignore writes.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving the queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        irq: Arc<IrqLine>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), DeviceError>;
+    /// Stops serving the queues and returns to the pre-activation state.
+    /// Returns false if the device cannot be reset.
+    fn reset(&mut self) -> bool;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{device}: {cause}")]
+    Activate { device: &'static str, cause: String },
+    #[error("{device}: I/O error: {source}")]
+    Io { device: &'static str, source: std::io::Error },
+}

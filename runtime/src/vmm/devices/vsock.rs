@@ -1,0 +1,1 @@
+//! vsock device.

@@ -1,0 +1,3 @@
+//! The virtual machine monitor: guest memory, vCPUs, boot, devices.
+
+pub mod devices;
