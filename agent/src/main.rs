@@ -1,1 +1,63 @@
-fn main() {}
+//! `jevm-agent`: PID 1 of a jevm guest. It mounts the API file systems,
+//! reaps orphans, tells the host over vsock that it is ready, and answers
+//! host requests (see `jevm_protocol`).
+//!
+//! Run as any other PID (development) it skips mounting and rebooting and
+//! only serves.
+//!
+//! PID 1 must never exit or panic: the kernel panics when init dies. Every
+//! failure is therefore logged and survived, and input from the host is
+//! handled without `unwrap`.
+
+mod handler;
+mod init;
+mod logger;
+mod reaper;
+mod server;
+mod system;
+mod vsock;
+
+use jevm_protocol::AGENT_PORT;
+use log::error;
+use std::sync::Arc;
+use system::System;
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    logger::init();
+
+    // Before any thread exists, so every thread inherits the blocked mask.
+    if let Err(e) = reaper::block_sigchld() {
+        error!("blocking SIGCHLD: {e}; zombies will not be reaped");
+    }
+    if pid1 {
+        init::mount_api_filesystems();
+    }
+    if let Err(e) = reaper::spawn() {
+        error!("starting the reaper thread: {e}; zombies will not be reaped");
+    }
+
+    let system = Arc::new(System::new(pid1));
+    let listener = match server::listen() {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!("listening on vsock port {AGENT_PORT}: {e}");
+            if !pid1 {
+                std::process::exit(1);
+            }
+            // A guest the host cannot reach is useless: stopping it now
+            // fails the VM start at once rather than at the host's timeout.
+            system.power_off();
+            park_forever();
+        }
+    };
+    server::announce_ready();
+    server::serve(listener, system)
+}
+
+/// What PID 1 does when there is nothing left to do but must not exit.
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,1 +1,105 @@
-//! Client for the in-guest agent.
+//! Host side of the agent protocol over hybrid vsock.
+//!
+//! The VM's vsock device listens on a Unix socket; a host client connects,
+//! writes `CONNECT <port>\n` and reads `OK <host port>\n` once the guest
+//! accepted. From then on the stream carries the agent protocol frames.
+
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jevm_protocol::{read_frame, write_frame, FrameError, Request, Response, AGENT_PORT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent socket {path}: {source}")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("agent socket {path}: the guest refused vsock port {port} (answer {answer:?})")]
+    Refused { path: PathBuf, port: u32, answer: String },
+    #[error("agent request {request}: {source}")]
+    Frame { request: &'static str, source: FrameError },
+    #[error("agent request {request}: the guest answered {answer}")]
+    Guest { request: &'static str, answer: String },
+}
+
+/// One connection to the agent.
+pub struct AgentClient {
+    stream: BufReader<UnixStream>,
+}
+
+/// Opens a hybrid-vsock stream to `port` in the guest behind `uds`.
+pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
+    let err = |source| AgentError::Connect { path: uds.to_owned(), source };
+    let mut s = UnixStream::connect(uds).map_err(err)?;
+    s.set_read_timeout(Some(timeout)).map_err(err)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(err)?;
+    // Read the answer byte by byte: anything after the newline belongs to
+    // the guest's stream, not to the handshake.
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        match s.read(&mut b) {
+            Ok(0) => break,
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) => return Err(err(e)),
+        }
+    }
+    let answer = String::from_utf8_lossy(&line).into_owned();
+    if !answer.starts_with("OK ") {
+        return Err(AgentError::Refused { path: uds.to_owned(), port, answer });
+    }
+    s.set_read_timeout(None).map_err(err)?;
+    Ok(s)
+}
+
+impl AgentClient {
+    pub fn connect(uds: &Path, timeout: Duration) -> Result<Self, AgentError> {
+        let s = connect_vsock(uds, AGENT_PORT, timeout)?;
+        Ok(Self { stream: BufReader::new(s) })
+    }
+
+    /// Sends one request and reads its response. A `Response::Error` from the
+    /// guest is returned as `Ok`: the caller decides whether it is expected.
+    pub fn call(&mut self, req: &Request) -> Result<Response, AgentError> {
+        let name = request_name(req);
+        let frame = |source| AgentError::Frame { request: name, source };
+        write_frame(self.stream.get_mut(), req).map_err(frame)?;
+        read_frame(&mut self.stream).map_err(frame)
+    }
+
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
+        self.stream.get_ref().set_read_timeout(t)
+    }
+
+    /// Version handshake: returns the agent's version, refusing an agent
+    /// that speaks another protocol.
+    pub fn version(&mut self) -> Result<String, AgentError> {
+        match self.call(&Request::Version)? {
+            Response::Version { agent_version, protocol_version }
+                if protocol_version == jevm_protocol::PROTOCOL_VERSION =>
+            {
+                Ok(agent_version)
+            }
+            other => Err(AgentError::Guest { request: "Version", answer: format!("{other:?}") }),
+        }
+    }
+
+    pub fn ping(&mut self, nonce: u64) -> Result<(), AgentError> {
+        match self.call(&Request::Ping { nonce })? {
+            Response::Pong { nonce: n } if n == nonce => Ok(()),
+            other => Err(AgentError::Guest { request: "Ping", answer: format!("{other:?}") }),
+        }
+    }
+}
+
+fn request_name(req: &Request) -> &'static str {
+    match req {
+        Request::Version => "Version",
+        Request::Ping { .. } => "Ping",
+        Request::Shutdown => "Shutdown",
+        Request::Diag(_) => "Diag",
+    }
+}
+

@@ -1,10 +1,12 @@
 //! jevm runtime: the VMM that boots (and, later, clones) a microVM, and the
 //! client that talks to the agent inside it.
 //!
-//! Data flow: [`vmm::Vm::start`] builds guest memory, loads the kernel,
-//! creates the vCPUs and devices; the agent in the guest dials the host on
-//! the READY port through virtio-vsock; [`agent_client::AgentClient`] then
+//! Data flow: [`microvm::MicroVm::boot`] listens for the agent's READY and
+//! starts a [`vmm::Vm`] (guest memory, kernel, vCPUs, devices); the agent in
+//! the guest dials the host through virtio-vsock; [`agent_client`] then
 //! connects over the same vsock Unix socket to send requests.
 
 pub mod agent_client;
+#[cfg(jevm_full)]
+pub mod microvm;
 pub mod vmm;

@@ -1,1 +1,148 @@
-//! serial device.
+//! The 8250 UART at 0x3f8 (ttyS0): the guest console.
+//!
+//! Emulated with `vm-superio`. Output goes to a log file and into a small
+//! ring of recent lines, so that when a guest dies the error can quote what
+//! the kernel said last (a panic message, usually).
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// First I/O port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// ISA IRQ of COM1.
+pub const COM1_IRQ: u32 = 4;
+const RECENT_LINES: usize = 40;
+
+/// Raises the serial IRQ through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// What the guest printed: kept whole in a file, the tail in memory.
+#[derive(Default)]
+pub struct ConsoleLog {
+    recent: VecDeque<String>,
+    partial: Vec<u8>,
+    panicked: bool,
+}
+
+impl ConsoleLog {
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+                self.partial.clear();
+                if line.contains("Kernel panic") {
+                    self.panicked = true;
+                }
+                if self.recent.len() == RECENT_LINES {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(line);
+            } else if self.partial.len() < 4096 {
+                self.partial.push(b);
+            }
+        }
+    }
+
+    /// The last lines the guest printed, oldest first.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let mut out: Vec<String> = self.recent.iter().rev().take(n).rev().cloned().collect();
+        if !self.partial.is_empty() {
+            out.push(String::from_utf8_lossy(&self.partial).into_owned());
+        }
+        out
+    }
+
+    /// Whether the guest kernel printed a panic message.
+    pub fn panicked(&self) -> bool {
+        self.panicked
+    }
+}
+
+/// The writer behind the UART: the log file plus the shared [`ConsoleLog`].
+pub struct ConsoleSink {
+    file: Option<File>,
+    log: Arc<Mutex<ConsoleLog>>,
+}
+
+impl ConsoleSink {
+    pub fn new(file: Option<File>, log: Arc<Mutex<ConsoleLog>>) -> Self {
+        Self { file, log }
+    }
+}
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(f) = self.file.as_mut() {
+            // A full disk must not stop the guest; the ring still has the tail.
+            let _ = f.write_all(buf);
+        }
+        if let Ok(mut log) = self.log.lock() {
+            log.push(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+pub type SerialDevice = Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleSink>;
+
+/// COM1 as the vCPU threads see it: port I/O in, register access out.
+pub struct Com1 {
+    serial: Mutex<SerialDevice>,
+}
+
+impl Com1 {
+    pub fn new(irq: EventFd, sink: ConsoleSink) -> Self {
+        Self { serial: Mutex::new(Serial::new(IrqTrigger(irq), sink)) }
+    }
+
+    /// Handles an access if `port` belongs to COM1; returns false otherwise.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        if !(COM1_BASE..COM1_BASE + 8).contains(&port) || data.len() != 1 {
+            return false;
+        }
+        data[0] = self.serial.lock().unwrap().read((port - COM1_BASE) as u8);
+        true
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        if !(COM1_BASE..COM1_BASE + 8).contains(&port) || data.len() != 1 {
+            return false;
+        }
+        if let Err(e) = self.serial.lock().unwrap().write((port - COM1_BASE) as u8, data[0]) {
+            log::debug!("serial write: {e:?}");
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_log_keeps_the_tail_and_spots_a_panic() {
+        let mut log = ConsoleLog::default();
+        for i in 0..100 {
+            log.push(format!("line {i}\r\n").as_bytes());
+        }
+        log.push(b"Kernel panic - not syncing: Attempted to kill init!\n[ end");
+        let tail = log.tail(3);
+        assert_eq!(tail, vec!["line 99", "Kernel panic - not syncing: Attempted to kill init!", "[ end"]);
+        assert!(log.panicked());
+    }
+}

@@ -1,0 +1,302 @@
+//! Request → response, with every guest side effect behind [`Guest`] so the
+//! mapping (caps, error wording) is testable on any host.
+
+use jevm_protocol::{Diag, Request, Response, PROTOCOL_VERSION};
+use std::io;
+
+/// Largest `ReadFile` answer; bigger requests are served short, like a read
+/// at end of file, and the host reads on from where the answer ended.
+pub const MAX_READ: u32 = 1 << 20;
+
+/// Largest `DialHost` answer; the rest of what the host sends is dropped.
+pub const MAX_DIAL_ANSWER: usize = 64 << 10;
+
+/// The side effects requests have on the guest.
+pub trait Guest {
+    /// Up to `len` bytes at `offset`; fewer only at end of file.
+    fn read_file(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// All of `data` at `offset`, flushed to the device before returning.
+    fn write_file(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Sends `data` to the host's vsock `port` and returns its answer, at
+    /// most `limit` bytes.
+    fn dial_host(&self, port: u32, data: &[u8], limit: usize) -> io::Result<Vec<u8>>;
+    fn online_cpus(&self) -> io::Result<u64>;
+}
+
+pub fn agent_version() -> String {
+    env!("CARGO_PKG_VERSION").to_string()
+}
+
+/// Answers one request. `Shutdown` is only answered here: the caller powers
+/// off after the `ShuttingDown` reply has reached the host, since nothing
+/// can be sent once the guest is gone.
+pub fn handle(guest: &impl Guest, req: Request) -> Response {
+    match req {
+        Request::Version => Response::Version {
+            agent_version: agent_version(),
+            protocol_version: PROTOCOL_VERSION,
+        },
+        Request::Ping { nonce } => Response::Pong { nonce },
+        Request::Shutdown => Response::ShuttingDown,
+        Request::Diag(diag) => handle_diag(guest, diag),
+    }
+}
+
+fn handle_diag(guest: &impl Guest, diag: Diag) -> Response {
+    match diag {
+        Diag::ReadFile { path, offset, len } => {
+            let len = len.min(MAX_READ) as usize;
+            match guest.read_file(&path, offset, len) {
+                Ok(bytes) => Response::Bytes(bytes),
+                Err(e) => error(format!("read {path}: {e}")),
+            }
+        }
+        Diag::WriteFile { path, offset, data } => match guest.write_file(&path, offset, &data) {
+            Ok(()) => Response::Written {
+                len: data.len() as u64,
+            },
+            Err(e) => error(format!("write {path}: {e}")),
+        },
+        Diag::DialHost { port, data } => match guest.dial_host(port, &data, MAX_DIAL_ANSWER) {
+            Ok(bytes) => Response::Bytes(bytes),
+            Err(e) => error(format!("dial host vsock port {port}: {e}")),
+        },
+        Diag::OnlineCpus => match guest.online_cpus() {
+            Ok(n) => Response::Count(n),
+            Err(e) => error(format!("count online cpus: {e}")),
+        },
+    }
+}
+
+fn error(message: String) -> Response {
+    Response::Error { message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::System;
+    use std::cell::Cell;
+
+    /// Records what the handler asked for and fails or answers as told.
+    #[derive(Default)]
+    struct FakeGuest {
+        read_len: Cell<Option<usize>>,
+        fail_with: Option<i32>,
+    }
+
+    impl FakeGuest {
+        fn failing(errno: i32) -> Self {
+            Self {
+                fail_with: Some(errno),
+                ..Self::default()
+            }
+        }
+
+        fn result<T>(&self, ok: T) -> io::Result<T> {
+            match self.fail_with {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => Ok(ok),
+            }
+        }
+    }
+
+    impl Guest for FakeGuest {
+        fn read_file(&self, _: &str, _: u64, len: usize) -> io::Result<Vec<u8>> {
+            self.read_len.set(Some(len));
+            self.result(Vec::new())
+        }
+        fn write_file(&self, _: &str, _: u64, _: &[u8]) -> io::Result<()> {
+            self.result(())
+        }
+        fn dial_host(&self, _: u32, data: &[u8], _: usize) -> io::Result<Vec<u8>> {
+            self.result(data.to_vec())
+        }
+        fn online_cpus(&self) -> io::Result<u64> {
+            self.result(3)
+        }
+    }
+
+    fn read(path: &str, offset: u64, len: u32) -> Request {
+        Request::Diag(Diag::ReadFile {
+            path: path.into(),
+            offset,
+            len,
+        })
+    }
+
+    fn write(path: &str, offset: u64, data: &[u8]) -> Request {
+        Request::Diag(Diag::WriteFile {
+            path: path.into(),
+            offset,
+            data: data.to_vec(),
+        })
+    }
+
+    fn real_guest_creating_under(dir: &std::path::Path) -> System {
+        System::new(false).with_creatable_root(dir)
+    }
+
+    #[test]
+    fn version_reports_crate_and_protocol_version() {
+        assert_eq!(
+            handle(&FakeGuest::default(), Request::Version),
+            Response::Version {
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                protocol_version: PROTOCOL_VERSION,
+            }
+        );
+    }
+
+    #[test]
+    fn ping_echoes_the_nonce() {
+        let nonce = 0xdead_beef_0123_4567;
+        assert_eq!(
+            handle(&FakeGuest::default(), Request::Ping { nonce }),
+            Response::Pong { nonce }
+        );
+    }
+
+    #[test]
+    fn shutdown_is_acknowledged_without_side_effects_in_the_handler() {
+        assert_eq!(
+            handle(&FakeGuest::default(), Request::Shutdown),
+            Response::ShuttingDown
+        );
+    }
+
+    #[test]
+    fn read_length_is_capped_at_one_mebibyte() {
+        let guest = FakeGuest::default();
+        handle(&guest, read("/dev/vda", 0, u32::MAX));
+        assert_eq!(guest.read_len.get(), Some(1 << 20));
+        handle(&guest, read("/dev/vda", 0, 4096));
+        assert_eq!(guest.read_len.get(), Some(4096));
+    }
+
+    #[test]
+    fn read_file_returns_bytes_at_offset_and_stops_at_end_of_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let path = path.to_str().unwrap();
+        let guest = System::new(false);
+        assert_eq!(
+            handle(&guest, read(path, 3, 4)),
+            Response::Bytes(b"3456".to_vec())
+        );
+        assert_eq!(
+            handle(&guest, read(path, 8, 100)),
+            Response::Bytes(b"89".to_vec())
+        );
+        assert_eq!(handle(&guest, read(path, 50, 4)), Response::Bytes(vec![]));
+    }
+
+    #[test]
+    fn write_file_overwrites_in_place_and_reports_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let guest = System::new(false);
+        assert_eq!(
+            handle(&guest, write(path.to_str().unwrap(), 2, b"ab")),
+            Response::Written { len: 2 }
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"01ab456789");
+    }
+
+    #[test]
+    fn write_file_creates_missing_files_only_under_the_creatable_root() {
+        let allowed = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let guest = real_guest_creating_under(allowed.path());
+
+        let inside = allowed.path().join("new");
+        assert_eq!(
+            handle(&guest, write(inside.to_str().unwrap(), 1, b"x")),
+            Response::Written { len: 1 }
+        );
+        assert_eq!(std::fs::read(&inside).unwrap(), b"\0x");
+
+        let outside = elsewhere.path().join("new");
+        let outside = outside.to_str().unwrap();
+        assert_eq!(
+            handle(&guest, write(outside, 0, b"x")),
+            Response::Error {
+                message: format!("write {outside}: No such file or directory (os error 2)")
+            }
+        );
+        assert!(!std::path::Path::new(outside).exists());
+    }
+
+    #[test]
+    fn write_file_does_not_create_through_dot_dot_out_of_the_creatable_root() {
+        let allowed = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let guest = real_guest_creating_under(allowed.path());
+        let sneaky = format!(
+            "{}/../{}/new",
+            allowed.path().display(),
+            elsewhere.path().file_name().unwrap().to_str().unwrap()
+        );
+        assert!(matches!(
+            handle(&guest, write(&sneaky, 0, b"x")),
+            Response::Error { .. }
+        ));
+        assert!(!elsewhere.path().join("new").exists());
+    }
+
+    #[test]
+    fn read_error_names_the_path_and_the_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let missing = missing.to_str().unwrap();
+        assert_eq!(
+            handle(&System::new(false), read(missing, 0, 1)),
+            Response::Error {
+                message: format!("read {missing}: No such file or directory (os error 2)")
+            }
+        );
+    }
+
+    #[test]
+    fn write_error_names_the_path_and_the_os_error() {
+        assert_eq!(
+            handle(&FakeGuest::failing(libc::EROFS), write("/dev/vdb", 0, b"x")),
+            Response::Error {
+                message: "write /dev/vdb: Read-only file system (os error 30)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn dial_error_names_the_port_and_the_os_error() {
+        let req = Request::Diag(Diag::DialHost {
+            port: 5000,
+            data: b"hi".to_vec(),
+        });
+        assert_eq!(
+            handle(&FakeGuest::failing(libc::ECONNRESET), req.clone()),
+            Response::Error {
+                message: "dial host vsock port 5000: Connection reset by peer (os error 104)"
+                    .into()
+            }
+        );
+        assert_eq!(
+            handle(&FakeGuest::default(), req),
+            Response::Bytes(b"hi".to_vec())
+        );
+    }
+
+    #[test]
+    fn online_cpus_is_a_count() {
+        assert_eq!(
+            handle(&FakeGuest::default(), Request::Diag(Diag::OnlineCpus)),
+            Response::Count(3)
+        );
+        assert!(matches!(
+            handle(&System::new(false), Request::Diag(Diag::OnlineCpus)),
+            Response::Count(n) if n >= 1
+        ));
+    }
+}

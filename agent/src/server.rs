@@ -1,0 +1,257 @@
+//! The vsock side: telling the host we are ready, accepting its
+//! connections, and the frame loop on each.
+
+use crate::handler::{agent_version, handle};
+use crate::system::{uptime_ms, System};
+use crate::vsock::{VsockListener, VsockStream, HOST_CID};
+use jevm_protocol::{
+    read_frame, write_frame, FrameError, Ready, Request, Response, AGENT_PORT, PROTOCOL_VERSION,
+    READY_PORT,
+};
+use log::{debug, error, info, warn};
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+const READY_ATTEMPTS: u32 = 5;
+const READY_BACKOFF: Duration = Duration::from_millis(20);
+
+/// How long a shutdown waits for the host to close the connection, which
+/// proves the `ShuttingDown` reply left the guest (see `serve_connection`).
+const SHUTDOWN_ACK_WAIT: Duration = Duration::from_secs(1);
+
+pub fn listen() -> io::Result<VsockListener> {
+    VsockListener::bind(AGENT_PORT)
+}
+
+/// Dials the host's READY port once the listener is up, so the host may
+/// connect as soon as it hears from us. A failure is logged, not fatal: the
+/// host can still find the agent by connecting.
+pub fn announce_ready() {
+    let ready = Ready {
+        agent_version: agent_version(),
+        protocol_version: PROTOCOL_VERSION,
+        guest_uptime_ms: uptime_ms(),
+    };
+    let mut last_err = None;
+    for attempt in 1..=READY_ATTEMPTS {
+        match send_ready(&ready) {
+            Ok(()) => {
+                info!(
+                    "ready, {} ms after boot (agent {}, protocol {})",
+                    ready.guest_uptime_ms, ready.agent_version, ready.protocol_version
+                );
+                return;
+            }
+            Err(e) => last_err = Some(e),
+        }
+        if attempt < READY_ATTEMPTS {
+            std::thread::sleep(READY_BACKOFF * attempt);
+        }
+    }
+    if let Some(e) = last_err {
+        error!(
+            "telling the host we are ready (vsock cid {HOST_CID} port {READY_PORT}) \
+             failed {READY_ATTEMPTS} times, last: {e}; serving anyway"
+        );
+    }
+}
+
+fn send_ready(ready: &Ready) -> io::Result<()> {
+    let mut stream = VsockStream::connect(HOST_CID, READY_PORT)?;
+    write_frame(&mut stream, ready).map_err(io::Error::other)
+}
+
+/// Accepts connections forever, one thread each.
+pub fn serve(listener: VsockListener, system: Arc<System>) -> ! {
+    loop {
+        let stream = match listener.accept() {
+            Ok(stream) => stream,
+            Err(e) if is_transient_accept_error(&e) => continue,
+            Err(e) => {
+                // Out of descriptors or memory: spinning would not help, a
+                // pause lets running connections finish and free some.
+                error!("accepting on vsock port {AGENT_PORT}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let system = Arc::clone(&system);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || serve_connection(stream, &system));
+        if let Err(e) = spawned {
+            error!("starting a thread for a host connection: {e}");
+        }
+    }
+}
+
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::ECONNABORTED | libc::EAGAIN)
+    )
+}
+
+/// What the frame loop needs from a host connection besides bytes; a trait
+/// so tests can drive the loop over a Unix socket pair.
+pub trait Connection: Read + Write {
+    fn shutdown_write(&self) -> io::Result<()>;
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
+}
+
+impl Connection for VsockStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        VsockStream::shutdown_write(self)
+    }
+
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        VsockStream::set_timeout(self, timeout)
+    }
+}
+
+/// Answers requests until the host closes the connection. Anything the agent
+/// cannot parse ends this connection, never the agent.
+fn serve_connection(mut stream: impl Connection, system: &System) {
+    loop {
+        let request: Request = match read_frame(&mut stream) {
+            Ok(request) => request,
+            Err(FrameError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+            Err(FrameError::Io(e)) => {
+                debug!("host connection: {e}");
+                return;
+            }
+            Err(e @ (FrameError::Decode(_) | FrameError::TooLarge(_))) => {
+                warn!("closing a host connection: {e}");
+                // Best effort: tells a host that sent, say, a request from a
+                // newer protocol why the connection is going away.
+                let message = e.to_string();
+                let _ = write_frame(&mut stream, &Response::Error { message });
+                return;
+            }
+        };
+        let response = handle(system, request);
+        if let Err(e) = write_frame(&mut stream, &response) {
+            debug!("answering the host: {e}");
+            return;
+        }
+        if response == Response::ShuttingDown {
+            wait_for_host_close(&mut stream);
+            system.power_off();
+        }
+    }
+}
+
+/// `write` only queues the reply: virtio-vsock transmits from a kernel
+/// worker, and a reboot right away could lose it. The host's close arrives
+/// after our data has been taken off the queue, so waiting for it (bounded,
+/// in case the host keeps the connection open) makes the reply reliable.
+fn wait_for_host_close(stream: &mut impl Connection) {
+    let _ = stream.shutdown_write();
+    if stream.set_timeout(SHUTDOWN_ACK_WAIT).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 512];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    impl Connection for UnixStream {
+        fn shutdown_write(&self) -> io::Result<()> {
+            self.shutdown(std::net::Shutdown::Write)
+        }
+
+        fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+            self.set_read_timeout(Some(timeout))?;
+            self.set_write_timeout(Some(timeout))
+        }
+    }
+
+    /// Runs the frame loop on one end of a socket pair; the test is the host.
+    fn agent_connection() -> (UnixStream, std::thread::JoinHandle<()>) {
+        let (host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let system = System::new(false);
+        let thread = std::thread::spawn(move || serve_connection(agent, &system));
+        (host, thread)
+    }
+
+    fn assert_closed(mut host: UnixStream, thread: std::thread::JoinHandle<()>) {
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "unexpected bytes after the last frame");
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn serves_several_requests_on_one_connection_until_the_host_closes() {
+        let (mut host, thread) = agent_connection();
+        for nonce in [1, 2, 3] {
+            write_frame(&mut host, &Request::Ping { nonce }).unwrap();
+            let answer: Response = read_frame(&mut host).unwrap();
+            assert_eq!(answer, Response::Pong { nonce });
+        }
+        write_frame(&mut host, &Request::Version).unwrap();
+        assert!(matches!(
+            read_frame::<_, Response>(&mut host).unwrap(),
+            Response::Version {
+                protocol_version: PROTOCOL_VERSION,
+                ..
+            }
+        ));
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_closed(host, thread);
+    }
+
+    #[test]
+    fn malformed_frame_gets_an_error_and_closes_only_that_connection() {
+        let (mut host, thread) = agent_connection();
+        let body = br#"{"NoSuchRequest":{}}"#;
+        host.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
+        host.write_all(body).unwrap();
+        match read_frame::<_, Response>(&mut host).unwrap() {
+            Response::Error { message } => assert!(message.contains("NoSuchRequest"), "{message}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        assert_closed(host, thread);
+
+        // A fresh connection is served as before.
+        let (mut host, thread) = agent_connection();
+        write_frame(&mut host, &Request::Ping { nonce: 7 }).unwrap();
+        assert_eq!(
+            read_frame::<_, Response>(&mut host).unwrap(),
+            Response::Pong { nonce: 7 }
+        );
+        drop(host);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn oversized_length_prefix_closes_the_connection_without_reading_the_body() {
+        let (mut host, thread) = agent_connection();
+        host.write_all(&(jevm_protocol::MAX_FRAME + 1).to_be_bytes())
+            .unwrap();
+        assert!(matches!(
+            read_frame::<_, Response>(&mut host).unwrap(),
+            Response::Error { .. }
+        ));
+        assert_closed(host, thread);
+    }
+
+    #[test]
+    fn truncated_frame_ends_the_connection_quietly() {
+        let (mut host, thread) = agent_connection();
+        host.write_all(&100u32.to_be_bytes()).unwrap();
+        host.write_all(b"{\"Pi").unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_closed(host, thread);
+    }
+}

@@ -1,0 +1,303 @@
+//! vCPU set-up for the 64-bit boot entry, and the vCPU run loop.
+//!
+//! Each vCPU runs `KVM_RUN` on a thread of its own. Port and MMIO exits go
+//! to the [`Bus`](super::bus::Bus); a guest reset (triple fault, which is how
+//! `reboot=t` and `panic=-1` end a guest without ACPI) stops the whole VM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestAddress;
+
+use super::boot::GDT;
+use super::bus::{Bus, PioOutcome};
+use super::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: cannot {what}: {source}")]
+    Setup { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {id}: {what} accepted {set} of {total} MSRs")]
+    Msrs { id: u8, what: &'static str, set: usize, total: usize },
+}
+
+/// Why a VM stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest reset itself (reboot, power-off request, or panic with
+    /// `panic=-1`; the console tells which).
+    GuestReset,
+    /// The host asked the VM to stop.
+    HostRequest,
+    /// KVM could not run the vCPU any more.
+    Fault(String),
+}
+
+/// State the vCPU threads and the VM owner share.
+pub struct VmControl {
+    stop: AtomicBool,
+    reason: Mutex<Option<StopReason>>,
+    stopped: Condvar,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// Signal used to kick a vCPU thread out of KVM_RUN.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler for the kick signal once per process: its
+/// only job is to make KVM_RUN return EINTR.
+pub fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler) {
+            log::error!("cannot install the vCPU kick signal handler: {e}");
+        }
+    });
+}
+
+impl VmControl {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            stop: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            stopped: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Records why the VM stops (the first reason wins) and kicks every vCPU.
+    pub fn request_stop(&self, reason: StopReason) {
+        {
+            let mut r = self.reason.lock().unwrap();
+            if r.is_none() {
+                *r = Some(reason);
+            }
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.kick_all();
+        self.stopped.notify_all();
+    }
+
+    pub fn kick_all(&self) {
+        for &t in self.threads.lock().unwrap().iter() {
+            // SAFETY: `t` is a vCPU thread registered by itself and removed
+            // before it exits, so it names a live thread; the signal has a
+            // handler installed, so it cannot kill the process.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn reason(&self) -> Option<StopReason> {
+        self.reason.lock().unwrap().clone()
+    }
+
+    /// Waits until the VM stops or `timeout` passes.
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> Option<StopReason> {
+        let guard = self.reason.lock().unwrap();
+        match timeout {
+            None => self.stopped.wait_while(guard, |r| r.is_none()).unwrap().clone(),
+            Some(t) => self.stopped.wait_timeout_while(guard, t, |r| r.is_none()).unwrap().0.clone(),
+        }
+    }
+
+    fn register_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        self.threads.lock().unwrap().push(unsafe { libc::pthread_self() });
+    }
+
+    fn unregister_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads.lock().unwrap().retain(|&t| t != me);
+    }
+}
+
+// CPUID bits the guest needs that KVM's supported list may leave out.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// Per-vCPU CPUID: the host's supported set with this vCPU's APIC ID.
+pub fn cpuid_for(base: &CpuId, id: u8, count: u8) -> CpuId {
+    let mut cpuid = base.clone();
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(count) << 16);
+                // The test host's KVM does not list TSC-deadline though it
+                // emulates it; without it the LAPIC timer is slower to program.
+                e.ecx |= LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR;
+            }
+            0xb => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
+    let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
+    let g = ((entry >> 55) & 1) as u8;
+    if g == 1 {
+        limit = (limit << 12) | 0xfff;
+    }
+    let present = ((entry >> 47) & 1) as u8;
+    kvm_segment {
+        base,
+        limit,
+        selector: index * 8,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: ((entry >> 54) & 1) as u8,
+        s: ((entry >> 44) & 1) as u8,
+        l: ((entry >> 53) & 1) as u8,
+        g,
+        avl: ((entry >> 52) & 1) as u8,
+        unusable: u8::from(present == 0),
+        padding: 0,
+    }
+}
+
+const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_IA32_TSC: u32 = 0x10;
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+
+/// Configures vCPU `id` of `count` for the 64-bit Linux entry at `entry`.
+pub fn configure(
+    vcpu: &VcpuFd,
+    id: u8,
+    count: u8,
+    base_cpuid: &CpuId,
+    entry: GuestAddress,
+) -> Result<(), VcpuError> {
+    let setup = |what| move |source| VcpuError::Setup { id, what, source };
+    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, count)).map_err(setup("set CPUID"))?;
+
+    let msr = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let entries = [
+        msr(MSR_IA32_SYSENTER_CS, 0),
+        msr(MSR_IA32_SYSENTER_ESP, 0),
+        msr(MSR_IA32_SYSENTER_EIP, 0),
+        msr(MSR_STAR, 0),
+        msr(MSR_CSTAR, 0),
+        msr(MSR_KERNEL_GS_BASE, 0),
+        msr(MSR_SYSCALL_MASK, 0),
+        msr(MSR_LSTAR, 0),
+        msr(MSR_IA32_TSC, 0),
+        msr(MSR_IA32_MISC_ENABLE, 1), // fast strings
+        // MTRRs on, default write-back: with the reset value (MTRRs off)
+        // every guest access would be uncached.
+        msr(MSR_MTRR_DEF_TYPE, (1 << 11) | 6),
+    ];
+    let msrs = Msrs::from_entries(&entries).expect("fixed MSR list fits");
+    let set = vcpu.set_msrs(&msrs).map_err(setup("set MSRs"))?;
+    if set != entries.len() {
+        return Err(VcpuError::Msrs { id, what: "KVM_SET_MSRS", set, total: entries.len() });
+    }
+
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(setup("set FPU"))?;
+
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry.0,
+        rsp: BOOT_STACK_POINTER,
+        rbp: BOOT_STACK_POINTER,
+        rsi: ZERO_PAGE_ADDR,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(setup("set registers"))?;
+
+    let mut sregs = vcpu.get_sregs().map_err(setup("get special registers"))?;
+    let code = segment_from_gdt(GDT[1], 1);
+    let data = segment_from_gdt(GDT[2], 2);
+    let tss = segment_from_gdt(GDT[3], 3);
+    sregs.gdt.base = GDT_ADDR;
+    sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_ADDR;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.cr3 = PML4_ADDR;
+    sregs.cr4 |= 1 << 5; // PAE
+    sregs.cr0 |= 1 | (1 << 31); // PE, PG
+    sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
+    vcpu.set_sregs(&sregs).map_err(setup("set special registers"))?;
+
+    // LINT0 takes the PIC's ExtINT, LINT1 NMIs, as the MP table says.
+    let mut lapic = vcpu.get_lapic().map_err(setup("get LAPIC"))?;
+    set_lapic_reg(&mut lapic.regs, 0x350, 7 << 8);
+    set_lapic_reg(&mut lapic.regs, 0x360, 4 << 8);
+    vcpu.set_lapic(&lapic).map_err(setup("set LAPIC"))?;
+    Ok(())
+}
+
+fn set_lapic_reg(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
+    let mut cur = [0u8; 4];
+    for (i, b) in cur.iter_mut().enumerate() {
+        *b = regs[offset + i] as u8;
+    }
+    // Keep everything but the delivery mode bits (8..11).
+    let v = (u32::from_le_bytes(cur) & !0x700) | mode;
+    for (i, b) in v.to_le_bytes().iter().enumerate() {
+        regs[offset + i] = *b as libc::c_char;
+    }
+}
+
+/// Runs vCPU `id` until the VM stops.
+pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) {
+    ctl.register_thread();
+    while !ctl.stop_requested() {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if bus.pio_write(port, data) == PioOutcome::Reset {
+                    ctl.request_stop(StopReason::GuestReset);
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) => {
+                ctl.request_stop(StopReason::GuestReset)
+            }
+            Ok(VcpuExit::Hlt) => ctl.request_stop(StopReason::GuestReset),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => ctl.request_stop(StopReason::Fault(format!(
+                "vCPU {id}: KVM failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+            ))),
+            Ok(VcpuExit::InternalError) => ctl.request_stop(StopReason::Fault(format!(
+                "vCPU {id}: KVM internal error (emulation failure)"
+            ))),
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => log::debug!("vCPU {id}: ignored exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => ctl.request_stop(StopReason::Fault(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        }
+    }
+    ctl.unregister_thread();
+}
