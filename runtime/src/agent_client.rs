@@ -14,13 +14,26 @@ use jevm_protocol::{read_frame, write_frame, FrameError, Request, Response, AGEN
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("agent socket {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("agent socket {path}: the guest refused vsock port {port} (answer {answer:?})")]
-    Refused { path: PathBuf, port: u32, answer: String },
+    Refused {
+        path: PathBuf,
+        port: u32,
+        answer: String,
+    },
     #[error("agent request {request}: {source}")]
-    Frame { request: &'static str, source: FrameError },
+    Frame {
+        request: &'static str,
+        source: FrameError,
+    },
     #[error("agent request {request}: the guest answered {answer}")]
-    Guest { request: &'static str, answer: String },
+    Guest {
+        request: &'static str,
+        answer: String,
+    },
 }
 
 /// One connection to the agent.
@@ -30,10 +43,14 @@ pub struct AgentClient {
 
 /// Opens a hybrid-vsock stream to `port` in the guest behind `uds`.
 pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
-    let err = |source| AgentError::Connect { path: uds.to_owned(), source };
+    let err = |source| AgentError::Connect {
+        path: uds.to_owned(),
+        source,
+    };
     let mut s = UnixStream::connect(uds).map_err(err)?;
     s.set_read_timeout(Some(timeout)).map_err(err)?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(err)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(err)?;
     // Read the answer byte by byte: anything after the newline belongs to
     // the guest's stream, not to the handshake.
     let mut line = Vec::new();
@@ -48,7 +65,11 @@ pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
     }
     let answer = String::from_utf8_lossy(&line).into_owned();
     if !answer.starts_with("OK ") {
-        return Err(AgentError::Refused { path: uds.to_owned(), port, answer });
+        return Err(AgentError::Refused {
+            path: uds.to_owned(),
+            port,
+            answer,
+        });
     }
     s.set_read_timeout(None).map_err(err)?;
     Ok(s)
@@ -57,14 +78,19 @@ pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
 impl AgentClient {
     pub fn connect(uds: &Path, timeout: Duration) -> Result<Self, AgentError> {
         let s = connect_vsock(uds, AGENT_PORT, timeout)?;
-        Ok(Self { stream: BufReader::new(s) })
+        Ok(Self {
+            stream: BufReader::new(s),
+        })
     }
 
     /// Sends one request and reads its response. A `Response::Error` from the
     /// guest is returned as `Ok`: the caller decides whether it is expected.
     pub fn call(&mut self, req: &Request) -> Result<Response, AgentError> {
         let name = request_name(req);
-        let frame = |source| AgentError::Frame { request: name, source };
+        let frame = |source| AgentError::Frame {
+            request: name,
+            source,
+        };
         write_frame(self.stream.get_mut(), req).map_err(frame)?;
         read_frame(&mut self.stream).map_err(frame)
     }
@@ -77,19 +103,24 @@ impl AgentClient {
     /// that speaks another protocol.
     pub fn version(&mut self) -> Result<String, AgentError> {
         match self.call(&Request::Version)? {
-            Response::Version { agent_version, protocol_version }
-                if protocol_version == jevm_protocol::PROTOCOL_VERSION =>
-            {
-                Ok(agent_version)
-            }
-            other => Err(AgentError::Guest { request: "Version", answer: format!("{other:?}") }),
+            Response::Version {
+                agent_version,
+                protocol_version,
+            } if protocol_version == jevm_protocol::PROTOCOL_VERSION => Ok(agent_version),
+            other => Err(AgentError::Guest {
+                request: "Version",
+                answer: format!("{other:?}"),
+            }),
         }
     }
 
     pub fn ping(&mut self, nonce: u64) -> Result<(), AgentError> {
         match self.call(&Request::Ping { nonce })? {
             Response::Pong { nonce: n } if n == nonce => Ok(()),
-            other => Err(AgentError::Guest { request: "Ping", answer: format!("{other:?}") }),
+            other => Err(AgentError::Guest {
+                request: "Ping",
+                answer: format!("{other:?}"),
+            }),
         }
     }
 }
@@ -102,4 +133,3 @@ fn request_name(req: &Request) -> &'static str {
         Request::Diag(_) => "Diag",
     }
 }
-

@@ -7,6 +7,5 @@
 //! connects over the same vsock Unix socket to send requests.
 
 pub mod agent_client;
-#[cfg(jevm_full)]
 pub mod microvm;
 pub mod vmm;

@@ -49,10 +49,15 @@ pub enum BootFailure {
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error("run directory {path}: {source}")]
-    RunDir { path: PathBuf, source: std::io::Error },
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the guest kernel panicked before the agent was ready; last console lines:\n{0}")]
     GuestPanicked(String),
-    #[error("the guest stopped before the agent was ready ({reason}); last console lines:\n{tail}")]
+    #[error(
+        "the guest stopped before the agent was ready ({reason}); last console lines:\n{tail}"
+    )]
     GuestStopped { reason: String, tail: String },
     #[error("the agent was not ready within {secs} s; last console lines:\n{tail}")]
     Timeout { secs: u64, tail: String },
@@ -87,18 +92,25 @@ impl MicroVm {
     /// Boots a VM in a fresh run directory under `runtime_root`.
     pub fn boot(cfg: &BootConfig, runtime_root: &Path) -> Result<MicroVm, BootFailure> {
         let t0 = Instant::now();
-        std::fs::create_dir_all(runtime_root)
-            .map_err(|source| BootFailure::RunDir { path: runtime_root.to_owned(), source })?;
+        std::fs::create_dir_all(runtime_root).map_err(|source| BootFailure::RunDir {
+            path: runtime_root.to_owned(),
+            source,
+        })?;
         let run_dir = tempdir_in(runtime_root)?;
         // From here on `guard` removes the run directory on every error path.
         let guard = RunDirGuard(Some(run_dir.clone()));
         let vsock_uds = run_dir.join("vsock.sock");
         let ready_path = PathBuf::from(format!("{}_{READY_PORT}", vsock_uds.display()));
-        let listener = UnixListener::bind(&ready_path)
-            .map_err(|source| BootFailure::RunDir { path: ready_path.clone(), source })?;
+        let listener = UnixListener::bind(&ready_path).map_err(|source| BootFailure::RunDir {
+            path: ready_path.clone(),
+            source,
+        })?;
         listener
             .set_nonblocking(true)
-            .map_err(|source| BootFailure::RunDir { path: ready_path.clone(), source })?;
+            .map_err(|source| BootFailure::RunDir {
+                path: ready_path.clone(),
+                source,
+            })?;
 
         let vm_cfg = VmConfig {
             kernel: cfg.kernel.clone(),
@@ -128,7 +140,13 @@ impl MicroVm {
             guest_uptime: Duration::from_millis(ready.guest_uptime_ms),
         };
         std::mem::forget(guard);
-        Ok(MicroVm { vm: Some(vm), run_dir, vsock_uds, ready, times })
+        Ok(MicroVm {
+            vm: Some(vm),
+            run_dir,
+            vsock_uds,
+            ready,
+            times,
+        })
     }
 
     /// The host end of the guest's vsock device.
@@ -166,7 +184,10 @@ impl MicroVm {
         let mut a = self.agent()?;
         match a.call(&Request::Shutdown)? {
             Response::ShuttingDown => Ok(()),
-            other => Err(AgentError::Guest { request: "Shutdown", answer: format!("{other:?}") }),
+            other => Err(AgentError::Guest {
+                request: "Shutdown",
+                answer: format!("{other:?}"),
+            }),
         }
     }
 }
@@ -199,7 +220,10 @@ fn tempdir_in(root: &Path) -> Result<PathBuf, BootFailure> {
             Err(source) => return Err(BootFailure::RunDir { path: p, source }),
         }
     }
-    Err(BootFailure::RunDir { path: root.to_owned(), source: std::io::Error::other("no free name") })
+    Err(BootFailure::RunDir {
+        path: root.to_owned(),
+        source: std::io::Error::other("no free name"),
+    })
 }
 
 fn rand_u32() -> u32 {
@@ -207,7 +231,9 @@ fn rand_u32() -> u32 {
     // SAFETY: getrandom writes at most b.len() bytes into the buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 4 {
-        return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        return std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
     }
     u32::from_ne_bytes(b)
 }
@@ -217,15 +243,22 @@ fn console_tail(vm: &Vm) -> String {
 }
 
 /// Waits for the agent to dial the READY port, watching the VM meanwhile.
-fn wait_ready(listener: &UnixListener, path: &Path, vm: &Vm, timeout: Duration) -> Result<Ready, BootFailure> {
+fn wait_ready(
+    listener: &UnixListener,
+    path: &Path,
+    vm: &Vm,
+    timeout: Duration,
+) -> Result<Ready, BootFailure> {
     let deadline = Instant::now() + timeout;
     loop {
         match listener.accept() {
             Ok((mut s, _)) => {
                 s.set_nonblocking(false).ok();
                 s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-                let ready: Ready = read_frame(&mut s)
-                    .map_err(|e| BootFailure::BadReady { path: path.to_owned(), cause: e.to_string() })?;
+                let ready: Ready = read_frame(&mut s).map_err(|e| BootFailure::BadReady {
+                    path: path.to_owned(),
+                    cause: e.to_string(),
+                })?;
                 if ready.protocol_version != jevm_protocol::PROTOCOL_VERSION {
                     return Err(BootFailure::BadReady {
                         path: path.to_owned(),
@@ -240,7 +273,12 @@ fn wait_ready(listener: &UnixListener, path: &Path, vm: &Vm, timeout: Duration) 
                 return Ok(ready);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            Err(source) => return Err(BootFailure::RunDir { path: path.to_owned(), source }),
+            Err(source) => {
+                return Err(BootFailure::RunDir {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
         }
         if let Some(reason) = vm.stop_reason() {
             // Give the console a moment: the panic text may still be in flight.
@@ -253,18 +291,31 @@ fn wait_ready(listener: &UnixListener, path: &Path, vm: &Vm, timeout: Duration) 
                 StopReason::HostRequest => "stopped by the host".to_string(),
                 StopReason::Fault(f) => f,
             };
-            return Err(BootFailure::GuestStopped { reason, tail: console_tail(vm) });
+            return Err(BootFailure::GuestStopped {
+                reason,
+                tail: console_tail(vm),
+            });
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(BootFailure::Timeout { secs: timeout.as_secs(), tail: console_tail(vm) });
+            return Err(BootFailure::Timeout {
+                secs: timeout.as_secs(),
+                tail: console_tail(vm),
+            });
         }
-        poll_readable(listener.as_raw_fd(), (deadline - now).min(Duration::from_millis(5)));
+        poll_readable(
+            listener.as_raw_fd(),
+            (deadline - now).min(Duration::from_millis(5)),
+        );
     }
 }
 
 fn poll_readable(fd: i32, timeout: Duration) {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: pfd is a valid pollfd array of length 1 for the whole call.
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
 }

@@ -57,7 +57,7 @@ const GUEST: &[u8] = &[
     0x8b, 0x00, // mov eax, [rax]
     0xee, // out dx, al
     0xb0, b'\n', // mov al, '\n'
-    0xee, // out dx, al
+    0xee,  // out dx, al
     0xb0, 0xfe, // mov al, 0xfe
     0xe6, 0x64, // out 0x64, al
     0xf4, // hlt
@@ -75,7 +75,10 @@ fn config(dir: &Path, code: &[u8]) -> VmConfig {
         mem_mib: 64,
         extra_cmdline: String::new(),
         vsock_uds: None,
-        disks: vec![DiskConfig { path: disk, read_only: true }],
+        disks: vec![DiskConfig {
+            path: disk,
+            read_only: true,
+        }],
         console_log: Some(dir.join("console.log")),
     }
 }
@@ -86,10 +89,18 @@ fn tiny_guest_enters_long_mode_prints_reads_virtio_magic_and_resets() {
     let cfg = config(dir.path(), GUEST);
     let vm = Vm::start(&cfg).expect("start");
     let reason = vm.wait(Some(Duration::from_secs(60)));
-    assert_eq!(reason, Some(StopReason::GuestReset), "console: {:?}", vm.console_tail(5));
+    assert_eq!(
+        reason,
+        Some(StopReason::GuestReset),
+        "console: {:?}",
+        vm.console_tail(5)
+    );
     assert_eq!(vm.console_tail(5), vec!["jv".to_string()]);
     drop(vm);
-    assert_eq!(std::fs::read(dir.path().join("console.log")).unwrap(), b"jv\n");
+    assert_eq!(
+        std::fs::read(dir.path().join("console.log")).unwrap(),
+        b"jv\n"
+    );
 }
 
 #[test]

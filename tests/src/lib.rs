@@ -27,7 +27,9 @@ pub struct ProcessFootprint {
 }
 
 pub fn footprint() -> ProcessFootprint {
-    let threads = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0);
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0);
     let mut fds = 0;
     let mut memfds = 0;
     if let Ok(d) = std::fs::read_dir("/proc/self/fd") {
@@ -40,7 +42,11 @@ pub fn footprint() -> ProcessFootprint {
             }
         }
     }
-    ProcessFootprint { threads, fds, memfds }
+    ProcessFootprint {
+        threads,
+        fds,
+        memfds,
+    }
 }
 
 /// Writes a gzip-free newc cpio holding the given (path, mode, contents)
@@ -54,11 +60,11 @@ pub fn newc_cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
         out.extend_from_slice(hdr.as_bytes());
         out.extend_from_slice(name.as_bytes());
         out.push(0);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         out.extend_from_slice(data);
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
     }

@@ -23,7 +23,10 @@ fn lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn run_root() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("jevm-test-run").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("jevm-test-run")
+        .tempdir()
+        .unwrap()
 }
 
 fn config() -> BootConfig {
@@ -34,7 +37,9 @@ fn config() -> BootConfig {
 }
 
 fn is_empty_dir(p: &Path) -> bool {
-    std::fs::read_dir(p).map(|mut d| d.next().is_none()).unwrap_or(false)
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
 }
 
 fn boot_and_check(vcpus: u8) {
@@ -85,10 +90,16 @@ fn guest_initiated_vsock_connection_reaches_host_socket_with_port_suffix() {
     let answer = vm
         .agent()
         .unwrap()
-        .call(&Request::Diag(Diag::DialHost { port, data: b"hello host, from the guest".to_vec() }))
+        .call(&Request::Diag(Diag::DialHost {
+            port,
+            data: b"hello host, from the guest".to_vec(),
+        }))
         .unwrap();
     assert_eq!(server.join().unwrap(), b"hello host, from the guest");
-    assert_eq!(answer, Response::Bytes(b"hello guest, from the host".to_vec()));
+    assert_eq!(
+        answer,
+        Response::Bytes(b"hello guest, from the host".to_vec())
+    );
     std::fs::remove_file(&path).unwrap();
     vm.shutdown(Duration::from_secs(30));
 }
@@ -106,26 +117,52 @@ fn block_device_written_in_guest_holds_bytes_on_host_and_read_only_disk_refuses_
     let root = run_root();
     let mut cfg = config();
     cfg.disks = vec![
-        DiskConfig { path: rw.clone(), read_only: false },
-        DiskConfig { path: ro.clone(), read_only: true },
+        DiskConfig {
+            path: rw.clone(),
+            read_only: false,
+        },
+        DiskConfig {
+            path: ro.clone(),
+            read_only: true,
+        },
     ];
     let vm = MicroVm::boot(&cfg, root.path()).expect("boot");
     let mut agent = vm.agent().unwrap();
-    let pattern: Vec<u8> = b"jevm-virtio-blk!".iter().cycle().take(8192).copied().collect();
+    let pattern: Vec<u8> = b"jevm-virtio-blk!"
+        .iter()
+        .cycle()
+        .take(8192)
+        .copied()
+        .collect();
     let r = agent
-        .call(&Request::Diag(Diag::WriteFile { path: "/dev/vda".into(), offset: 65536, data: pattern.clone() }))
+        .call(&Request::Diag(Diag::WriteFile {
+            path: "/dev/vda".into(),
+            offset: 65536,
+            data: pattern.clone(),
+        }))
         .unwrap();
     assert_eq!(r, Response::Written { len: 8192 });
     // The read-only disk reads the host's bytes ...
-    let r = agent.call(&Request::Diag(Diag::ReadFile { path: "/dev/vdb".into(), offset: 4096, len: 64 })).unwrap();
+    let r = agent
+        .call(&Request::Diag(Diag::ReadFile {
+            path: "/dev/vdb".into(),
+            offset: 4096,
+            len: 64,
+        }))
+        .unwrap();
     assert_eq!(r, Response::Bytes(ro_content[4096..4160].to_vec()));
     // ... and refuses writes.
     let r = agent
-        .call(&Request::Diag(Diag::WriteFile { path: "/dev/vdb".into(), offset: 0, data: vec![0xff; 512] }))
+        .call(&Request::Diag(Diag::WriteFile {
+            path: "/dev/vdb".into(),
+            offset: 0,
+            data: vec![0xff; 512],
+        }))
         .unwrap();
     match r {
         Response::Error { message } => assert!(
-            message.contains("/dev/vdb") && (message.contains("Read-only") || message.contains("not permitted")),
+            message.contains("/dev/vdb")
+                && (message.contains("Read-only") || message.contains("not permitted")),
             "unexpected error: {message}"
         ),
         other => panic!("write to the read-only disk answered {other:?}"),
@@ -136,7 +173,11 @@ fn block_device_written_in_guest_holds_bytes_on_host_and_read_only_disk_refuses_
     let host = std::fs::read(&rw).unwrap();
     assert_eq!(&host[65536..65536 + 8192], &pattern[..]);
     assert!(host[..65536].iter().all(|&b| b == 0));
-    assert_eq!(std::fs::read(&ro).unwrap(), ro_content, "read-only disk changed on the host");
+    assert_eq!(
+        std::fs::read(&ro).unwrap(),
+        ro_content,
+        "read-only disk changed on the host"
+    );
 }
 
 #[test]
@@ -145,15 +186,24 @@ fn ten_boots_in_a_row_leave_no_thread_fd_memfd_socket_or_file_behind() {
     let root = run_root();
     // One boot first: the process-wide lazies (signal handler, logger) are
     // set up once and are not a leak.
-    MicroVm::boot(&config(), root.path()).expect("boot").shutdown(Duration::from_secs(30));
+    MicroVm::boot(&config(), root.path())
+        .expect("boot")
+        .shutdown(Duration::from_secs(30));
     let before = footprint();
     for i in 0..10 {
         let vm = MicroVm::boot(&config(), root.path()).unwrap_or_else(|e| panic!("boot {i}: {e}"));
         vm.agent().unwrap().ping(i).unwrap();
-        assert_eq!(vm.shutdown(Duration::from_secs(30)), StopReason::GuestReset, "boot {i}");
+        assert_eq!(
+            vm.shutdown(Duration::from_secs(30)),
+            StopReason::GuestReset,
+            "boot {i}"
+        );
     }
     let after = footprint();
-    assert_eq!(before, after, "threads/fds/memfds before and after 10 boots");
+    assert_eq!(
+        before, after,
+        "threads/fds/memfds before and after 10 boots"
+    );
     assert!(is_empty_dir(root.path()), "files left in the run directory");
 }
 
@@ -164,7 +214,11 @@ fn expect_boot_error(cfg: &BootConfig) -> BootFailure {
         Ok(_) => panic!("boot unexpectedly succeeded"),
         Err(e) => e,
     };
-    assert_eq!(footprint(), before, "a failed boot leaked threads or fds: {err}");
+    assert_eq!(
+        footprint(),
+        before,
+        "a failed boot leaked threads or fds: {err}"
+    );
     assert!(is_empty_dir(root.path()), "a failed boot left files: {err}");
     err
 }
@@ -175,7 +229,10 @@ fn missing_kernel_is_refused_naming_the_file() {
     let mut cfg = config();
     cfg.kernel = PathBuf::from("/nonexistent/vmlinux");
     let msg = expect_boot_error(&cfg).to_string();
-    assert!(msg.contains("/nonexistent/vmlinux") && msg.contains("No such file"), "{msg}");
+    assert!(
+        msg.contains("/nonexistent/vmlinux") && msg.contains("No such file"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -187,7 +244,11 @@ fn kernel_that_is_not_a_vmlinux_is_refused_naming_the_file() {
     let mut cfg = config();
     cfg.kernel = bogus.clone();
     let msg = expect_boot_error(&cfg).to_string();
-    assert!(msg.contains(&*bogus.to_string_lossy()) && msg.contains("not a loadable x86_64 ELF vmlinux"), "{msg}");
+    assert!(
+        msg.contains(&*bogus.to_string_lossy())
+            && msg.contains("not a loadable x86_64 ELF vmlinux"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -195,11 +256,18 @@ fn initramfs_whose_init_fails_reports_a_guest_panic_with_console_lines() {
     let _l = lock();
     let dir = tempfile::tempdir().unwrap();
     let initrd = dir.path().join("panics.cpio");
-    std::fs::write(&initrd, newc_cpio(&[("init", 0o100755, b"this is not an executable\n")])).unwrap();
+    std::fs::write(
+        &initrd,
+        newc_cpio(&[("init", 0o100755, b"this is not an executable\n")]),
+    )
+    .unwrap();
     let mut cfg = config();
     cfg.initrd = initrd;
     let err = expect_boot_error(&cfg);
-    assert!(matches!(err, BootFailure::GuestPanicked(_)), "expected a guest panic, got: {err}");
+    assert!(
+        matches!(err, BootFailure::GuestPanicked(_)),
+        "expected a guest panic, got: {err}"
+    );
     assert!(err.to_string().contains("Kernel panic"), "{err}");
 }
 
@@ -219,5 +287,8 @@ fn zero_vcpus_is_refused() {
     let mut cfg = config();
     cfg.vcpus = 0;
     let err = expect_boot_error(&cfg);
-    assert!(matches!(err, BootFailure::Vm(VmError::VcpuCount(0))), "{err}");
+    assert!(
+        matches!(err, BootFailure::Vm(VmError::VcpuCount(0))),
+        "{err}"
+    );
 }

@@ -56,7 +56,11 @@ pub enum Diag {
     /// Read `len` bytes at `offset` of a guest file or device.
     ReadFile { path: String, offset: u64, len: u32 },
     /// Write bytes at `offset` of a guest file or device, then fsync it.
-    WriteFile { path: String, offset: u64, data: Vec<u8> },
+    WriteFile {
+        path: String,
+        offset: u64,
+        data: Vec<u8>,
+    },
     /// Connect to the host (CID 2) on `port`, send `data`, and return what
     /// the host answers before it closes the connection (at most 64 KiB).
     DialHost { port: u32, data: Vec<u8> },
@@ -66,14 +70,23 @@ pub enum Diag {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    Version { agent_version: String, protocol_version: u32 },
-    Pong { nonce: u64 },
+    Version {
+        agent_version: String,
+        protocol_version: u32,
+    },
+    Pong {
+        nonce: u64,
+    },
     ShuttingDown,
     Bytes(Vec<u8>),
-    Written { len: u64 },
+    Written {
+        len: u64,
+    },
     Count(u64),
     /// The request failed in the guest; `message` names the object and cause.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +134,11 @@ mod tests {
     #[test]
     fn frame_round_trips_a_request() {
         let mut buf = Vec::new();
-        let req = Request::Diag(Diag::WriteFile { path: "/dev/vda".into(), offset: 512, data: vec![1, 2, 3] });
+        let req = Request::Diag(Diag::WriteFile {
+            path: "/dev/vda".into(),
+            offset: 512,
+            data: vec![1, 2, 3],
+        });
         write_frame(&mut buf, &req).unwrap();
         let back: Request = read_frame(&mut buf.as_slice()).unwrap();
         assert_eq!(back, req);
@@ -139,6 +156,9 @@ mod tests {
     fn truncated_frame_is_an_io_error() {
         let mut buf = 10u32.to_be_bytes().to_vec();
         buf.extend_from_slice(b"{\"Ping");
-        assert!(matches!(read_frame::<_, Request>(&mut buf.as_slice()), Err(FrameError::Io(_))));
+        assert!(matches!(
+            read_frame::<_, Request>(&mut buf.as_slice()),
+            Err(FrameError::Io(_))
+        ));
     }
 }

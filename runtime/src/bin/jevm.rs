@@ -1,4 +1,3 @@
-#![cfg_attr(not(jevm_full), allow(unused))]
 //! `jevm`: boot a microVM by hand, and check whether this host can.
 
 use std::path::PathBuf;
@@ -7,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-#[cfg(jevm_full)]
 use jevm_runtime::microvm::{BootConfig, MicroVm};
 use jevm_runtime::vmm::check::check_host;
 
@@ -46,9 +44,6 @@ enum Cmd {
     Check,
 }
 
-#[cfg(not(jevm_full))]
-fn main() {}
-#[cfg(jevm_full)]
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     match run(Cli::parse()) {
@@ -60,7 +55,6 @@ fn main() -> ExitCode {
     }
 }
 
-#[cfg(jevm_full)]
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Check => {
@@ -69,10 +63,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for f in &findings {
                 println!("{} {}", if f.ok { "ok  " } else { "FAIL" }, f.what);
             }
-            println!("{}", if ok { "this host can run jevm guests" } else { "this host cannot run jevm guests" });
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            println!(
+                "{}",
+                if ok {
+                    "this host can run jevm guests"
+                } else {
+                    "this host cannot run jevm guests"
+                }
+            );
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Cmd::Boot { kernel, initrd, vcpus, mem, cmdline, run_dir, timeout } => {
+        Cmd::Boot {
+            kernel,
+            initrd,
+            vcpus,
+            mem,
+            cmdline,
+            run_dir,
+            timeout,
+        } => {
             let mut cfg = BootConfig::new(kernel, initrd);
             cfg.vcpus = vcpus;
             cfg.mem_mib = mem;
@@ -99,7 +112,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// This process's resident memory split into the VMM's own pages and guest
 /// RAM (the memfd, which /proc counts as shared memory).
-#[cfg(jevm_full)]
 fn vmm_memory() -> String {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| -> u64 {
@@ -109,6 +121,14 @@ fn vmm_memory() -> String {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     };
-    let (rss, anon, file, shmem) = (field("VmRSS:"), field("RssAnon:"), field("RssFile:"), field("RssShmem:"));
-    format!("vmm memory: rss={rss}KiB vmm={}KiB guest={shmem}KiB", anon + file)
+    let (rss, anon, file, shmem) = (
+        field("VmRSS:"),
+        field("RssAnon:"),
+        field("RssFile:"),
+        field("RssShmem:"),
+    );
+    format!(
+        "vmm memory: rss={rss}KiB vmm={}KiB guest={shmem}KiB",
+        anon + file
+    )
 }

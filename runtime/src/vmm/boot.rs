@@ -22,17 +22,27 @@ const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("kernel {path}: {source}")]
-    KernelOpen { path: PathBuf, source: std::io::Error },
+    KernelOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("kernel {path} is not a loadable x86_64 ELF vmlinux: {cause}")]
     KernelFormat { path: PathBuf, cause: String },
     #[error("initramfs {path}: {source}")]
-    InitrdOpen { path: PathBuf, source: std::io::Error },
+    InitrdOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initramfs {path} ({size} bytes) does not fit in guest memory above the kernel; give the VM more memory")]
     InitrdTooLarge { path: PathBuf, size: u64 },
     #[error("kernel command line: {0}")]
     Cmdline(String),
     #[error("guest memory of {mem_mib} MiB is too small for kernel {path} (it ends at {end:#x})")]
-    KernelTooLarge { path: PathBuf, mem_mib: u64, end: u64 },
+    KernelTooLarge {
+        path: PathBuf,
+        mem_mib: u64,
+        end: u64,
+    },
     #[error("cannot write boot data into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -50,22 +60,28 @@ pub fn load(
     initrd: Option<&Path>,
     cmdline: &str,
 ) -> Result<BootEntry, BootError> {
-    let mut kfile = File::open(kernel)
-        .map_err(|source| BootError::KernelOpen { path: kernel.to_owned(), source })?;
-    let loaded = Elf::load(mem, None, &mut kfile, Some(GuestAddress(HIMEM_START))).map_err(|e| {
-        match e {
-            // linux-loader reports an image that runs past the end of guest
-            // memory as a read/write failure; say what the user can change.
-            linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
-                BootError::KernelTooLarge {
+    let mut kfile = File::open(kernel).map_err(|source| BootError::KernelOpen {
+        path: kernel.to_owned(),
+        source,
+    })?;
+    let loaded =
+        Elf::load(mem, None, &mut kfile, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+            match e {
+                // linux-loader reports an image that runs past the end of guest
+                // memory as a read/write failure; say what the user can change.
+                linux_loader::loader::Error::Elf(
+                    linux_loader::loader::elf::Error::ReadKernelImage,
+                ) => BootError::KernelTooLarge {
                     path: kernel.to_owned(),
                     mem_mib: mem.last_addr().raw_value().div_ceil(1 << 20),
                     end: 0,
-                }
+                },
+                other => BootError::KernelFormat {
+                    path: kernel.to_owned(),
+                    cause: other.to_string(),
+                },
             }
-            other => BootError::KernelFormat { path: kernel.to_owned(), cause: other.to_string() },
-        }
-    })?;
+        })?;
     let mem_end = mem.last_addr().raw_value() + 1;
     if loaded.kernel_end >= mem_end {
         return Err(BootError::KernelTooLarge {
@@ -84,7 +100,11 @@ pub fn load(
 
     let cmd = cmdline.as_bytes();
     if cmd.len() + 1 > CMDLINE_MAX {
-        return Err(BootError::Cmdline(format!("{} bytes, at most {} fit", cmd.len(), CMDLINE_MAX - 1)));
+        return Err(BootError::Cmdline(format!(
+            "{} bytes, at most {} fit",
+            cmd.len(),
+            CMDLINE_MAX - 1
+        )));
     }
     if cmd.contains(&0) {
         return Err(BootError::Cmdline("contains a NUL byte".into()));
@@ -104,26 +124,40 @@ pub fn load(
 
     write_page_tables(mem)?;
     write_gdt(mem)?;
-    Ok(BootEntry { entry: loaded.kernel_load })
+    Ok(BootEntry {
+        entry: loaded.kernel_load,
+    })
 }
 
 fn add_e820(params: &mut boot_params, addr: u64, size: u64) -> Result<(), BootError> {
     let i = params.e820_entries as usize;
-    params.e820_table[i] = boot_e820_entry { addr, size, type_: E820_RAM };
+    params.e820_table[i] = boot_e820_entry {
+        addr,
+        size,
+        type_: E820_RAM,
+    };
     params.e820_entries += 1;
     Ok(())
 }
 
 /// Puts the initramfs at the top of RAM, page aligned, as bootloaders do.
 fn load_initrd(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, u64), BootError> {
-    let mut f =
-        File::open(path).map_err(|source| BootError::InitrdOpen { path: path.to_owned(), source })?;
+    let mut f = File::open(path).map_err(|source| BootError::InitrdOpen {
+        path: path.to_owned(),
+        source,
+    })?;
     let size = f
         .metadata()
-        .map_err(|source| BootError::InitrdOpen { path: path.to_owned(), source })?
+        .map_err(|source| BootError::InitrdOpen {
+            path: path.to_owned(),
+            source,
+        })?
         .len();
     let mem_end = mem.last_addr().raw_value() + 1;
-    let too_large = || BootError::InitrdTooLarge { path: path.to_owned(), size };
+    let too_large = || BootError::InitrdTooLarge {
+        path: path.to_owned(),
+        size,
+    };
     let addr = mem_end.checked_sub(size).ok_or_else(too_large)? & !0xfff;
     if addr <= kernel_end {
         return Err(too_large());

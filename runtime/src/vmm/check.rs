@@ -39,7 +39,9 @@ pub fn check_host() -> Vec<Finding> {
     // guest dies in its instruction emulator (measured; docs/testing.md).
     if Path::new("/sys/module/kvm_pvm").exists() {
         push(false, "/dev/kvm is served by kvm_pvm (a PVM software hypervisor): it cannot run an ordinary Linux guest; run jevm inside a KVM test host (hack/kvm-host) or on a host with VT-x/AMD-V".into());
-    } else if !Path::new("/sys/module/kvm_intel").exists() && !Path::new("/sys/module/kvm_amd").exists() {
+    } else if !Path::new("/sys/module/kvm_intel").exists()
+        && !Path::new("/sys/module/kvm_amd").exists()
+    {
         push(false, "neither kvm_intel nor kvm_amd is loaded: /dev/kvm is not backed by hardware virtualization".into());
     } else {
         push(true, "hardware virtualization module loaded".into());
@@ -55,7 +57,13 @@ pub fn check_host() -> Vec<Finding> {
     push(api == 12, format!("KVM API version {api} (12 expected)"));
     for (cap, name) in REQUIRED {
         let ok = kvm.check_extension(*cap);
-        push(ok, format!("KVM capability {name}: {}", if ok { "present" } else { "missing" }));
+        push(
+            ok,
+            format!(
+                "KVM capability {name}: {}",
+                if ok { "present" } else { "missing" }
+            ),
+        );
     }
     match kvm.create_vm() {
         Ok(_) => push(true, "a VM can be created".into()),

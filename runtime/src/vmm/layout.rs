@@ -47,5 +47,8 @@ pub const MAX_MEM_MIB: u32 = 3072;
 
 /// Virtio device `index`'s MMIO base and GSI.
 pub fn virtio_slot(index: u32) -> (u64, u32) {
-    (MMIO_BASE + u64::from(index) * MMIO_SIZE, VIRTIO_FIRST_GSI + index)
+    (
+        MMIO_BASE + u64::from(index) * MMIO_SIZE,
+        VIRTIO_FIRST_GSI + index,
+    )
 }

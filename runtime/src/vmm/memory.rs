@@ -50,7 +50,8 @@ pub fn create(mem_mib: u32) -> Result<GuestRam, MemoryError> {
     let name = CString::new("jevm-guest-ram").unwrap();
     // SAFETY: memfd_create takes a valid NUL-terminated name and flags; the
     // returned fd is checked before use and owned by the File below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
     }

@@ -5,19 +5,14 @@
 //! `bus.rs` routes their I/O exits to `devices/`.
 
 pub mod boot;
-#[cfg(jevm_full)]
 pub mod bus;
 pub mod check;
 pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
-#[cfg(jevm_full)]
 pub mod vcpu;
-#[cfg(jevm_full)]
 pub mod vm;
 
-#[cfg(jevm_full)]
 pub use vcpu::StopReason;
-#[cfg(jevm_full)]
 pub use vm::{DiskConfig, Vm, VmConfig, VmError};

@@ -94,7 +94,8 @@ pub fn write(mem: &GuestMemory, cpus: u8) -> Result<(), MpTableError> {
         return Err(MpTableError::TooManyCpus(cpus));
     }
     let bytes = build(cpus, EBDA_START as u32);
-    mem.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(MpTableError::Write)
+    mem.write_slice(&bytes, GuestAddress(EBDA_START))
+        .map_err(MpTableError::Write)
 }
 
 #[cfg(test)]
@@ -114,7 +115,11 @@ mod tests {
         assert_eq!(&t[16..20], b"PCMP");
         assert_eq!(sum(&t[16..16 + len]), 0);
         assert_eq!(16 + len, t.len());
-        let cpus = t[16 + HEADER_LEN..].chunks(CPU_ENTRY_LEN).take(3).filter(|e| e[0] == 0).count();
+        let cpus = t[16 + HEADER_LEN..]
+            .chunks(CPU_ENTRY_LEN)
+            .take(3)
+            .filter(|e| e[0] == 0)
+            .count();
         assert_eq!(cpus, 3);
         // the BSP flag is on CPU 0 only
         assert_eq!(t[16 + HEADER_LEN + 3], 3);

@@ -18,9 +18,18 @@ use super::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PML4_ADDR, ZERO_PAGE
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("vCPU {id}: cannot {what}: {source}")]
-    Setup { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    Setup {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU {id}: {what} accepted {set} of {total} MSRs")]
-    Msrs { id: u8, what: &'static str, set: usize, total: usize },
+    Msrs {
+        id: u8,
+        what: &'static str,
+        set: usize,
+        total: usize,
+    },
 }
 
 /// Why a VM stopped running.
@@ -105,14 +114,26 @@ impl VmControl {
     pub fn wait(&self, timeout: Option<std::time::Duration>) -> Option<StopReason> {
         let guard = self.reason.lock().unwrap();
         match timeout {
-            None => self.stopped.wait_while(guard, |r| r.is_none()).unwrap().clone(),
-            Some(t) => self.stopped.wait_timeout_while(guard, t, |r| r.is_none()).unwrap().0.clone(),
+            None => self
+                .stopped
+                .wait_while(guard, |r| r.is_none())
+                .unwrap()
+                .clone(),
+            Some(t) => self
+                .stopped
+                .wait_timeout_while(guard, t, |r| r.is_none())
+                .unwrap()
+                .0
+                .clone(),
         }
     }
 
     fn register_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
-        self.threads.lock().unwrap().push(unsafe { libc::pthread_self() });
+        self.threads
+            .lock()
+            .unwrap()
+            .push(unsafe { libc::pthread_self() });
     }
 
     fn unregister_thread(&self) {
@@ -190,9 +211,14 @@ pub fn configure(
     entry: GuestAddress,
 ) -> Result<(), VcpuError> {
     let setup = |what| move |source| VcpuError::Setup { id, what, source };
-    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, count)).map_err(setup("set CPUID"))?;
+    vcpu.set_cpuid2(&cpuid_for(base_cpuid, id, count))
+        .map_err(setup("set CPUID"))?;
 
-    let msr = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     let entries = [
         msr(MSR_IA32_SYSENTER_CS, 0),
         msr(MSR_IA32_SYSENTER_ESP, 0),
@@ -211,10 +237,19 @@ pub fn configure(
     let msrs = Msrs::from_entries(&entries).expect("fixed MSR list fits");
     let set = vcpu.set_msrs(&msrs).map_err(setup("set MSRs"))?;
     if set != entries.len() {
-        return Err(VcpuError::Msrs { id, what: "KVM_SET_MSRS", set, total: entries.len() });
+        return Err(VcpuError::Msrs {
+            id,
+            what: "KVM_SET_MSRS",
+            set,
+            total: entries.len(),
+        });
     }
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(setup("set FPU"))?;
 
     let regs = kvm_regs {
@@ -246,7 +281,8 @@ pub fn configure(
     sregs.cr4 |= 1 << 5; // PAE
     sregs.cr0 |= 1 | (1 << 31); // PE, PG
     sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
-    vcpu.set_sregs(&sregs).map_err(setup("set special registers"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(setup("set special registers"))?;
 
     // LINT0 takes the PIC's ExtINT, LINT1 NMIs, as the MP table says.
     let mut lapic = vcpu.get_lapic().map_err(setup("get LAPIC"))?;
@@ -296,7 +332,9 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
             }
-            Err(e) => ctl.request_stop(StopReason::Fault(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+            Err(e) => {
+                ctl.request_stop(StopReason::Fault(format!("vCPU {id}: KVM_RUN failed: {e}")))
+            }
         }
     }
     ctl.unregister_thread();

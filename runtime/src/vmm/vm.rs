@@ -65,7 +65,10 @@ pub enum VmError {
     #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it? try `jevm check`)")]
     Kvm(kvm_ioctls::Error),
     #[error("KVM: cannot {what}: {source}")]
-    KvmSetup { what: &'static str, source: kvm_ioctls::Error },
+    KvmSetup {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error(transparent)]
     Memory(#[from] MemoryError),
     #[error(transparent)]
@@ -75,7 +78,10 @@ pub enum VmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     #[error("console log {path}: {source}")]
-    ConsoleLog { path: PathBuf, source: std::io::Error },
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("device {name}: {cause}")]
     Device { name: String, cause: String },
     #[error("cannot start vCPU thread: {0}")]
@@ -104,11 +110,19 @@ impl Vm {
         }
         // Cheap checks first: a missing kernel must not cost a VM.
         if let Err(source) = std::fs::metadata(&cfg.kernel) {
-            return Err(BootError::KernelOpen { path: cfg.kernel.clone(), source }.into());
+            return Err(BootError::KernelOpen {
+                path: cfg.kernel.clone(),
+                source,
+            }
+            .into());
         }
         if let Some(initrd) = &cfg.initrd {
             if let Err(source) = std::fs::metadata(initrd) {
-                return Err(BootError::InitrdOpen { path: initrd.clone(), source }.into());
+                return Err(BootError::InitrdOpen {
+                    path: initrd.clone(),
+                    source,
+                }
+                .into());
             }
         }
         vcpu::install_kick_handler();
@@ -119,21 +133,32 @@ impl Vm {
         // Guest memory before the irqchip: registering a slot right after
         // KVM_CREATE_IRQCHIP was measured to stall for milliseconds.
         memory::register(&vm_fd, &ram.mem)?;
-        vm_fd.set_tss_address(KVM_TSS_ADDR).map_err(kvm_err("set the TSS address"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("create the in-kernel irqchip"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
 
         // Devices: vsock first so it is always virtio-mmio slot 0.
         let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
         if let Some(uds) = &cfg.vsock_uds {
-            let dev = Vsock::new(GUEST_CID, uds.clone())
-                .map_err(|e| VmError::Device { name: format!("vsock {}", uds.display()), cause: e.to_string() })?;
+            let dev = Vsock::new(GUEST_CID, uds.clone()).map_err(|e| VmError::Device {
+                name: format!("vsock {}", uds.display()),
+                cause: e.to_string(),
+            })?;
             virtio.push((format!("vsock {}", uds.display()), Box::new(dev)));
         }
         for d in &cfg.disks {
-            let dev = Block::new(&d.path, d.read_only)
-                .map_err(|e| VmError::Device { name: format!("disk {}", d.path.display()), cause: e.to_string() })?;
+            let dev = Block::new(&d.path, d.read_only).map_err(|e| VmError::Device {
+                name: format!("disk {}", d.path.display()),
+                cause: e.to_string(),
+            })?;
             virtio.push((format!("disk {}", d.path.display()), Box::new(dev)));
         }
 
@@ -141,10 +166,18 @@ impl Vm {
         let mut mmio = Vec::new();
         for (i, (name, dev)) in virtio.into_iter().enumerate() {
             let (base, gsi) = layout::virtio_slot(i as u32);
-            let irq = Arc::new(IrqLine::new(gsi).map_err(|e| VmError::Device { name: name.clone(), cause: e.to_string() })?);
-            vm_fd.register_irqfd(&irq.evt, gsi).map_err(kvm_err("register a device irqfd"))?;
-            let transport = MmioTransport::new(dev, ram.mem.clone(), irq)
-                .map_err(|e| VmError::Device { name: name.clone(), cause: format!("{e:?}") })?;
+            let irq = Arc::new(IrqLine::new(gsi).map_err(|e| VmError::Device {
+                name: name.clone(),
+                cause: e.to_string(),
+            })?);
+            vm_fd
+                .register_irqfd(&irq.evt, gsi)
+                .map_err(kvm_err("register a device irqfd"))?;
+            let transport =
+                MmioTransport::new(dev, ram.mem.clone(), irq).map_err(|e| VmError::Device {
+                    name: name.clone(),
+                    cause: e.to_string(),
+                })?;
             for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
                 vm_fd
                     .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
@@ -160,11 +193,19 @@ impl Vm {
 
         let console = Arc::new(Mutex::new(ConsoleLog::default()));
         let log_file = match &cfg.console_log {
-            Some(p) => Some(File::create(p).map_err(|source| VmError::ConsoleLog { path: p.clone(), source })?),
+            Some(p) => Some(File::create(p).map_err(|source| VmError::ConsoleLog {
+                path: p.clone(),
+                source,
+            })?),
             None => None,
         };
-        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device { name: "serial".into(), cause: e.to_string() })?;
-        vm_fd.register_irqfd(&serial_evt, COM1_IRQ).map_err(kvm_err("register the serial irqfd"))?;
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device {
+            name: "serial".into(),
+            cause: e.to_string(),
+        })?;
+        vm_fd
+            .register_irqfd(&serial_evt, COM1_IRQ)
+            .map_err(kvm_err("register the serial irqfd"))?;
         let com1 = Com1::new(serial_evt, ConsoleSink::new(log_file, console.clone()));
         let bus = Arc::new(Bus { com1, mmio });
 
@@ -176,13 +217,22 @@ impl Vm {
             .map_err(kvm_err("read the supported CPUID"))?;
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for id in 0..cfg.vcpus {
-            let fd = vm_fd.create_vcpu(u64::from(id)).map_err(kvm_err("create a vCPU"))?;
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
             vcpu::configure(&fd, id, cfg.vcpus, &base_cpuid, entry.entry)?;
             vcpus.push(fd);
         }
 
         let ctl = VmControl::new();
-        let mut vm = Vm { ctl: ctl.clone(), vcpu_threads: Vec::new(), console, bus: bus.clone(), vm_fd: Some(vm_fd), ram: Some(ram) };
+        let mut vm = Vm {
+            ctl: ctl.clone(),
+            vcpu_threads: Vec::new(),
+            console,
+            bus: bus.clone(),
+            vm_fd: Some(vm_fd),
+            ram: Some(ram),
+        };
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (bus, ctl) = (bus.clone(), ctl.clone());
             let handle = std::thread::Builder::new()
@@ -191,7 +241,11 @@ impl Vm {
                 .map_err(VmError::Thread)?;
             vm.vcpu_threads.push(handle);
         }
-        log::debug!("VM started: {} vCPUs, {} MiB, cmdline {cmdline:?}", cfg.vcpus, cfg.mem_mib);
+        log::debug!(
+            "VM started: {} vCPUs, {} MiB, cmdline {cmdline:?}",
+            cfg.vcpus,
+            cfg.mem_mib
+        );
         Ok(vm)
     }
 

@@ -44,7 +44,11 @@ fn parse_args() -> Result<Args> {
             _ => bail!("usage: jevm-bench --jevm PATH --kernel VMLINUX --initrd CPIO [--runs N] [--mem MiB]"),
         }
     }
-    for (name, p) in [("--jevm", &args.jevm), ("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
+    for (name, p) in [
+        ("--jevm", &args.jevm),
+        ("--kernel", &args.kernel),
+        ("--initrd", &args.initrd),
+    ] {
         if !p.is_file() {
             bail!("{name} {}: no such file", p.display());
         }
@@ -96,7 +100,11 @@ fn jevm_once(a: &Args) -> Result<JevmRun> {
     if !status.success() {
         bail!("jevm boot failed: {status}");
     }
-    Ok(JevmRun { wall: wall.context("jevm never printed `agent ready`")?, rss_kib, vmm_kib })
+    Ok(JevmRun {
+        wall: wall.context("jevm never printed `agent ready`")?,
+        rss_kib,
+        vmm_kib,
+    })
 }
 
 const AF_VSOCK: i32 = 40;
@@ -116,17 +124,34 @@ fn vsock_listener(port: u32) -> Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe { libc::socket(AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
-        bail!("AF_VSOCK socket: {} (is vhost_vsock loaded?)", std::io::Error::last_os_error());
+        bail!(
+            "AF_VSOCK socket: {} (is vhost_vsock loaded?)",
+            std::io::Error::last_os_error()
+        );
     }
     // SAFETY: fd is a fresh socket this function owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let addr = SockaddrVm { family: AF_VSOCK as u16, reserved1: 0, port, cid: VMADDR_CID_ANY, flags: 0, zero: [0; 3] };
+    let addr = SockaddrVm {
+        family: AF_VSOCK as u16,
+        reserved1: 0,
+        port,
+        cid: VMADDR_CID_ANY,
+        flags: 0,
+        zero: [0; 3],
+    };
     // SAFETY: addr is a valid sockaddr_vm of the length given.
     let r = unsafe {
-        libc::bind(fd.as_raw_fd(), (&addr as *const SockaddrVm).cast(), size_of::<SockaddrVm>() as u32)
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const SockaddrVm).cast(),
+            size_of::<SockaddrVm>() as u32,
+        )
     };
     if r != 0 {
-        bail!("bind vsock port {port}: {}", std::io::Error::last_os_error());
+        bail!(
+            "bind vsock port {port}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     // SAFETY: listen on a bound socket.
     if unsafe { libc::listen(fd.as_raw_fd(), 16) } != 0 {
@@ -136,14 +161,25 @@ fn vsock_listener(port: u32) -> Result<OwnedFd> {
 }
 
 fn accept_with_timeout(fd: &OwnedFd, timeout: Duration) -> Result<OwnedFd> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: pfd is valid for the call.
     let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     if n <= 0 {
         bail!("no READY from the QEMU guest within {timeout:?}");
     }
     // SAFETY: accept on a listening socket; null address is allowed.
-    let c = unsafe { libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    let c = unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
     if c < 0 {
         bail!("accept: {}", std::io::Error::last_os_error());
     }
@@ -154,14 +190,34 @@ fn accept_with_timeout(fd: &OwnedFd, timeout: Duration) -> Result<OwnedFd> {
 fn qemu_once(a: &Args, listener: &OwnedFd, cid: u32) -> Result<Duration> {
     let t0 = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm,acpi=off,rtc=off", "-accel", "kvm", "-cpu", "host", "-smp", "1"])
+        .args([
+            "-M",
+            "microvm,acpi=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-smp",
+            "1",
+        ])
         .args(["-m", &a.mem.to_string()])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "null"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "null",
+        ])
         .arg("-kernel")
         .arg(&a.kernel)
         .arg("-initrd")
         .arg(&a.initrd)
-        .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1 rdinit=/init"])
+        .args([
+            "-append",
+            "console=ttyS0 reboot=t panic=-1 quiet 8250.nr_uarts=1 rdinit=/init",
+        ])
         .args(["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
         .stdout(Stdio::null())
         .spawn()
@@ -169,9 +225,13 @@ fn qemu_once(a: &Args, listener: &OwnedFd, cid: u32) -> Result<Duration> {
     let r = accept_with_timeout(listener, Duration::from_secs(120)).and_then(|conn| {
         let wall = t0.elapsed();
         let mut f = std::fs::File::from(conn);
-        let ready: jevm_protocol::Ready = jevm_protocol::read_frame(&mut f).context("READY frame")?;
+        let ready: jevm_protocol::Ready =
+            jevm_protocol::read_frame(&mut f).context("READY frame")?;
         if ready.protocol_version != jevm_protocol::PROTOCOL_VERSION {
-            bail!("QEMU guest's agent speaks protocol {}", ready.protocol_version);
+            bail!(
+                "QEMU guest's agent speaks protocol {}",
+                ready.protocol_version
+            );
         }
         Ok(wall)
     });
@@ -192,8 +252,15 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> Result<()> {
     let a = parse_args()?;
-    println!("# jevm-bench: boot to agent READY, {} runs each (+1 warm-up), {} MiB, 1 vCPU", a.runs, a.mem);
-    println!("# kernel {} initramfs {}", a.kernel.display(), a.initrd.display());
+    println!(
+        "# jevm-bench: boot to agent READY, {} runs each (+1 warm-up), {} MiB, 1 vCPU",
+        a.runs, a.mem
+    );
+    println!(
+        "# kernel {} initramfs {}",
+        a.kernel.display(),
+        a.initrd.display()
+    );
     let listener = vsock_listener(jevm_protocol::READY_PORT)?;
     let mut jevm_ms = Vec::new();
     let mut qemu_ms = Vec::new();
@@ -206,7 +273,11 @@ fn main() -> Result<()> {
         if i == 0 {
             continue;
         }
-        println!("run {i:2}: jevm {:8.1} ms   qemu {:8.1} ms", j.wall.as_secs_f64() * 1e3, q.as_secs_f64() * 1e3);
+        println!(
+            "run {i:2}: jevm {:8.1} ms   qemu {:8.1} ms",
+            j.wall.as_secs_f64() * 1e3,
+            q.as_secs_f64() * 1e3
+        );
         jevm_ms.push(j.wall.as_secs_f64() * 1e3);
         qemu_ms.push(q.as_secs_f64() * 1e3);
         rss.push(j.rss_kib as f64);

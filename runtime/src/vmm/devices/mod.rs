@@ -36,7 +36,11 @@ pub struct IrqLine {
 
 impl IrqLine {
     pub fn new(gsi: u32) -> std::io::Result<Self> {
-        Ok(Self { gsi, evt: EventFd::new(libc::EFD_NONBLOCK)?, status: AtomicU32::new(0) })
+        Ok(Self {
+            gsi,
+            evt: EventFd::new(libc::EFD_NONBLOCK)?,
+            status: AtomicU32::new(0),
+        })
     }
 
     /// Sets `bits` in InterruptStatus and raises the interrupt.
@@ -101,5 +105,8 @@ pub enum DeviceError {
     #[error("{device}: {cause}")]
     Activate { device: &'static str, cause: String },
     #[error("{device}: I/O error: {source}")]
-    Io { device: &'static str, source: std::io::Error },
+    Io {
+        device: &'static str,
+        source: std::io::Error,
+    },
 }

@@ -40,7 +40,9 @@ impl ConsoleLog {
     fn push(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' {
-                let line = String::from_utf8_lossy(&self.partial).trim_end_matches('\r').to_string();
+                let line = String::from_utf8_lossy(&self.partial)
+                    .trim_end_matches('\r')
+                    .to_string();
                 self.partial.clear();
                 if line.contains("Kernel panic") {
                     self.panicked = true;
@@ -57,10 +59,16 @@ impl ConsoleLog {
 
     /// The last lines the guest printed, oldest first.
     pub fn tail(&self, n: usize) -> Vec<String> {
-        let mut out: Vec<String> = self.recent.iter().rev().take(n).rev().cloned().collect();
-        if !self.partial.is_empty() {
-            out.push(String::from_utf8_lossy(&self.partial).into_owned());
-        }
+        let partial =
+            (!self.partial.is_empty()).then(|| String::from_utf8_lossy(&self.partial).into_owned());
+        let whole = n.saturating_sub(usize::from(partial.is_some()));
+        let mut out: Vec<String> = self
+            .recent
+            .iter()
+            .skip(self.recent.len().saturating_sub(whole))
+            .cloned()
+            .collect();
+        out.extend(partial);
         out
     }
 
@@ -107,7 +115,9 @@ pub struct Com1 {
 
 impl Com1 {
     pub fn new(irq: EventFd, sink: ConsoleSink) -> Self {
-        Self { serial: Mutex::new(Serial::new(IrqTrigger(irq), sink)) }
+        Self {
+            serial: Mutex::new(Serial::new(IrqTrigger(irq), sink)),
+        }
     }
 
     /// Handles an access if `port` belongs to COM1; returns false otherwise.
@@ -123,7 +133,12 @@ impl Com1 {
         if !(COM1_BASE..COM1_BASE + 8).contains(&port) || data.len() != 1 {
             return false;
         }
-        if let Err(e) = self.serial.lock().unwrap().write((port - COM1_BASE) as u8, data[0]) {
+        if let Err(e) = self
+            .serial
+            .lock()
+            .unwrap()
+            .write((port - COM1_BASE) as u8, data[0])
+        {
             log::debug!("serial write: {e:?}");
         }
         true
@@ -142,7 +157,14 @@ mod tests {
         }
         log.push(b"Kernel panic - not syncing: Attempted to kill init!\n[ end");
         let tail = log.tail(3);
-        assert_eq!(tail, vec!["line 99", "Kernel panic - not syncing: Attempted to kill init!", "[ end"]);
+        assert_eq!(
+            tail,
+            vec![
+                "line 99",
+                "Kernel panic - not syncing: Attempted to kill init!",
+                "[ end"
+            ]
+        );
         assert!(log.panicked());
     }
 }

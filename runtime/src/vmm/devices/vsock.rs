@@ -1,1 +1,0 @@
-//! vsock device.
