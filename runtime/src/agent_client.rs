@@ -131,5 +131,6 @@ fn request_name(req: &Request) -> &'static str {
         Request::Ping { .. } => "Ping",
         Request::Shutdown => "Shutdown",
         Request::Diag(_) => "Diag",
+        Request::Identity(_) => "Identity",
     }
 }

@@ -288,7 +288,7 @@ fn wait_ready(
             }
             let reason = match reason {
                 StopReason::GuestReset => "the guest reset itself".to_string(),
-                StopReason::HostRequest => "stopped by the host".to_string(),
+                StopReason::HostRequest | StopReason::Paused => "stopped by the host".to_string(),
                 StopReason::Fault(f) => f,
             };
             return Err(BootFailure::GuestStopped {

@@ -126,3 +126,102 @@ fn zero_vcpus_and_tiny_memory_are_refused_before_any_vm_exists() {
     let e = Vm::start(&cfg).err().expect("8 MiB refused");
     assert!(e.to_string().contains("too small"), "{e}");
 }
+
+/// Prints "A", spins until the byte at 0x3000 is non-zero, prints that
+/// byte, resets.
+const SPIN_ON_FLAG: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'A', 0xee, // mov al,'A'; out dx,al
+    0xb0, b'\n', 0xee, // mov al,'\n'; out dx,al
+    0x8a, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00, // spin: mov al,[0x3000]
+    0x84, 0xc0, // test al,al
+    0x74, 0xf5, // jz spin
+    0xee, // out dx,al
+    0xb0, b'\n', 0xee, // mov al,'\n'; out dx,al
+    0xb0, 0xfe, 0xe6, 0x64, // mov al,0xfe; out 0x64,al
+    0xf4, // hlt
+];
+
+fn wait_for_console(vm: &Vm, line: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !vm.console_tail(5).iter().any(|l| l == line) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "guest never printed {line:?}: {:?}",
+            vm.console_tail(5)
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    // A cheap, dependency-free digest is enough to see a change.
+    let data = std::fs::read(path).unwrap();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    h.to_le_bytes().to_vec()
+}
+
+#[test]
+fn saved_vm_restores_into_independent_copy_on_write_clones() {
+    use jevm_runtime::vmm::RestoreConfig;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), SPIN_ON_FLAG);
+    cfg.disks.clear();
+    let mut template = Vm::start(&cfg).expect("start");
+    wait_for_console(&template, "A");
+    let state = template.save().expect("save");
+    let memory = dir.path().join("memory");
+    template.save_memory(&memory).unwrap();
+    drop(template);
+    let before = sha(&memory);
+
+    let restore = |name: &str| {
+        Vm::restore(
+            &state,
+            &RestoreConfig {
+                memory: memory.clone(),
+                vsock_uds: dir.path().join(format!("{name}.vsock")),
+                console_log: None,
+            },
+        )
+        .expect("restore")
+    };
+    let a = restore("a");
+    let b = restore("b");
+    // Clone A is released with 'x'; clone B keeps spinning: A's write went
+    // to A's private page only.
+    a.guest_memory()
+        .write_obj(b'x', GuestAddress(0x3000))
+        .unwrap();
+    assert_eq!(
+        a.wait(Some(Duration::from_secs(60))),
+        Some(StopReason::GuestReset)
+    );
+    assert_eq!(a.console_tail(5), vec!["x".to_string()]);
+    assert_eq!(
+        b.wait(Some(Duration::from_millis(300))),
+        None,
+        "clone B saw clone A's write"
+    );
+    let flag_b: u8 = b.guest_memory().read_obj(GuestAddress(0x3000)).unwrap();
+    assert_eq!(flag_b, 0);
+    b.guest_memory()
+        .write_obj(b'y', GuestAddress(0x3000))
+        .unwrap();
+    assert_eq!(
+        b.wait(Some(Duration::from_secs(60))),
+        Some(StopReason::GuestReset)
+    );
+    assert_eq!(b.console_tail(5), vec!["y".to_string()]);
+    drop((a, b));
+    assert_eq!(
+        sha(&memory),
+        before,
+        "a clone wrote through to the template memory file"
+    );
+}

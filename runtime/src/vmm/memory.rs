@@ -6,13 +6,17 @@
 //! `MAP_PRIVATE` by clones (copy-on-write).
 
 use std::ffi::CString;
-use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::{FileOffset, GuestAddress, GuestMemory as _, GuestMemoryRegion};
+use vm_memory::mmap::GuestRegionMmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemory as _, GuestMemoryRegion, MmapRegion};
 
 use super::devices::GuestMemory;
 use super::layout;
@@ -29,6 +33,22 @@ pub enum MemoryError {
     Map(vm_memory::mmap::FromRangesError),
     #[error("KVM refused the guest memory slot: {0}")]
     Register(kvm_ioctls::Error),
+    #[error("template memory {path}: {source}")]
+    Template {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("template memory {path} is {actual} bytes, the saved VM had {expected}")]
+    TemplateSize {
+        path: PathBuf,
+        actual: u64,
+        expected: u64,
+    },
+    #[error("cannot map template memory {path}: {source}")]
+    TemplateMap {
+        path: PathBuf,
+        source: vm_memory::mmap::FromRangesError,
+    },
 }
 
 /// Guest RAM and the file behind it.
@@ -85,4 +105,86 @@ pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
         unsafe { vm.set_user_memory_region(desc) }.map_err(MemoryError::Register)?;
     }
     Ok(())
+}
+
+/// Maps a template's memory file copy-on-write: the clone reads the
+/// template's pages (shared with every sibling through the page cache) and
+/// gets a private copy of each page it writes. The file is opened read-only,
+/// so no write through this mapping can ever reach it.
+pub fn map_template(path: &Path, expected: u64) -> Result<GuestRam, MemoryError> {
+    let err = |source| MemoryError::Template {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::open(path).map_err(err)?;
+    let actual = file.metadata().map_err(err)?.len();
+    if actual != expected {
+        return Err(MemoryError::TemplateSize {
+            path: path.to_owned(),
+            actual,
+            expected,
+        });
+    }
+    let file = Arc::new(file);
+    let map_err = |source| MemoryError::TemplateMap {
+        path: path.to_owned(),
+        source,
+    };
+    let region = MmapRegion::build(
+        Some(FileOffset::from_arc(file.clone(), 0)),
+        expected as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+    )
+    .map_err(|e| map_err(vm_memory::mmap::FromRangesError::MmapRegion(e)))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| map_err(vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;
+    let mem = GuestMemory::from_regions(vec![region]).map_err(|e| map_err(e.into()))?;
+    Ok(GuestRam {
+        mem,
+        file,
+        size: expected,
+    })
+}
+
+/// Writes guest RAM to `path` as a sparse file: only the pages the guest
+/// ever touched (the memfd's data extents) are copied.
+pub fn save(ram: &GuestRam, path: &Path) -> std::io::Result<u64> {
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    out.set_len(ram.size)?;
+    let fd = ram.file.as_raw_fd();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    let mut pos: i64 = 0;
+    let size = ram.size as i64;
+    while pos < size {
+        // SAFETY: lseek on a valid fd owned by `ram`; the result is checked.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after `pos`
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size } else { hole.min(size) };
+        let mut off = data as u64;
+        while off < end as u64 {
+            let n = ((end as u64 - off) as usize).min(buf.len());
+            ram.file.read_exact_at(&mut buf[..n], off)?;
+            out.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+            copied += n as u64;
+        }
+        pos = end;
+    }
+    out.flush()?;
+    out.sync_all()?;
+    Ok(copied)
 }

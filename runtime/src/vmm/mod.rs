@@ -15,4 +15,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use vcpu::StopReason;
-pub use vm::{DiskConfig, Vm, VmConfig, VmError};
+pub use vm::{DiskConfig, RestoreConfig, Vm, VmConfig, VmError, VmState};

@@ -7,8 +7,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
 use super::boot::GDT;
@@ -30,6 +34,128 @@ pub enum VcpuError {
         set: usize,
         total: usize,
     },
+    #[error("vCPU {id}: saved state is invalid: {cause}")]
+    BadState { id: u8, cause: String },
+}
+
+/// Everything KVM holds for one vCPU, saved with a template and loaded into
+/// each clone's vCPU.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debug_regs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+}
+
+/// The MSRs of `candidates` this vCPU lets us read, with their values.
+/// KVM_GET_MSRS stops at the first MSR it cannot read, so drop that one and
+/// ask again.
+fn readable_msrs(
+    vcpu: &VcpuFd,
+    id: u8,
+    candidates: &[u32],
+) -> Result<Vec<kvm_msr_entry>, VcpuError> {
+    let mut list: Vec<u32> = candidates.to_vec();
+    loop {
+        let entries: Vec<kvm_msr_entry> = list
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| VcpuError::BadState {
+            id,
+            cause: format!("MSR list: {e:?}"),
+        })?;
+        let n = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(|source| VcpuError::Setup {
+                id,
+                what: "read MSRs",
+                source,
+            })?;
+        if n == list.len() {
+            return Ok(msrs.as_slice().to_vec());
+        }
+        list.remove(n);
+    }
+}
+
+/// Reads the state of a stopped vCPU. `msr_list` is KVM's MSR index list.
+pub fn save(vcpu: &mut VcpuFd, id: u8, msr_list: &[u32]) -> Result<VcpuState, VcpuError> {
+    let err = |what| move |source| VcpuError::Setup { id, what, source };
+    // A stop can land between an I/O exit and the KVM_RUN that completes
+    // it (an `in` whose value is written but not yet in RAX): one KVM_RUN
+    // with immediate_exit finishes it without running guest code.
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+    Ok(VcpuState {
+        id,
+        cpuid: vcpu
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(err("read CPUID"))?
+            .as_slice()
+            .to_vec(),
+        mp_state: vcpu.get_mp_state().map_err(err("read MP state"))?,
+        regs: vcpu.get_regs().map_err(err("read registers"))?,
+        sregs: vcpu.get_sregs().map_err(err("read special registers"))?,
+        xsave: vcpu.get_xsave().map_err(err("read xsave state"))?,
+        xcrs: vcpu.get_xcrs().map_err(err("read xcrs"))?,
+        debug_regs: vcpu.get_debug_regs().map_err(err("read debug registers"))?,
+        lapic: vcpu.get_lapic().map_err(err("read LAPIC"))?,
+        msrs: readable_msrs(vcpu, id, msr_list)?,
+        events: vcpu.get_vcpu_events().map_err(err("read vCPU events"))?,
+    })
+}
+
+/// Loads a saved state into a fresh vCPU, in the order KVM needs: CPUID
+/// first (it shapes what the rest may contain), events last.
+pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VcpuError> {
+    let id = state.id;
+    let err = |what| move |source| VcpuError::Setup { id, what, source };
+    let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| VcpuError::BadState {
+        id,
+        cause: format!("CPUID: {e:?}"),
+    })?;
+    vcpu.set_cpuid2(&cpuid).map_err(err("set CPUID"))?;
+    vcpu.set_mp_state(state.mp_state)
+        .map_err(err("set MP state"))?;
+    vcpu.set_regs(&state.regs).map_err(err("set registers"))?;
+    vcpu.set_sregs(&state.sregs)
+        .map_err(err("set special registers"))?;
+    // SAFETY: the buffer is a whole kvm_xsave read back from KVM_GET_XSAVE
+    // of a vCPU with the same CPUID, as KVM_SET_XSAVE expects.
+    unsafe { vcpu.set_xsave(&state.xsave) }.map_err(err("set xsave state"))?;
+    vcpu.set_xcrs(&state.xcrs).map_err(err("set xcrs"))?;
+    vcpu.set_debug_regs(&state.debug_regs)
+        .map_err(err("set debug registers"))?;
+    vcpu.set_lapic(&state.lapic).map_err(err("set LAPIC"))?;
+    let msrs = Msrs::from_entries(&state.msrs).map_err(|e| VcpuError::BadState {
+        id,
+        cause: format!("MSRs: {e:?}"),
+    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(err("set MSRs"))?;
+    if set != state.msrs.len() {
+        return Err(VcpuError::Msrs {
+            id,
+            what: "KVM_SET_MSRS",
+            set,
+            total: state.msrs.len(),
+        });
+    }
+    vcpu.set_vcpu_events(&state.events)
+        .map_err(err("set vCPU events"))?;
+    Ok(())
 }
 
 /// Why a VM stopped running.
@@ -40,6 +166,8 @@ pub enum StopReason {
     GuestReset,
     /// The host asked the VM to stop.
     HostRequest,
+    /// The host stopped the vCPUs to save the VM as a template.
+    Paused,
     /// KVM could not run the vCPU any more.
     Fault(String),
 }
@@ -304,8 +432,8 @@ fn set_lapic_reg(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
     }
 }
 
-/// Runs vCPU `id` until the VM stops.
-pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) {
+/// Runs vCPU `id` until the VM stops; hands the vCPU back for saving.
+pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) -> VcpuFd {
     ctl.register_thread();
     while !ctl.stop_requested() {
         match vcpu.run() {
@@ -338,4 +466,5 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) {
         }
     }
     ctl.unregister_thread();
+    vcpu
 }

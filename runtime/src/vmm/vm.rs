@@ -7,21 +7,25 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::{self, BootError};
 use super::bus::Bus;
 use super::devices::block::Block;
-use super::devices::mmio::MmioTransport;
-use super::devices::serial::{Com1, ConsoleLog, ConsoleSink, COM1_IRQ};
+use super::devices::mmio::{MmioDeviceState, MmioTransport};
+use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleSink, COM1_IRQ};
 use super::devices::vsock::Vsock;
 use super::devices::{IrqLine, VirtioDevice};
 use super::layout::{self, KVM_TSS_ADDR};
 use super::memory::{self, GuestRam, MemoryError};
 use super::mptable::{self, MpTableError};
-use super::vcpu::{self, StopReason, VcpuError, VmControl};
+use super::vcpu::{self, StopReason, VcpuError, VcpuState, VmControl};
 
 /// Guest CID of every jevm VM: each VM has its own vsock device and host
 /// socket, so CIDs never meet.
@@ -86,7 +90,39 @@ pub enum VmError {
     Device { name: String, cause: String },
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot save the VM: {0}")]
+    Save(String),
+    #[error("cannot restore the VM from its saved state: {0}")]
+    Restore(String),
 }
+
+/// Everything a clone needs besides guest memory: vCPUs, interrupt
+/// controllers, PIT, clock, the UART and every virtio device.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    pub mem_size: u64,
+    pub vcpus: Vec<VcpuState>,
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+    pub serial: Com1State,
+    /// In virtio-mmio slot order.
+    pub devices: Vec<MmioDeviceState>,
+}
+
+/// What differs between clones of one template.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// The template's memory file, mapped copy-on-write.
+    pub memory: PathBuf,
+    pub vsock_uds: PathBuf,
+    pub console_log: Option<PathBuf>,
+}
+
+/// Virtio device type IDs we know how to rebuild in a clone.
+const VIRTIO_ID_VSOCK: u32 = 19;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmSetup { what, source }
@@ -94,12 +130,90 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// A running (or stopped, not yet dropped) microVM.
 pub struct Vm {
+    kvm: Kvm,
     ctl: Arc<VmControl>,
-    vcpu_threads: Vec<JoinHandle<()>>,
+    vcpu_threads: Vec<JoinHandle<VcpuFd>>,
+    /// vCPUs handed back by their threads after a stop, for saving.
+    stopped_vcpus: Vec<VcpuFd>,
     console: Arc<Mutex<ConsoleLog>>,
     bus: Arc<Bus>,
     vm_fd: Option<VmFd>,
     ram: Option<GuestRam>,
+}
+
+/// The parts boot and restore build the same way.
+struct Base {
+    kvm: Kvm,
+    vm_fd: VmFd,
+    ram: GuestRam,
+}
+
+fn base(ram: GuestRam) -> Result<Base, VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    // Guest memory before the irqchip: registering a slot right after
+    // KVM_CREATE_IRQCHIP was measured to stall for milliseconds.
+    memory::register(&vm_fd, &ram.mem)?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    Ok(Base { kvm, vm_fd, ram })
+}
+
+fn device_err(name: &str) -> impl Fn(String) -> VmError + '_ {
+    move |cause| VmError::Device {
+        name: name.to_string(),
+        cause,
+    }
+}
+
+/// Wires virtio device `index` (already wrapped in its transport by `make`)
+/// to KVM: irqfd on its GSI, one ioeventfd per queue.
+fn attach_mmio(
+    vm_fd: &VmFd,
+    index: usize,
+    name: &str,
+    make: impl FnOnce(Arc<IrqLine>) -> Result<MmioTransport, String>,
+) -> Result<(u64, Mutex<MmioTransport>), VmError> {
+    let (base, gsi) = layout::virtio_slot(index as u32);
+    let irq = Arc::new(IrqLine::new(gsi).map_err(|e| device_err(name)(e.to_string()))?);
+    vm_fd
+        .register_irqfd(&irq.evt, gsi)
+        .map_err(kvm_err("register a device irqfd"))?;
+    let transport = make(irq).map_err(device_err(name))?;
+    for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
+        vm_fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
+            .map_err(kvm_err("register a queue ioeventfd"))?;
+    }
+    Ok((base, Mutex::new(transport)))
+}
+
+fn console(path: Option<&PathBuf>) -> Result<(Arc<Mutex<ConsoleLog>>, Option<File>), VmError> {
+    let file = match path {
+        Some(p) => Some(File::create(p).map_err(|source| VmError::ConsoleLog {
+            path: p.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    Ok((Arc::new(Mutex::new(ConsoleLog::default())), file))
+}
+
+fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, VmError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("serial")(e.to_string()))?;
+    vm_fd
+        .register_irqfd(&evt, COM1_IRQ)
+        .map_err(kvm_err("register the serial irqfd"))?;
+    Ok(evt)
 }
 
 impl Vm {
@@ -126,87 +240,42 @@ impl Vm {
             }
         }
         vcpu::install_kick_handler();
-
-        let kvm = Kvm::new().map_err(VmError::Kvm)?;
-        let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        let ram = memory::create(cfg.mem_mib)?;
-        // Guest memory before the irqchip: registering a slot right after
-        // KVM_CREATE_IRQCHIP was measured to stall for milliseconds.
-        memory::register(&vm_fd, &ram.mem)?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDR)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(kvm_err("create the in-kernel irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        let Base { kvm, vm_fd, ram } = base(memory::create(cfg.mem_mib)?)?;
 
         // Devices: vsock first so it is always virtio-mmio slot 0.
         let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
         if let Some(uds) = &cfg.vsock_uds {
-            let dev = Vsock::new(GUEST_CID, uds.clone()).map_err(|e| VmError::Device {
-                name: format!("vsock {}", uds.display()),
-                cause: e.to_string(),
-            })?;
-            virtio.push((format!("vsock {}", uds.display()), Box::new(dev)));
+            let name = format!("vsock {}", uds.display());
+            let dev =
+                Vsock::new(GUEST_CID, uds.clone()).map_err(|e| device_err(&name)(e.to_string()))?;
+            virtio.push((name, Box::new(dev)));
         }
         for d in &cfg.disks {
-            let dev = Block::new(&d.path, d.read_only).map_err(|e| VmError::Device {
-                name: format!("disk {}", d.path.display()),
-                cause: e.to_string(),
-            })?;
-            virtio.push((format!("disk {}", d.path.display()), Box::new(dev)));
+            let name = format!("disk {}", d.path.display());
+            let dev =
+                Block::new(&d.path, d.read_only).map_err(|e| device_err(&name)(e.to_string()))?;
+            virtio.push((name, Box::new(dev)));
         }
-
         let mut cmdline = String::from(BASE_CMDLINE);
         let mut mmio = Vec::new();
         for (i, (name, dev)) in virtio.into_iter().enumerate() {
-            let (base, gsi) = layout::virtio_slot(i as u32);
-            let irq = Arc::new(IrqLine::new(gsi).map_err(|e| VmError::Device {
-                name: name.clone(),
-                cause: e.to_string(),
+            let mem = ram.mem.clone();
+            mmio.push(attach_mmio(&vm_fd, i, &name, |irq| {
+                MmioTransport::new(dev, mem, irq).map_err(|e| e.to_string())
             })?);
-            vm_fd
-                .register_irqfd(&irq.evt, gsi)
-                .map_err(kvm_err("register a device irqfd"))?;
-            let transport =
-                MmioTransport::new(dev, ram.mem.clone(), irq).map_err(|e| VmError::Device {
-                    name: name.clone(),
-                    cause: e.to_string(),
-                })?;
-            for (q, evt) in transport.queue_notify_eventfds().iter().enumerate() {
-                vm_fd
-                    .register_ioevent(evt, &IoEventAddress::Mmio(base + 0x50), q as u32)
-                    .map_err(kvm_err("register a queue ioeventfd"))?;
-            }
+            let (base, gsi) = layout::virtio_slot(i as u32);
             cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
-            mmio.push((base, Mutex::new(transport)));
         }
         if !cfg.extra_cmdline.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&cfg.extra_cmdline);
         }
 
-        let console = Arc::new(Mutex::new(ConsoleLog::default()));
-        let log_file = match &cfg.console_log {
-            Some(p) => Some(File::create(p).map_err(|source| VmError::ConsoleLog {
-                path: p.clone(),
-                source,
-            })?),
-            None => None,
-        };
-        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device {
-            name: "serial".into(),
-            cause: e.to_string(),
-        })?;
-        vm_fd
-            .register_irqfd(&serial_evt, COM1_IRQ)
-            .map_err(kvm_err("register the serial irqfd"))?;
-        let com1 = Com1::new(serial_evt, ConsoleSink::new(log_file, console.clone()));
+        let (console, log_file) = console(cfg.console_log.as_ref())?;
+        let com1 = Com1::new(
+            serial_irq(&vm_fd)?,
+            ConsoleSink::new(log_file, console.clone()),
+        );
         let bus = Arc::new(Bus { com1, mmio });
 
         let entry = boot::load(&ram.mem, &cfg.kernel, cfg.initrd.as_deref(), &cmdline)?;
@@ -223,11 +292,87 @@ impl Vm {
             vcpu::configure(&fd, id, cfg.vcpus, &base_cpuid, entry.entry)?;
             vcpus.push(fd);
         }
+        log::debug!(
+            "VM starting: {} vCPUs, {} MiB, cmdline {cmdline:?}",
+            cfg.vcpus,
+            cfg.mem_mib
+        );
+        Self::run(kvm, vm_fd, ram, bus, console, vcpus)
+    }
 
+    /// Builds a VM from a template's saved state and memory file and starts
+    /// its vCPUs where the template's stopped.
+    pub fn restore(state: &VmState, cfg: &RestoreConfig) -> Result<Vm, VmError> {
+        vcpu::install_kick_handler();
+        let Base { kvm, vm_fd, ram } = base(memory::map_template(&cfg.memory, state.mem_size)?)?;
+        let chip = |what, c: &kvm_irqchip| vm_fd.set_irqchip(c).map_err(kvm_err(what));
+        chip("restore the master PIC", &state.pic_master)?;
+        chip("restore the slave PIC", &state.pic_slave)?;
+        chip("restore the IO-APIC", &state.ioapic)?;
+        vm_fd
+            .set_pit2(&state.pit)
+            .map_err(kvm_err("restore the PIT"))?;
+        // Flags 0: the guest's clock continues from the template's value
+        // rather than jumping by the time the template sat on disk; the
+        // agent sets the wall clock.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        vm_fd
+            .set_clock(&clock)
+            .map_err(kvm_err("restore the guest clock"))?;
+
+        let mut mmio = Vec::with_capacity(state.devices.len());
+        for (i, saved) in state.devices.iter().enumerate() {
+            if saved.device_type != VIRTIO_ID_VSOCK {
+                return Err(VmError::Restore(format!(
+                    "virtio device type {} in slot {i} cannot be part of a template",
+                    saved.device_type
+                )));
+            }
+            let name = format!("vsock {}", cfg.vsock_uds.display());
+            let dev = Vsock::new(GUEST_CID, cfg.vsock_uds.clone())
+                .map_err(|e| device_err(&name)(e.to_string()))?;
+            let mem = ram.mem.clone();
+            mmio.push(attach_mmio(&vm_fd, i, &name, |irq| {
+                MmioTransport::restore(Box::new(dev), mem, irq, saved).map_err(|e| e.to_string())
+            })?);
+        }
+        let (console, log_file) = console(cfg.console_log.as_ref())?;
+        let com1 = Com1::restore(
+            serial_irq(&vm_fd)?,
+            ConsoleSink::new(log_file, console.clone()),
+            &state.serial,
+        )
+        .map_err(|e| device_err("serial")(e.to_string()))?;
+        let bus = Arc::new(Bus { com1, mmio });
+
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for s in &state.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(s.id))
+                .map_err(kvm_err("create a vCPU"))?;
+            vcpu::restore(&fd, s)?;
+            vcpus.push(fd);
+        }
+        Self::run(kvm, vm_fd, ram, bus, console, vcpus)
+    }
+
+    fn run(
+        kvm: Kvm,
+        vm_fd: VmFd,
+        ram: GuestRam,
+        bus: Arc<Bus>,
+        console: Arc<Mutex<ConsoleLog>>,
+        vcpus: Vec<VcpuFd>,
+    ) -> Result<Vm, VmError> {
         let ctl = VmControl::new();
         let mut vm = Vm {
+            kvm,
             ctl: ctl.clone(),
             vcpu_threads: Vec::new(),
+            stopped_vcpus: Vec::new(),
             console,
             bus: bus.clone(),
             vm_fd: Some(vm_fd),
@@ -241,11 +386,6 @@ impl Vm {
                 .map_err(VmError::Thread)?;
             vm.vcpu_threads.push(handle);
         }
-        log::debug!(
-            "VM started: {} vCPUs, {} MiB, cmdline {cmdline:?}",
-            cfg.vcpus,
-            cfg.mem_mib
-        );
         Ok(vm)
     }
 
@@ -269,18 +409,100 @@ impl Vm {
         self.console.lock().unwrap().tail(n)
     }
 
+    /// Open host<->guest vsock connections (a template is saved at 0).
+    pub fn vsock_connections(&self) -> usize {
+        self.bus
+            .mmio
+            .iter()
+            .map(|(_, t)| t.lock().unwrap().device().active_connections())
+            .sum()
+    }
+
     /// Stops the vCPUs (if still running) and joins their threads.
     pub fn stop(&mut self) {
-        self.ctl.request_stop(StopReason::HostRequest);
+        self.stop_with(StopReason::HostRequest);
+    }
+
+    fn stop_with(&mut self, reason: StopReason) {
+        self.ctl.request_stop(reason);
         // A kick can land just before a thread enters KVM_RUN; keep kicking
         // until every thread has left.
         while self.vcpu_threads.iter().any(|t| !t.is_finished()) {
             self.ctl.kick_all();
-            std::thread::sleep(Duration::from_micros(500));
+            std::thread::sleep(Duration::from_micros(200));
         }
         for t in self.vcpu_threads.drain(..) {
-            let _ = t.join();
+            match t.join() {
+                Ok(fd) => self.stopped_vcpus.push(fd),
+                Err(_) => log::error!("a vCPU thread panicked"),
+            }
         }
+    }
+
+    /// Stops the VM at a quiet point and returns its state; the memory is
+    /// saved separately with [`Vm::save_memory`]. The VM cannot run again.
+    pub fn save(&mut self) -> Result<VmState, VmError> {
+        let open = self.vsock_connections();
+        if open != 0 {
+            return Err(VmError::Save(format!(
+                "{open} vsock connections are still open"
+            )));
+        }
+        self.stop_with(StopReason::Paused);
+        if let Some(StopReason::GuestReset | StopReason::Fault(_)) = self.ctl.reason() {
+            return Err(VmError::Save(
+                "the guest stopped before it could be saved".into(),
+            ));
+        }
+        let vm_fd = self.vm_fd.as_ref().expect("vm fd present until drop");
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("read the MSR index list"))?;
+        let mut vcpus = Vec::with_capacity(self.stopped_vcpus.len());
+        for (id, fd) in self.stopped_vcpus.iter_mut().enumerate() {
+            vcpus.push(vcpu::save(fd, id as u8, msr_list.as_slice())?);
+        }
+        let chip = |chip_id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm_fd
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("read the irqchip"))?;
+            Ok(c)
+        };
+        let mut devices = Vec::with_capacity(self.bus.mmio.len());
+        for (_, t) in &self.bus.mmio {
+            devices.push(
+                t.lock()
+                    .unwrap()
+                    .save()
+                    .map_err(|e| VmError::Save(e.to_string()))?,
+            );
+        }
+        Ok(VmState {
+            mem_size: self.mem_size(),
+            vcpus,
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: vm_fd.get_pit2().map_err(kvm_err("read the PIT"))?,
+            clock: vm_fd.get_clock().map_err(kvm_err("read the guest clock"))?,
+            serial: self.bus.com1.save(),
+            devices,
+        })
+    }
+
+    /// Writes guest RAM to `path` (sparse: untouched pages stay holes).
+    pub fn save_memory(&self, path: &std::path::Path) -> std::io::Result<u64> {
+        memory::save(self.ram.as_ref().expect("ram present until drop"), path)
+    }
+
+    /// Guest RAM as the VMM sees it (a clone's private copy-on-write view).
+    pub fn guest_memory(&self) -> &super::devices::GuestMemory {
+        &self.ram.as_ref().expect("ram present until drop").mem
     }
 
     /// Guest RAM size in bytes.
@@ -292,6 +514,7 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
+        self.stopped_vcpus.clear();
         // Devices (and their worker threads, sockets) go before KVM and RAM.
         if let Some(bus) = Arc::get_mut(&mut self.bus) {
             bus.mmio.clear();

@@ -33,7 +33,20 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueue, GuestMemory, IrqLine, VirtioDevice, VIRTIO_MMIO_INT_CONFIG};
+use super::{
+    ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
+    VIRTIO_MMIO_INT_CONFIG,
+};
+
+/// Everything a clone needs to continue a virtio-mmio device where its
+/// template stopped: the registers, InterruptStatus and the queue positions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioDeviceState {
+    pub device_type: u32,
+    pub transport: MmioState,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueuePosition>,
+}
 
 /// Size of one device's MMIO window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -87,6 +100,8 @@ const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
+    #[error("virtio device type {device_type}: cannot restore saved state: {cause}")]
+    Restore { device_type: u32, cause: String },
     #[error(
         "virtio device type {device_type}: queue {index} has invalid maximum size {size} \
          (must be a power of two between 1 and 32768)"
@@ -238,6 +253,66 @@ impl MmioTransport {
     /// The register and queue configuration state.
     pub fn state(&self) -> &MmioState {
         &self.state
+    }
+
+    /// Pauses the device at a quiet point and returns what a clone needs.
+    /// The transport must not serve the guest afterwards.
+    pub fn save(&mut self) -> Result<MmioDeviceState, DeviceError> {
+        let queues = if self.state.activated {
+            self.device.pause()?
+        } else {
+            Vec::new()
+        };
+        Ok(MmioDeviceState {
+            device_type: self.device.device_type(),
+            transport: self.state.clone(),
+            interrupt_status: self.irq.status(),
+            queues,
+        })
+    }
+
+    /// Builds a transport for `device` in the state `save` recorded, and
+    /// starts the device on the saved queue positions if it was active.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        irq: Arc<IrqLine>,
+        saved: &MmioDeviceState,
+    ) -> Result<Self, MmioError> {
+        let device_type = device.device_type();
+        let fail = |cause: String| MmioError::Restore { device_type, cause };
+        if saved.device_type != device_type {
+            return Err(fail(format!(
+                "saved state is for device type {}",
+                saved.device_type
+            )));
+        }
+        let mut t = Self::new(device, mem, irq)?;
+        if saved.transport.queues.len() != t.state.queues.len() {
+            return Err(fail(format!(
+                "saved state has {} queues, the device has {}",
+                saved.transport.queues.len(),
+                t.state.queues.len()
+            )));
+        }
+        t.state = saved.transport.clone();
+        t.state.activated = false;
+        t.irq.set_status(saved.interrupt_status);
+        t.device.set_acked_features(saved.transport.acked_features);
+        if saved.transport.activated {
+            if saved.queues.len() != t.state.queues.len() {
+                return Err(fail("queue positions missing".into()));
+            }
+            let mut queues = t.build_queues().map_err(fail)?;
+            for (q, pos) in queues.iter_mut().zip(&saved.queues) {
+                pos.apply(&mut q.queue);
+            }
+            t.device
+                .activate(t.mem.clone(), t.irq.clone(), queues)
+                .map_err(|e| fail(e.to_string()))?;
+            t.state.activated = true;
+        }
+        Ok(t)
     }
 
     /// Tells the driver the device config space changed (e.g. a resized

@@ -113,7 +113,56 @@ pub struct Com1 {
     serial: Mutex<SerialDevice>,
 }
 
+/// The UART registers, saved with a template (vm-superio's `SerialState`
+/// has no serde support).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Com1State {
+    pub regs: [u8; 9],
+    pub in_buffer: Vec<u8>,
+}
+
 impl Com1 {
+    /// Restores a UART saved by [`Com1::save`].
+    pub fn restore(irq: EventFd, sink: ConsoleSink, saved: &Com1State) -> io::Result<Self> {
+        let r = saved.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: saved.in_buffer.clone(),
+        };
+        let serial =
+            Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, sink)
+                .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(Self {
+            serial: Mutex::new(serial),
+        })
+    }
+
+    pub fn save(&self) -> Com1State {
+        let s = self.serial.lock().unwrap().state();
+        Com1State {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
     pub fn new(irq: EventFd, sink: ConsoleSink) -> Self {
         Self {
             serial: Mutex::new(Serial::new(IrqTrigger(irq), sink)),

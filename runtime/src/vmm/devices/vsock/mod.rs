@@ -32,6 +32,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -43,7 +44,10 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActiveQueue, DeviceError, GuestMemory, IrqLine, VirtioDevice, VIRTIO_MMIO_INT_VRING};
+use super::{
+    ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
+    VIRTIO_MMIO_INT_VRING,
+};
 use muxer::{Muxer, TOKEN_RXQ, TOKEN_STOP, TOKEN_TXQ};
 
 const DEVICE: &str = "vsock";
@@ -80,7 +84,11 @@ pub struct Vsock {
 
 struct WorkerHandle {
     stop: EventFd,
-    thread: JoinHandle<()>,
+    /// The worker hands itself back when it stops, so `pause` can read the
+    /// queue positions.
+    thread: JoinHandle<Worker>,
+    /// Open connections, published by the worker after every wakeup.
+    connections: Arc<AtomicUsize>,
 }
 
 impl Vsock {
@@ -118,18 +126,20 @@ impl Vsock {
         &self.uds_path
     }
 
-    fn stop_worker(&mut self) {
-        let Some(worker) = self.worker.take() else {
-            return;
-        };
+    fn stop_worker(&mut self) -> Option<Worker> {
+        let worker = self.worker.take()?;
         if let Err(e) = worker.stop.write(1) {
             // Without the signal the join below would hang; the thread keeps
             // running and is leaked, which beats a hung VMM.
             error!("vsock: cannot stop the worker thread: {e}");
-            return;
+            return None;
         }
-        if worker.thread.join().is_err() {
-            error!("vsock: the worker thread panicked");
+        match worker.thread.join() {
+            Ok(w) => Some(w),
+            Err(_) => {
+                error!("vsock: the worker thread panicked");
+                None
+            }
         }
     }
 }
@@ -239,20 +249,26 @@ impl VirtioDevice for Vsock {
                 )
                 .map_err(io_err)?;
         }
+        let connections = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             mem,
             irq,
             rxq,
             txq,
-            _evq: evq,
+            evq,
             _stop: worker_stop,
             muxer,
+            connections: connections.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(DEVICE.into())
             .spawn(move || worker.run())
             .map_err(io_err)?;
-        self.worker = Some(WorkerHandle { stop, thread });
+        self.worker = Some(WorkerHandle {
+            stop,
+            thread,
+            connections,
+        });
         Ok(())
     }
 
@@ -262,6 +278,36 @@ impl VirtioDevice for Vsock {
         self.stop_worker();
         self.acked_features = 0;
         true
+    }
+
+    fn active_connections(&self) -> usize {
+        self.worker
+            .as_ref()
+            .map_or(0, |w| w.connections.load(Ordering::SeqCst))
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueuePosition>, DeviceError> {
+        let worker = self.stop_worker().ok_or_else(|| DeviceError::NotQuiet {
+            device: DEVICE,
+            cause: "the device is not active".into(),
+        })?;
+        // A clone gets a new host socket and no host connections: anything
+        // open or queued for the guest now would be half a conversation.
+        let open = worker.muxer.connection_count();
+        if open > 0 || worker.muxer.has_rx_work() {
+            return Err(DeviceError::NotQuiet {
+                device: DEVICE,
+                cause: format!(
+                    "{open} connections open, packets pending: {}",
+                    worker.muxer.has_rx_work()
+                ),
+            });
+        }
+        Ok(vec![
+            QueuePosition::of(&worker.rxq.queue),
+            QueuePosition::of(&worker.txq.queue),
+            QueuePosition::of(&worker.evq.queue),
+        ])
     }
 }
 
@@ -285,16 +331,17 @@ struct Worker {
     irq: Arc<IrqLine>,
     rxq: ActiveQueue,
     txq: ActiveQueue,
-    /// Unused for now; a restored clone will need it to send
-    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
-    _evq: ActiveQueue,
+    /// Unused: templates are saved with no connections, so a clone has no
+    /// transport reset to announce.
+    evq: ActiveQueue,
     /// Keeps the registered stop eventfd open for as long as it is watched.
     _stop: EventFd,
     muxer: Muxer,
+    connections: Arc<AtomicUsize>,
 }
 
 impl Worker {
-    fn run(mut self) {
+    fn run(mut self) -> Worker {
         let mut events = vec![EpollEvent::default(); 64];
         loop {
             let timeout_ms = match self.muxer.next_deadline() {
@@ -310,12 +357,12 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     error!("vsock: epoll_wait failed, device stops: {e}");
-                    return;
+                    return self;
                 }
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => return self,
                     // Draining the counter is all a notification needs: both
                     // queues are looked at on every wakeup below.
                     TOKEN_RXQ => {
@@ -332,6 +379,8 @@ impl Worker {
             }
             self.muxer.process_timeouts(Instant::now());
             self.pump();
+            self.connections
+                .store(self.muxer.connection_count(), Ordering::SeqCst);
         }
     }
 

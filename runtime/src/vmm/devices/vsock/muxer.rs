@@ -125,6 +125,11 @@ impl Muxer {
         })
     }
 
+    /// Open connections, in any state.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
     pub fn epoll(&self) -> &Epoll {
         &self.epoll
     }
