@@ -1,8 +1,10 @@
 //! Request → response, with every guest side effect behind [`Guest`] so the
 //! mapping (caps, error wording) is testable on any host.
 
+use crate::identity;
 use jevm_protocol::{Diag, Request, Response, PROTOCOL_VERSION};
 use std::io;
+use std::time::Duration;
 
 /// Largest `ReadFile` answer; bigger requests are served short, like a read
 /// at end of file, and the host reads on from where the answer ended.
@@ -21,6 +23,13 @@ pub trait Guest {
     /// most `limit` bytes.
     fn dial_host(&self, port: u32, data: &[u8], limit: usize) -> io::Result<Vec<u8>>;
     fn online_cpus(&self) -> io::Result<u64>;
+    /// Credits `entropy` to the kernel's input pool and reseeds the crng
+    /// from it at once. Errors name the operation that failed.
+    fn reseed_rng(&self, entropy: &[u8]) -> io::Result<()>;
+    /// Sets `CLOCK_REALTIME` to `since_epoch` after the Unix epoch.
+    fn set_realtime(&self, since_epoch: Duration) -> io::Result<()>;
+    /// Sets the hostname; `name` was already checked (see `identity`).
+    fn set_hostname(&self, name: &str) -> io::Result<()>;
 }
 
 pub fn agent_version() -> String {
@@ -39,6 +48,7 @@ pub fn handle(guest: &impl Guest, req: Request) -> Response {
         Request::Ping { nonce } => Response::Pong { nonce },
         Request::Shutdown => Response::ShuttingDown,
         Request::Diag(diag) => handle_diag(guest, diag),
+        Request::Identity(id) => identity::apply(guest, id),
     }
 }
 
@@ -76,13 +86,19 @@ fn error(message: String) -> Response {
 mod tests {
     use super::*;
     use crate::system::System;
-    use std::cell::Cell;
+    use jevm_protocol::Identity;
+    use std::cell::{Cell, RefCell};
 
     /// Records what the handler asked for and fails or answers as told.
     #[derive(Default)]
     struct FakeGuest {
         read_len: Cell<Option<usize>>,
         fail_with: Option<i32>,
+        /// Identity side effects, in the order they were asked for.
+        identity_calls: RefCell<Vec<String>>,
+        /// The identity side effect (a `Guest` method name) that fails, and
+        /// its errno.
+        fail_identity: Option<(&'static str, i32)>,
     }
 
     impl FakeGuest {
@@ -91,6 +107,29 @@ mod tests {
                 fail_with: Some(errno),
                 ..Self::default()
             }
+        }
+
+        fn failing_identity_at(step: &'static str, errno: i32) -> Self {
+            Self {
+                fail_identity: Some((step, errno)),
+                ..Self::default()
+            }
+        }
+
+        fn identity_step(&self, step: &'static str, detail: String) -> io::Result<()> {
+            self.identity_calls
+                .borrow_mut()
+                .push(format!("{step} {detail}"));
+            match self.fail_identity {
+                Some((failing, errno)) if failing == step => {
+                    Err(io::Error::from_raw_os_error(errno))
+                }
+                _ => Ok(()),
+            }
+        }
+
+        fn identity_calls(&self) -> Vec<String> {
+            self.identity_calls.borrow().clone()
         }
 
         fn result<T>(&self, ok: T) -> io::Result<T> {
@@ -115,7 +154,30 @@ mod tests {
         fn online_cpus(&self) -> io::Result<u64> {
             self.result(3)
         }
+        fn reseed_rng(&self, entropy: &[u8]) -> io::Result<()> {
+            self.identity_step("reseed_rng", format!("{} bytes", entropy.len()))
+        }
+        fn set_realtime(&self, since_epoch: Duration) -> io::Result<()> {
+            self.identity_step("set_realtime", format!("{since_epoch:?}"))
+        }
+        fn set_hostname(&self, name: &str) -> io::Result<()> {
+            self.identity_step("set_hostname", name.to_string())
+        }
     }
+
+    fn identity(entropy_len: usize, hostname: &str) -> Request {
+        Request::Identity(Identity {
+            entropy: vec![0xa5; entropy_len],
+            realtime_ns: 1_700_000_000_500_000_000,
+            hostname: hostname.into(),
+        })
+    }
+
+    const ALL_IDENTITY_STEPS: [&str; 3] = [
+        "reseed_rng 32 bytes",
+        "set_realtime 1700000000.5s",
+        "set_hostname clone-1",
+    ];
 
     fn read(path: &str, offset: u64, len: u32) -> Request {
         Request::Diag(Diag::ReadFile {
@@ -298,5 +360,99 @@ mod tests {
             handle(&System::new(false), Request::Diag(Diag::OnlineCpus)),
             Response::Count(n) if n >= 1
         ));
+    }
+
+    #[test]
+    fn identity_applies_entropy_then_clock_then_hostname_and_reports_success() {
+        let guest = FakeGuest::default();
+        assert_eq!(
+            handle(&guest, identity(32, "clone-1")),
+            Response::IdentityApplied
+        );
+        assert_eq!(guest.identity_calls(), ALL_IDENTITY_STEPS);
+    }
+
+    #[test]
+    fn identity_with_less_than_32_bytes_of_entropy_is_refused_with_no_side_effect() {
+        let guest = FakeGuest::default();
+        assert_eq!(
+            handle(&guest, identity(31, "clone-1")),
+            Response::Error {
+                message: "identity: entropy of 31 bytes refused: at least 32 bytes are \
+                          needed to reseed the guest RNG"
+                    .into()
+            }
+        );
+        assert!(matches!(
+            handle(&guest, identity(0, "clone-1")),
+            Response::Error { message } if message.contains("entropy of 0 bytes refused")
+        ));
+        assert!(guest.identity_calls().is_empty());
+    }
+
+    #[test]
+    fn identity_with_a_bad_hostname_is_refused_before_any_side_effect() {
+        let cases = [
+            ("", "must be 1 to 64 bytes, is 0"),
+            (&"h".repeat(65), "must be 1 to 64 bytes, is 65"),
+            ("a\0b", "contains a NUL byte"),
+            ("a/b", "contains '/'"),
+        ];
+        for (hostname, why) in cases {
+            let guest = FakeGuest::default();
+            assert_eq!(
+                handle(&guest, identity(32, hostname)),
+                Response::Error {
+                    message: format!("identity: hostname {hostname:?} refused: {why}")
+                }
+            );
+            assert!(guest.identity_calls().is_empty(), "{hostname:?}");
+        }
+        let longest = "h".repeat(64);
+        assert_eq!(
+            handle(&FakeGuest::default(), identity(32, &longest)),
+            Response::IdentityApplied
+        );
+    }
+
+    #[test]
+    fn identity_stops_at_the_first_failing_step_and_names_it_and_the_os_error() {
+        let cases = [
+            (
+                "reseed_rng",
+                libc::EPERM,
+                "identity: reseeding the guest RNG: Operation not permitted (os error 1)",
+                1,
+            ),
+            (
+                "set_realtime",
+                libc::EINVAL,
+                "identity: setting the clock to 1700000000500000000 ns after the epoch: \
+                 Invalid argument (os error 22)",
+                2,
+            ),
+            (
+                "set_hostname",
+                libc::EPERM,
+                "identity: setting the hostname to \"clone-1\": \
+                 Operation not permitted (os error 1)",
+                3,
+            ),
+        ];
+        for (step, errno, message, attempted) in cases {
+            let guest = FakeGuest::failing_identity_at(step, errno);
+            assert_eq!(
+                handle(&guest, identity(32, "clone-1")),
+                Response::Error {
+                    message: message.into()
+                },
+                "{step}"
+            );
+            assert_eq!(
+                guest.identity_calls(),
+                ALL_IDENTITY_STEPS[..attempted],
+                "{step}"
+            );
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! handled without `unwrap`.
 
 mod handler;
+mod identity;
 mod init;
 mod logger;
 mod reaper;

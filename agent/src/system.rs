@@ -3,14 +3,27 @@
 use crate::handler::Guest;
 use crate::vsock::{VsockStream, HOST_CID};
 use log::{error, info};
+use nix::sys::time::TimeSpec;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 /// How long a `DialHost` waits for the host to take or answer data.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the RNG ioctls go (`/dev/random` takes them as well).
+const RNG_DEVICE: &str = "/dev/urandom";
+
+/// `_IOW('R', 0x03, int[2])`: the encoded size covers only the two-int
+/// header of `struct rand_pool_info`; the bytes follow it.
+const RNDADDENTROPY: libc::Ioctl =
+    nix::request_code_write!(b'R', 0x03, std::mem::size_of::<[libc::c_int; 2]>());
+
+/// `_IO('R', 0x07)`, Linux 4.17+.
+const RNDRESEEDCRNG: libc::Ioctl = nix::request_code_none!(b'R', 0x07);
 
 pub struct System {
     pid1: bool,
@@ -129,6 +142,98 @@ impl Guest for System {
             }
         }
     }
+
+    fn reseed_rng(&self, entropy: &[u8]) -> io::Result<()> {
+        reseed_rng_via(Path::new(RNG_DEVICE), entropy)
+    }
+
+    /// Only the wall clock: CLOCK_MONOTONIC and CLOCK_BOOTTIME continue from
+    /// the template, and must, since they may never go back.
+    fn set_realtime(&self, since_epoch: Duration) -> io::Result<()> {
+        let ts = TimeSpec::from_duration(since_epoch);
+        // SAFETY: `ts` is a valid timespec that outlives the call, which
+        // only reads it.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, ts.as_ref()) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(failed("clock_settime(CLOCK_REALTIME)", e));
+        }
+        Ok(())
+    }
+
+    fn set_hostname(&self, name: &str) -> io::Result<()> {
+        nix::unistd::sethostname(name).map_err(|e| failed("sethostname", e.into()))
+    }
+}
+
+/// Prefixes `e`'s message with the operation that failed, keeping its kind.
+fn failed(what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// `struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }`
+/// in one allocation of ints (so the header is aligned), every byte
+/// credited with 8 bits: the host sends fresh output of its own RNG.
+fn rand_pool_info(entropy: &[u8]) -> io::Result<Vec<libc::c_int>> {
+    let too_big = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes of entropy do not fit struct rand_pool_info",
+                entropy.len()
+            ),
+        )
+    };
+    let bits = entropy
+        .len()
+        .checked_mul(8)
+        .and_then(|bits| libc::c_int::try_from(bits).ok())
+        .ok_or_else(too_big)?;
+    let len = libc::c_int::try_from(entropy.len()).map_err(|_| too_big())?;
+    let mut info = Vec::with_capacity(2 + entropy.len().div_ceil(4));
+    info.push(bits);
+    info.push(len);
+    // The kernel reads `buf_size` bytes from `buf`, so the padding of the
+    // last word is never read.
+    info.extend(entropy.chunks(4).map(|chunk| {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        libc::c_int::from_ne_bytes(word)
+    }));
+    Ok(info)
+}
+
+/// Credits `entropy` to the input pool, then reseeds the crng from it.
+///
+/// Both are needed. Since Linux 5.18, adding entropy (this ioctl, or a write
+/// to /dev/urandom) only mixes it into the input pool once the crng is
+/// initialised; the crng keeps producing output from its current key until
+/// its next scheduled reseed, up to a minute later. Until then every clone
+/// would hand out the template's random stream. RNDRESEEDCRNG extracts a new
+/// base key from the pool, which now holds this clone's entropy, and bumps
+/// the crng generation; the per-CPU crngs, the batched `get_random_u32/u64`
+/// entropy and vDSO getrandom states see the new generation on their next
+/// use and rekey, so nothing after this returns template-derived bytes.
+///
+/// Both ioctls need CAP_SYS_ADMIN (the agent is root, PID 1).
+fn reseed_rng_via(device: &Path, entropy: &[u8]) -> io::Result<()> {
+    let info = rand_pool_info(entropy)?;
+    let device_name = device.display();
+    let rng = File::open(device).map_err(|e| failed(&format!("open {device_name}"), e))?;
+    // SAFETY: `info` is a whole rand_pool_info: its header's buf_size is the
+    // number of bytes that follow the header in the same live allocation,
+    // and the kernel only reads from it during the call.
+    let rc = unsafe { libc::ioctl(rng.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(failed(&format!("ioctl RNDADDENTROPY on {device_name}"), e));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no user memory.
+    let rc = unsafe { libc::ioctl(rng.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(failed(&format!("ioctl RNDRESEEDCRNG on {device_name}"), e));
+    }
+    Ok(())
 }
 
 /// Counts a kernel CPU list such as `0-3,6,8-9`.
@@ -198,6 +303,77 @@ mod tests {
         assert!(!is_below(Path::new("/tmp/../etc/x"), root));
         assert!(!is_below(Path::new("tmp/x"), root));
         assert!(!is_below(Path::new("/dev/vdb"), root));
+    }
+
+    #[test]
+    fn rand_pool_info_is_bits_then_length_then_the_bytes() {
+        let entropy: Vec<u8> = (1..=33).collect();
+        let info = rand_pool_info(&entropy).unwrap();
+        assert_eq!(info.len(), 2 + 9);
+        assert_eq!(info[..2], [33 * 8, 33]);
+        let bytes: Vec<u8> = info[2..].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(bytes[..33], entropy[..]);
+        assert_eq!(bytes[33..], [0, 0, 0]);
+    }
+
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[test]
+    fn rng_ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(RNDADDENTROPY, 0x4008_5203);
+        assert_eq!(RNDRESEEDCRNG, 0x5207);
+    }
+
+    /// CAP_SYS_ADMIN, which the RNG ioctls need, in the effective set.
+    fn have_cap_sys_admin() -> bool {
+        const CAP_SYS_ADMIN: u32 = 21;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let eff = status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .unwrap();
+        let eff = u64::from_str_radix(eff.trim(), 16).unwrap();
+        eff & (1 << CAP_SYS_ADMIN) != 0
+    }
+
+    fn host_random_bytes(n: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; n];
+        File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut bytes)
+            .unwrap();
+        bytes
+    }
+
+    /// The real ioctls on this machine's kernel: only mixes bytes from its
+    /// own RNG back in and reseeds, which changes nothing anyone relies on.
+    #[test]
+    fn real_rng_ioctls_add_entropy_and_reseed_the_crng() {
+        if !have_cap_sys_admin() {
+            eprintln!(
+                "SKIPPED real_rng_ioctls_add_entropy_and_reseed_the_crng: \
+                 needs root with CAP_SYS_ADMIN"
+            );
+            return;
+        }
+        System::new(false)
+            .reseed_rng(&host_random_bytes(64))
+            .unwrap();
+    }
+
+    #[test]
+    fn rng_ioctl_errors_name_the_ioctl_device_and_os_error() {
+        // /dev/null has no ioctls: ENOTTY before any capability check.
+        let err = reseed_rng_via(Path::new("/dev/null"), &host_random_bytes(32)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "ioctl RNDADDENTROPY on /dev/null: Inappropriate ioctl for device (os error 25)"
+        );
+        let err =
+            reseed_rng_via(Path::new("/nonexistent/rng"), &host_random_bytes(32)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "open /nonexistent/rng: No such file or directory (os error 2)"
+        );
     }
 
     #[test]

@@ -46,6 +46,21 @@ pub enum Request {
     Shutdown,
     /// Diagnostics used by the test suite and `jevm` itself.
     Diag(Diag),
+    /// Sent first to every clone, before anything else runs in it: what a
+    /// forked VM must not share with its siblings and its template.
+    Identity(Identity),
+}
+
+/// A clone's own identity. Every clone starts from the same memory image, so
+/// its RNG state, clock and name are the template's until this arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Fresh host entropy (at least 32 bytes) mixed into the guest RNG, which
+    /// is then reseeded so no two clones produce the same random bytes.
+    pub entropy: Vec<u8>,
+    /// Host wall-clock time, nanoseconds since the Unix epoch.
+    pub realtime_ns: u64,
+    pub hostname: String,
 }
 
 /// Small, explicit guest operations. They exist so the host can check what a
@@ -83,6 +98,8 @@ pub enum Response {
         len: u64,
     },
     Count(u64),
+    /// The identity was applied.
+    IdentityApplied,
     /// The request failed in the guest; `message` names the object and cause.
     Error {
         message: String,
