@@ -7,5 +7,7 @@
 //! connects over the same vsock Unix socket to send requests.
 
 pub mod agent_client;
+pub mod clone;
 pub mod microvm;
+pub mod template;
 pub mod vmm;

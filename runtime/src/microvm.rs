@@ -79,10 +79,11 @@ pub struct BootTimes {
 }
 
 pub struct MicroVm {
-    vm: Option<Vm>,
-    run_dir: PathBuf,
-    vsock_uds: PathBuf,
-    pub ready: Ready,
+    pub(crate) vm: Option<Vm>,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) vsock_uds: PathBuf,
+    /// The agent's version (from its READY, or from the template).
+    pub agent_version: String,
     pub times: BootTimes,
 }
 
@@ -144,7 +145,7 @@ impl MicroVm {
             vm: Some(vm),
             run_dir,
             vsock_uds,
-            ready,
+            agent_version: ready.agent_version,
             times,
         })
     }
@@ -160,6 +161,10 @@ impl MicroVm {
 
     pub fn vm(&self) -> &Vm {
         self.vm.as_ref().expect("vm present until drop")
+    }
+
+    pub fn vm_mut(&mut self) -> &mut Vm {
+        self.vm.as_mut().expect("vm present until drop")
     }
 
     /// A new connection to the agent.
@@ -200,7 +205,7 @@ impl Drop for MicroVm {
     }
 }
 
-struct RunDirGuard(Option<PathBuf>);
+pub(crate) struct RunDirGuard(pub(crate) Option<PathBuf>);
 
 impl Drop for RunDirGuard {
     fn drop(&mut self) {
@@ -210,7 +215,7 @@ impl Drop for RunDirGuard {
     }
 }
 
-fn tempdir_in(root: &Path) -> Result<PathBuf, BootFailure> {
+pub(crate) fn tempdir_in(root: &Path) -> Result<PathBuf, BootFailure> {
     for _ in 0..16 {
         let name = format!("vm-{}-{:08x}", std::process::id(), rand_u32());
         let p = root.join(name);
@@ -226,7 +231,7 @@ fn tempdir_in(root: &Path) -> Result<PathBuf, BootFailure> {
     })
 }
 
-fn rand_u32() -> u32 {
+pub(crate) fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     // SAFETY: getrandom writes at most b.len() bytes into the buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };

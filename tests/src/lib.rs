@@ -75,3 +75,57 @@ pub fn newc_cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     entry(&mut out, 0, "TRAILER!!!", 0, &[]);
     out
 }
+
+/// Tiny hand-written guests: a few bytes of 64-bit code in a minimal ELF
+/// that the VMM enters exactly like a vmlinux. They run on any /dev/kvm,
+/// including the PVM one here (keep them to integer code and port I/O).
+pub mod tiny {
+    const LOAD_ADDR: u64 = 0x100_0000;
+
+    /// A one-segment ELF64 executable whose entry point is `code` at 16 MiB.
+    pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+        let mut e = Vec::new();
+        e.extend_from_slice(b"\x7fELF");
+        e.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1
+        e.extend_from_slice(&[0; 8]);
+        e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        e.extend_from_slice(&1u32.to_le_bytes());
+        e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // entry
+        e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+        e.extend_from_slice(&0u64.to_le_bytes()); // shoff
+        e.extend_from_slice(&0u32.to_le_bytes()); // flags
+        e.extend_from_slice(&64u16.to_le_bytes()); // ehsize
+        e.extend_from_slice(&56u16.to_le_bytes()); // phentsize
+        e.extend_from_slice(&1u16.to_le_bytes()); // phnum
+        e.extend_from_slice(&64u16.to_le_bytes()); // shentsize
+        e.extend_from_slice(&0u16.to_le_bytes()); // shnum
+        e.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
+        let offset = 64 + 56u64;
+        e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+        e.extend_from_slice(&offset.to_le_bytes());
+        e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // vaddr
+        e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // paddr
+        e.extend_from_slice(&(code.len() as u64).to_le_bytes());
+        e.extend_from_slice(&(code.len() as u64).to_le_bytes());
+        e.extend_from_slice(&0x1000u64.to_le_bytes());
+        e.extend_from_slice(code);
+        e
+    }
+
+    /// Prints "A", spins until the byte at 0x3000 is non-zero, prints that
+    /// byte, resets.
+    pub const SPIN_ON_FLAG: &[u8] = &[
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'A', 0xee, // mov al,'A'; out dx,al
+        0xb0, b'\n', 0xee, // mov al,'\n'; out dx,al
+        0x8a, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00, // spin: mov al,[0x3000]
+        0x84, 0xc0, // test al,al
+        0x74, 0xf5, // jz spin
+        0xee, // out dx,al
+        0xb0, b'\n', 0xee, // mov al,'\n'; out dx,al
+        0xb0, 0xfe, 0xe6, 0x64, // mov al,0xfe; out 0x64,al
+        0xf4, // hlt
+    ];
+}

@@ -47,7 +47,7 @@ fn boot_and_check(vcpus: u8) {
     let mut cfg = config();
     cfg.vcpus = vcpus;
     let vm = MicroVm::boot(&cfg, root.path()).expect("boot");
-    assert_eq!(vm.ready.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(vm.agent_version, env!("CARGO_PKG_VERSION"));
     let mut agent = vm.agent().unwrap();
     assert_eq!(agent.version().unwrap(), env!("CARGO_PKG_VERSION"));
     agent.ping(0x5eed_0000 + u64::from(vcpus)).unwrap();

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use jevm_runtime::clone::{build_template, clone_from};
 use jevm_runtime::microvm::{BootConfig, MicroVm};
+use jevm_runtime::template::{TemplateKey, TemplateSpec, TemplateStore};
 use jevm_runtime::vmm::check::check_host;
 
 #[derive(Parser)]
@@ -42,6 +44,58 @@ enum Cmd {
     },
     /// Tell whether this host's /dev/kvm can run jevm guests, and if not, why.
     Check,
+    /// Manage templates: booted-and-saved VMs that clones start from.
+    Template {
+        #[command(subcommand)]
+        cmd: TemplateCmd,
+        /// Where templates live.
+        #[arg(long, global = true, default_value = jevm_runtime::template::DEFAULT_ROOT)]
+        state_dir: PathBuf,
+    },
+    /// Start clones of a template, print each one's clone-to-agent-ready
+    /// time, and shut them down.
+    Clone {
+        /// The template's key (see `jevm template list`).
+        #[arg(long)]
+        template: String,
+        #[arg(long, default_value = jevm_runtime::template::DEFAULT_ROOT)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "/run/jevm")]
+        run_dir: PathBuf,
+        /// How many clones, one after the other.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Keep each clone running this many milliseconds before shutting it
+        /// down (to look at its memory).
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Create the template for this kernel/initramfs/size (or find it) and
+    /// print its key.
+    Create {
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        #[arg(long, default_value_t = 256)]
+        mem: u32,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        #[arg(long, default_value = "/run/jevm")]
+        run_dir: PathBuf,
+    },
+    /// List templates and whether each is usable.
+    List,
+    /// Remove a template.
+    Rm { key: String },
+    /// Check a template's memory file against the checksum taken when it was made.
+    Verify { key: String },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +130,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::Template { cmd, state_dir } => template(cmd, &state_dir),
+        Cmd::Clone {
+            template,
+            state_dir,
+            run_dir,
+            count,
+            hold_ms,
+        } => {
+            let store = TemplateStore::new(&state_dir);
+            let key = TemplateKey::parse(&template)?;
+            let t = store.open(&key)?;
+            for i in 0..count {
+                let vm = clone_from(&t, &run_dir, &format!("jevm-clone-{i}"))?;
+                println!(
+                    "clone {i}: clone-to-agent-ready {:.2} ms (VM restored in {:.2} ms)",
+                    vm.times.agent_ready.as_secs_f64() * 1e3,
+                    vm.times.vm_started.as_secs_f64() * 1e3
+                );
+                if hold_ms > 0 {
+                    println!("{}", vmm_memory());
+                    std::thread::sleep(Duration::from_millis(hold_ms));
+                }
+                vm.shutdown(Duration::from_secs(10));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Boot {
             kernel,
@@ -131,4 +211,48 @@ fn vmm_memory() -> String {
         "vmm memory: rss={rss}KiB vmm={}KiB guest={shmem}KiB",
         anon + file
     )
+}
+
+fn template(cmd: TemplateCmd, state_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let store = TemplateStore::new(state_dir);
+    match cmd {
+        TemplateCmd::Create {
+            kernel,
+            initrd,
+            vcpus,
+            mem,
+            cmdline,
+            run_dir,
+        } => {
+            let spec = TemplateSpec {
+                kernel,
+                initrd,
+                cmdline,
+                vcpus,
+                mem_mib: mem,
+            };
+            let t0 = std::time::Instant::now();
+            let t = store.get_or_create(&spec, |staging| {
+                build_template(&spec, &run_dir, staging, |_| Ok(()))
+            })?;
+            println!("{}", t.key.as_str());
+            eprintln!(
+                "template {} ready in {:.0} ms at {}",
+                t.key.as_str(),
+                t0.elapsed().as_secs_f64() * 1e3,
+                t.dir.display()
+            );
+        }
+        TemplateCmd::List => {
+            for info in store.list()? {
+                println!("{info}");
+            }
+        }
+        TemplateCmd::Rm { key } => store.remove(&key)?,
+        TemplateCmd::Verify { key } => {
+            store.open(&TemplateKey::parse(&key)?)?.verify_memory()?;
+            println!("template {key}: memory checksum ok");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -59,7 +59,10 @@ pub(crate) fn set_immutable(file: &File, on: bool) -> io::Result<bool> {
     }
     let e = io::Error::last_os_error();
     if unsupported(&e) || e.raw_os_error() == Some(libc::EPERM) {
-        log::debug!("cannot {} the immutable flag: {e}", if on { "set" } else { "clear" });
+        log::debug!(
+            "cannot {} the immutable flag: {e}",
+            if on { "set" } else { "clear" }
+        );
         Ok(false)
     } else {
         Err(e)
@@ -67,6 +70,7 @@ pub(crate) fn set_immutable(file: &File, on: bool) -> io::Result<bool> {
 }
 
 /// Whether the file at `path` carries `FS_IMMUTABLE_FL`.
+#[cfg(test)]
 pub(crate) fn is_immutable(path: &Path) -> io::Result<bool> {
     let f = open_for_flags(path)?;
     Ok(inode_flags(&f)?.is_some_and(|f| f & FS_IMMUTABLE_FL != 0))

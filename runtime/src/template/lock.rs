@@ -43,13 +43,23 @@ impl KeyLock {
 
     fn lock(path: &Path, mode: LockMode, block: bool) -> io::Result<Option<KeyLock>> {
         loop {
-            let file = OpenOptions::new()
+            let file = match OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .mode(0o644)
-                .open(path)?;
+                .open(path)
+            {
+                Ok(f) => f,
+                // A reader without write access to the root (a non-root
+                // `jevm template list`): flock works on a read-only
+                // descriptor too, if the lock file exists.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS)) => {
+                    File::open(path).map_err(|_| e)?
+                }
+                Err(e) => return Err(e),
+            };
             let mut op = match mode {
                 LockMode::Shared => libc::LOCK_SH,
                 LockMode::Exclusive => libc::LOCK_EX,
@@ -123,7 +133,9 @@ mod tests {
             .unwrap()
             .is_none());
         drop((s1, s2));
-        let x = KeyLock::try_acquire(&p, LockMode::Exclusive).unwrap().unwrap();
+        let x = KeyLock::try_acquire(&p, LockMode::Exclusive)
+            .unwrap()
+            .unwrap();
         x.unlink_and_release();
         assert!(!p.exists());
     }

@@ -30,6 +30,8 @@ mod fsutil;
 mod hash;
 mod lock;
 pub mod store;
+#[cfg(test)]
+mod store_tests;
 
 use std::fmt;
 use std::io;
@@ -153,7 +155,13 @@ impl KeyMaterial {
             .map_err(|e| annotate(e, "guest kernel", &spec.kernel))?;
         let initrd = hash::file_sha256_cached(&spec.initrd)
             .map_err(|e| annotate(e, "initramfs", &spec.initrd))?;
-        let digest = key_digest(&kernel, &initrd, spec, JEVM_VERSION, TEMPLATE_FORMAT_VERSION);
+        let digest = key_digest(
+            &kernel,
+            &initrd,
+            spec,
+            JEVM_VERSION,
+            TEMPLATE_FORMAT_VERSION,
+        );
         let hex = hash::to_hex(&digest);
         Ok(KeyMaterial {
             key: TemplateKey(hex[..KEY_HEX_LEN].to_owned()),

@@ -111,12 +111,19 @@ pub fn register(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError> {
 /// template's pages (shared with every sibling through the page cache) and
 /// gets a private copy of each page it writes. The file is opened read-only,
 /// so no write through this mapping can ever reach it.
-pub fn map_template(path: &Path, expected: u64) -> Result<GuestRam, MemoryError> {
+pub fn map_template(
+    path: &Path,
+    file: Option<Arc<File>>,
+    expected: u64,
+) -> Result<GuestRam, MemoryError> {
     let err = |source| MemoryError::Template {
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(err)?;
+    let file = match file {
+        Some(f) => f,
+        None => Arc::new(File::open(path).map_err(err)?),
+    };
     let actual = file.metadata().map_err(err)?.len();
     if actual != expected {
         return Err(MemoryError::TemplateSize {
@@ -125,7 +132,6 @@ pub fn map_template(path: &Path, expected: u64) -> Result<GuestRam, MemoryError>
             expected,
         });
     }
-    let file = Arc::new(file);
     let map_err = |source| MemoryError::TemplateMap {
         path: path.to_owned(),
         source,

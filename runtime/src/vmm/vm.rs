@@ -117,6 +117,9 @@ pub struct VmState {
 pub struct RestoreConfig {
     /// The template's memory file, mapped copy-on-write.
     pub memory: PathBuf,
+    /// An already open read-only handle to `memory` (the one the template
+    /// store validated), used instead of opening the path again.
+    pub memory_file: Option<Arc<File>>,
     pub vsock_uds: PathBuf,
     pub console_log: Option<PathBuf>,
 }
@@ -304,7 +307,11 @@ impl Vm {
     /// its vCPUs where the template's stopped.
     pub fn restore(state: &VmState, cfg: &RestoreConfig) -> Result<Vm, VmError> {
         vcpu::install_kick_handler();
-        let Base { kvm, vm_fd, ram } = base(memory::map_template(&cfg.memory, state.mem_size)?)?;
+        let Base { kvm, vm_fd, ram } = base(memory::map_template(
+            &cfg.memory,
+            cfg.memory_file.clone(),
+            state.mem_size,
+        )?)?;
         let chip = |what, c: &kvm_irqchip| vm_fd.set_irqchip(c).map_err(kvm_err(what));
         chip("restore the master PIC", &state.pic_master)?;
         chip("restore the slave PIC", &state.pic_slave)?;

@@ -1,6 +1,14 @@
-//! Boot-to-agent-ready: jevm vs QEMU `-M microvm`, same kernel, same
-//! initramfs, same agent, same host, same run.
+//! jevm benchmarks, each printed as medians/ratios measured in one run:
 //!
+//! - `boot`: boot-to-agent-ready, jevm vs QEMU `-M microvm`, same kernel,
+//!   same initramfs, same agent, same host, same run.
+//! - `clone`: cold boot vs clone-to-agent-ready (median, p99), each idle
+//!   clone's private memory and PSS, the template's shared size.
+//! - `tiny-clone`: the host-side cost of a clone with a tiny test guest
+//!   (create VM, map memory, restore state, run to the guest's first exit),
+//!   on any /dev/kvm.
+//!
+//! Boot:
 //! Both are measured from spawning the VMM process to the moment the agent's
 //! READY reaches the host: for jevm, `jevm boot` prints `agent ready` when
 //! its READY socket got the message; for QEMU, the agent's READY arrives on
@@ -17,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 struct Args {
+    mode: String,
     jevm: PathBuf,
     kernel: PathBuf,
     initrd: PathBuf,
@@ -26,7 +35,9 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut a = std::env::args().skip(1);
+    let mode = a.next().unwrap_or_default();
     let mut args = Args {
+        mode,
         jevm: PathBuf::new(),
         kernel: PathBuf::new(),
         initrd: PathBuf::new(),
@@ -252,6 +263,15 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() -> Result<()> {
     let a = parse_args()?;
+    match a.mode.as_str() {
+        "boot" => bench_boot(&a),
+        "clone" => bench_clone(&a),
+        "tiny-clone" => bench_tiny_clone(&a),
+        other => bail!("unknown mode {other:?}: boot, clone or tiny-clone"),
+    }
+}
+
+fn bench_boot(a: &Args) -> Result<()> {
     println!(
         "# jevm-bench: boot to agent READY, {} runs each (+1 warm-up), {} MiB, 1 vCPU",
         a.runs, a.mem
@@ -268,8 +288,8 @@ fn main() -> Result<()> {
     let mut vmm = Vec::new();
     // Interleave so that load changes on the host hit both alike.
     for i in 0..=a.runs {
-        let j = jevm_once(&a)?;
-        let q = qemu_once(&a, &listener, 3 + i as u32)?;
+        let j = jevm_once(a)?;
+        let q = qemu_once(a, &listener, 3 + i as u32)?;
         if i == 0 {
             continue;
         }
@@ -291,6 +311,258 @@ fn main() -> Result<()> {
         "jevm process RSS at agent ready, median: {:.0} KiB (VMM's own, excluding guest RAM: {:.0} KiB)",
         median(&mut rss),
         median(&mut vmm)
+    );
+    Ok(())
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+/// `/proc/<pid>/smaps_rollup` fields in KiB.
+fn smaps_rollup(pid: u32) -> Result<std::collections::HashMap<String, u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((
+                k.trim().to_string(),
+                v.trim().trim_end_matches("kB").trim().parse().ok()?,
+            ))
+        })
+        .collect())
+}
+
+fn run_jevm(a: &Args, args: &[&str]) -> Result<String> {
+    let out = Command::new(&a.jevm)
+        .args(args)
+        .output()
+        .context("spawn jevm")?;
+    if !out.status.success() {
+        bail!(
+            "jevm {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn bench_clone(a: &Args) -> Result<()> {
+    let state_dir = std::env::temp_dir().join("jevm-bench-templates");
+    let run_dir = std::env::temp_dir().join("jevm-bench-run");
+    let sd = state_dir.to_str().unwrap();
+    let rd = run_dir.to_str().unwrap();
+    let (k, i, m) = (
+        a.kernel.to_str().unwrap(),
+        a.initrd.to_str().unwrap(),
+        a.mem.to_string(),
+    );
+    println!(
+        "# jevm-bench clone: {} MiB, 1 vCPU, {} clones",
+        a.mem, a.runs
+    );
+    let t0 = Instant::now();
+    let key = run_jevm(
+        a,
+        &[
+            "template",
+            "create",
+            "--kernel",
+            k,
+            "--initrd",
+            i,
+            "--mem",
+            &m,
+            "--state-dir",
+            sd,
+            "--run-dir",
+            rd,
+        ],
+    )?
+    .trim()
+    .to_string();
+    println!(
+        "template {key} created in {:.0} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let memory = state_dir.join(&key).join("memory");
+    let meta = std::fs::metadata(&memory)?;
+    use std::os::unix::fs::MetadataExt;
+    let template_kib = meta.blocks() * 512 / 1024;
+    println!(
+        "template memory file: {} MiB apparent, {} KiB allocated (what clones share)",
+        meta.len() >> 20,
+        template_kib
+    );
+
+    // (a) cold boots, for the ratio
+    let mut boots = Vec::new();
+    for n in 0..=a.runs.min(10) {
+        let j = jevm_once(a)?;
+        if n > 0 {
+            boots.push(j.wall.as_secs_f64() * 1e3);
+        }
+    }
+    // (b) clones, each its own process, as a shim would be; (c) its memory while idle
+    let mut ready = Vec::new();
+    let mut spawn_ready = Vec::new();
+    let mut private = Vec::new();
+    let mut pss = Vec::new();
+    let mut rss = Vec::new();
+    for n in 0..=a.runs {
+        let t = Instant::now();
+        let mut child = Command::new(&a.jevm)
+            .args([
+                "clone",
+                "--template",
+                &key,
+                "--state-dir",
+                sd,
+                "--run-dir",
+                rd,
+                "--hold-ms",
+                "1500",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut got = None;
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some(rest) = line.split("clone-to-agent-ready ").nth(1) {
+                got = Some(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or("0")
+                        .parse::<f64>()?,
+                );
+                spawn_ready.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            if line.starts_with("vmm memory:") {
+                // idle for a moment, then look at it
+                std::thread::sleep(Duration::from_millis(1000));
+                let s = smaps_rollup(pid)?;
+                if n > 0 {
+                    private.push((s["Private_Dirty"] + s["Private_Clean"]) as f64);
+                    pss.push(s["Pss"] as f64);
+                    rss.push(s["Rss"] as f64);
+                }
+                break;
+            }
+        }
+        for _ in lines {}
+        if !child.wait()?.success() {
+            bail!("jevm clone failed");
+        }
+        if n > 0 {
+            ready.push(got.context("no clone-to-agent-ready line")?);
+        } else {
+            spawn_ready.clear();
+        }
+    }
+    run_jevm(a, &["template", "rm", &key, "--state-dir", sd])?;
+    let boot_med = median(&mut boots);
+    let clone_med = median(&mut ready.clone());
+    let clone_p99 = percentile(&mut ready, 0.99);
+    let priv_med = median(&mut private);
+    println!(
+        "cold boot to agent ready, median of {}: {boot_med:.1} ms",
+        boots.len()
+    );
+    println!("clone to agent ready (in the clone process), median {clone_med:.2} ms, p99 {clone_p99:.2} ms");
+    println!(
+        "clone process spawn to agent ready, median {:.2} ms",
+        median(&mut spawn_ready)
+    );
+    println!("ratio clone/boot: {:.4}", clone_med / boot_med);
+    println!(
+        "idle clone process: private {priv_med:.0} KiB, PSS {:.0} KiB, RSS {:.0} KiB (medians)",
+        median(&mut pss),
+        median(&mut rss)
+    );
+    let per_clone_mib = priv_med / 1024.0;
+    println!(
+        "idle clones in 4 GiB: {:.0} (4096 MiB / {per_clone_mib:.1} MiB private each; the {:.1} MiB template is shared)",
+        4096.0 / per_clone_mib,
+        template_kib as f64 / 1024.0
+    );
+    Ok(())
+}
+
+fn bench_tiny_clone(a: &Args) -> Result<()> {
+    use jevm_runtime::vmm::{RestoreConfig, Vm, VmConfig};
+    use vm_memory::{Bytes, GuestAddress};
+    let dir = tempfile::tempdir()?;
+    let kernel = dir.path().join("tiny.elf");
+    std::fs::write(
+        &kernel,
+        jevm_tests::tiny::tiny_elf(jevm_tests::tiny::SPIN_ON_FLAG),
+    )?;
+    let cfg = VmConfig {
+        kernel,
+        initrd: None,
+        vcpus: 1,
+        mem_mib: a.mem,
+        extra_cmdline: String::new(),
+        vsock_uds: None,
+        disks: vec![],
+        console_log: None,
+    };
+    let mut template = Vm::start(&cfg)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !template.console_tail(2).iter().any(|l| l == "A") {
+        if Instant::now() > deadline {
+            bail!("tiny guest never printed A");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let state = template.save()?;
+    let memory = dir.path().join("memory");
+    template.save_memory(&memory)?;
+    drop(template);
+    let runs = a.runs.max(50);
+    let mut restore = Vec::new();
+    let mut first_exit = Vec::new();
+    for n in 0..=runs {
+        let t = Instant::now();
+        let vm = Vm::restore(
+            &state,
+            &RestoreConfig {
+                memory: memory.clone(),
+                memory_file: None,
+                vsock_uds: dir.path().join(format!("v{n}")),
+                console_log: None,
+            },
+        )?;
+        let restored = t.elapsed();
+        vm.guest_memory().write_obj(b'x', GuestAddress(0x3000))?;
+        // The guest's next exit is the `out` of the flag byte.
+        while vm.console_tail(1).first().map(String::as_str) != Some("x") {
+            std::hint::spin_loop();
+        }
+        let exit = t.elapsed();
+        drop(vm);
+        if n > 0 {
+            restore.push(restored.as_secs_f64() * 1e3);
+            first_exit.push(exit.as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "# jevm-bench tiny-clone: {runs} clones of a {} MiB tiny guest on this machine's /dev/kvm",
+        a.mem
+    );
+    println!(
+        "host-side clone cost (create VM, map memory, restore state), median {:.3} ms",
+        median(&mut restore)
+    );
+    println!(
+        "clone to the guest's first exit, median {:.3} ms, p99 {:.3} ms",
+        median(&mut first_exit.clone()),
+        percentile(&mut first_exit, 0.99)
     );
     Ok(())
 }

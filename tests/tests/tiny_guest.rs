@@ -11,40 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use jevm_runtime::vmm::{DiskConfig, StopReason, Vm, VmConfig};
-
-const LOAD_ADDR: u64 = 0x100_0000;
-
-/// A one-segment ELF64 executable whose entry point is `code` at 16 MiB.
-fn tiny_elf(code: &[u8]) -> Vec<u8> {
-    let mut e = Vec::new();
-    e.extend_from_slice(b"\x7fELF");
-    e.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1
-    e.extend_from_slice(&[0; 8]);
-    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // entry
-    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    e.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    e.extend_from_slice(&0u32.to_le_bytes()); // flags
-    e.extend_from_slice(&64u16.to_le_bytes()); // ehsize
-    e.extend_from_slice(&56u16.to_le_bytes()); // phentsize
-    e.extend_from_slice(&1u16.to_le_bytes()); // phnum
-    e.extend_from_slice(&64u16.to_le_bytes()); // shentsize
-    e.extend_from_slice(&0u16.to_le_bytes()); // shnum
-    e.extend_from_slice(&0u16.to_le_bytes()); // shstrndx
-    let offset = 64 + 56u64;
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    e.extend_from_slice(&offset.to_le_bytes());
-    e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // vaddr
-    e.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // paddr
-    e.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    e.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    e.extend_from_slice(&0x1000u64.to_le_bytes());
-    e.extend_from_slice(code);
-    e
-}
+use jevm_tests::tiny::{tiny_elf, SPIN_ON_FLAG};
 
 /// mov dx,0x3f8; mov al,'j'; out dx,al; mov eax,0xd0000000; mov eax,[rax]
 /// (virtio magic, low byte 'v'); out dx,al; mov al,'\n'; out dx,al;
@@ -127,21 +94,6 @@ fn zero_vcpus_and_tiny_memory_are_refused_before_any_vm_exists() {
     assert!(e.to_string().contains("too small"), "{e}");
 }
 
-/// Prints "A", spins until the byte at 0x3000 is non-zero, prints that
-/// byte, resets.
-const SPIN_ON_FLAG: &[u8] = &[
-    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
-    0xb0, b'A', 0xee, // mov al,'A'; out dx,al
-    0xb0, b'\n', 0xee, // mov al,'\n'; out dx,al
-    0x8a, 0x04, 0x25, 0x00, 0x30, 0x00, 0x00, // spin: mov al,[0x3000]
-    0x84, 0xc0, // test al,al
-    0x74, 0xf5, // jz spin
-    0xee, // out dx,al
-    0xb0, b'\n', 0xee, // mov al,'\n'; out dx,al
-    0xb0, 0xfe, 0xe6, 0x64, // mov al,0xfe; out 0x64,al
-    0xf4, // hlt
-];
-
 fn wait_for_console(vm: &Vm, line: &str) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !vm.console_tail(5).iter().any(|l| l == line) {
@@ -185,6 +137,7 @@ fn saved_vm_restores_into_independent_copy_on_write_clones() {
             &state,
             &RestoreConfig {
                 memory: memory.clone(),
+                memory_file: None,
                 vsock_uds: dir.path().join(format!("{name}.vsock")),
                 console_log: None,
             },

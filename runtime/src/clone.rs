@@ -1,0 +1,179 @@
+//! Templates and clones: boot once, save, and start every later VM as a
+//! copy-on-write clone of the saved one.
+//!
+//! [`build_template`] boots a VM, lets the caller prepare it, waits until no
+//! vsock connection is open (nothing in flight on any device), stops the
+//! vCPUs and writes `state.json` + `memory` for the template store.
+//! [`clone_from`] maps that memory `MAP_PRIVATE`, restores every piece of
+//! state, resumes, and gives the clone its own identity (RNG reseed, wall
+//! clock, hostname) before anything else runs in it.
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use jevm_protocol::{Identity, Request, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::agent_client::{AgentClient, AgentError};
+use crate::microvm::{tempdir_in, BootConfig, BootFailure, BootTimes, MicroVm, RunDirGuard};
+use crate::template::{Template, TemplateSpec, MEMORY_FILE, STATE_FILE};
+use crate::vmm::{RestoreConfig, Vm, VmError, VmState};
+
+/// What `state.json` of a template holds.
+#[derive(Serialize, Deserialize)]
+pub struct TemplateState {
+    pub agent_version: String,
+    pub vm: VmState,
+}
+
+/// How long a template build waits for the host's agent connections to be
+/// closed on both sides before it gives up.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Boots a VM for `spec`, runs `prepare` on it, and saves it into `staging`
+/// (the store's build directory) as `state.json` + `memory`.
+pub fn build_template(
+    spec: &TemplateSpec,
+    runtime_root: &Path,
+    staging: &Path,
+    prepare: impl FnOnce(&MicroVm) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut cfg = BootConfig::new(&spec.kernel, &spec.initrd);
+    cfg.vcpus = spec.vcpus;
+    cfg.mem_mib = spec.mem_mib;
+    cfg.extra_cmdline = spec.cmdline.clone();
+    let mut vm = MicroVm::boot(&cfg, runtime_root).context("booting the template VM")?;
+    prepare(&vm).context("preparing the template VM")?;
+
+    // Quiet point: no host connection open or half-closed in the vsock
+    // device, so a clone starts with nothing in flight.
+    let deadline = Instant::now() + QUIESCE_TIMEOUT;
+    while vm.vm().vsock_connections() > 0 {
+        if Instant::now() > deadline {
+            bail!(
+                "the template VM still has {} vsock connections open",
+                vm.vm().vsock_connections()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let state = vm.vm_mut().save().context("saving the template VM")?;
+    let state = TemplateState {
+        agent_version: vm.agent_version.clone(),
+        vm: state,
+    };
+    let json = serde_json::to_vec(&state).context("encoding the template state")?;
+    std::fs::write(staging.join(STATE_FILE), json).context("writing the template state")?;
+    vm.vm()
+        .save_memory(&staging.join(MEMORY_FILE))
+        .context("writing the template memory")?;
+    Ok(())
+}
+
+/// Why a clone could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    #[error("template {dir}: state.json does not decode: {cause}")]
+    State { dir: String, cause: String },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootFailure),
+    #[error("clone of template {key}: {source}")]
+    Agent { key: String, source: AgentError },
+    #[error("clone of template {key}: the agent refused its identity: {answer}")]
+    Identity { key: String, answer: String },
+}
+
+/// Fresh entropy for a clone's RNG, from the host kernel.
+fn host_entropy() -> Vec<u8> {
+    let mut b = vec![0u8; 64];
+    let mut filled = 0;
+    while filled < b.len() {
+        // SAFETY: getrandom writes at most the remaining length into the
+        // buffer, which lives for the call.
+        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            panic!("getrandom failed: {}", std::io::Error::last_os_error());
+        }
+    }
+    b
+}
+
+/// Starts a clone of `template` in a fresh run directory under
+/// `runtime_root`, gives it its identity, and returns it agent-ready.
+pub fn clone_from(
+    template: &Template,
+    runtime_root: &Path,
+    hostname: &str,
+) -> Result<MicroVm, CloneError> {
+    let t0 = Instant::now();
+    let key = template.key.as_str().to_string();
+    let state: TemplateState =
+        serde_json::from_slice(&template.state).map_err(|e| CloneError::State {
+            dir: template.dir.display().to_string(),
+            cause: e.to_string(),
+        })?;
+    std::fs::create_dir_all(runtime_root).map_err(|source| BootFailure::RunDir {
+        path: runtime_root.to_owned(),
+        source,
+    })?;
+    let run_dir = tempdir_in(runtime_root)?;
+    let guard = RunDirGuard(Some(run_dir.clone()));
+    let vsock_uds = run_dir.join("vsock.sock");
+    let vm = Vm::restore(
+        &state.vm,
+        &RestoreConfig {
+            memory: template.memory_path(),
+            memory_file: Some(std::sync::Arc::new(
+                template
+                    .memory_file()
+                    .try_clone()
+                    .map_err(|source| BootFailure::RunDir {
+                        path: template.memory_path(),
+                        source,
+                    })?,
+            )),
+            vsock_uds: vsock_uds.clone(),
+            console_log: Some(run_dir.join("console.log")),
+        },
+    )?;
+    let vm_started = t0.elapsed();
+
+    // Identity first: until it is applied the clone's RNG is the template's.
+    let identity = Identity {
+        entropy: host_entropy(),
+        realtime_ns: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+        hostname: hostname.to_string(),
+    };
+    let answer = AgentClient::connect(&vsock_uds, Duration::from_secs(30))
+        .and_then(|mut a| a.call(&Request::Identity(identity)))
+        .map_err(|source| CloneError::Agent {
+            key: key.clone(),
+            source,
+        })?;
+    if answer != Response::IdentityApplied {
+        return Err(CloneError::Identity {
+            key,
+            answer: format!("{answer:?}"),
+        });
+    }
+    let times = BootTimes {
+        vm_started,
+        agent_ready: t0.elapsed(),
+        guest_uptime: Duration::ZERO,
+    };
+    std::mem::forget(guard);
+    Ok(MicroVm {
+        vm: Some(vm),
+        run_dir,
+        vsock_uds,
+        agent_version: state.agent_version,
+        times,
+    })
+}

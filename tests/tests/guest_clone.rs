@@ -1,0 +1,278 @@
+//! Templates and copy-on-write clones of the real guest, on real KVM
+//! (inside the KVM test host when this machine's /dev/kvm cannot run a
+//! Linux guest). Serialized like guest_boot.rs: the tests count this
+//! process's threads and fds.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jevm_protocol::{Diag, Request, Response};
+use jevm_runtime::clone::{build_template, clone_from};
+use jevm_runtime::microvm::MicroVm;
+use jevm_runtime::template::{Template, TemplateSpec, TemplateStore};
+use jevm_tests::{footprint, guest_artifacts};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+const MARKER: &str = "/tmp/written-by-the-template";
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Fixture {
+    store: TemplateStore,
+    template: Template,
+    run_root: tempfile::TempDir,
+    _state_root: tempfile::TempDir,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.store.remove(self.template.key.as_str());
+    }
+}
+
+fn spec() -> TemplateSpec {
+    let (kernel, initrd) = guest_artifacts();
+    TemplateSpec {
+        kernel,
+        initrd,
+        cmdline: String::new(),
+        vcpus: 1,
+        mem_mib: 256,
+    }
+}
+
+/// A fresh store with one template whose guest wrote MARKER before it was saved.
+fn fixture() -> Fixture {
+    let state_root = tempfile::Builder::new()
+        .prefix("jevm-test-templates")
+        .tempdir()
+        .unwrap();
+    let run_root = tempfile::Builder::new()
+        .prefix("jevm-test-run")
+        .tempdir()
+        .unwrap();
+    let store = TemplateStore::new(state_root.path());
+    let rr = run_root.path().to_owned();
+    let template = store
+        .get_or_create(&spec(), |staging| {
+            build_template(&spec(), &rr, staging, |vm| {
+                let r = vm.agent()?.call(&Request::Diag(Diag::WriteFile {
+                    path: MARKER.into(),
+                    offset: 0,
+                    data: b"template-value".to_vec(),
+                }))?;
+                anyhow::ensure!(
+                    r == Response::Written { len: 14 },
+                    "marker write answered {r:?}"
+                );
+                Ok(())
+            })
+        })
+        .expect("template");
+    Fixture {
+        store,
+        template,
+        run_root,
+        _state_root: state_root,
+    }
+}
+
+fn read(vm: &MicroVm, path: &str, len: u32) -> Vec<u8> {
+    match vm
+        .agent()
+        .unwrap()
+        .call(&Request::Diag(Diag::ReadFile {
+            path: path.into(),
+            offset: 0,
+            len,
+        }))
+        .unwrap()
+    {
+        Response::Bytes(b) => b,
+        other => panic!("reading {path} answered {other:?}"),
+    }
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    std::fs::read_dir(p)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false)
+}
+
+#[test]
+fn clone_answers_ping_and_sees_what_the_template_wrote_before_the_snapshot() {
+    let _l = lock();
+    let f = fixture();
+    let vm = clone_from(&f.template, f.run_root.path(), "clone-1").expect("clone");
+    let mut agent = vm.agent().unwrap();
+    agent.ping(42).unwrap();
+    assert_eq!(agent.version().unwrap(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(read(&vm, MARKER, 64), b"template-value");
+    assert_eq!(read(&vm, "/proc/sys/kernel/hostname", 64), b"clone-1\n");
+    drop(agent);
+    vm.shutdown(Duration::from_secs(30));
+}
+
+#[test]
+fn write_in_one_clone_is_invisible_to_another_and_to_the_template_memory_file() {
+    let _l = lock();
+    let f = fixture();
+    f.template
+        .verify_memory()
+        .expect("template memory checksum before");
+    let a = clone_from(&f.template, f.run_root.path(), "a").expect("clone a");
+    let b = clone_from(&f.template, f.run_root.path(), "b").expect("clone b");
+    let r = a
+        .agent()
+        .unwrap()
+        .call(&Request::Diag(Diag::WriteFile {
+            path: MARKER.into(),
+            offset: 0,
+            data: b"CLONE-A-VALUE!".to_vec(),
+        }))
+        .unwrap();
+    assert_eq!(r, Response::Written { len: 14 });
+    // Make clone A dirty a lot more memory than one page.
+    let big = vec![0xa5u8; 1 << 20];
+    for i in 0..8 {
+        let r = a
+            .agent()
+            .unwrap()
+            .call(&Request::Diag(Diag::WriteFile {
+                path: format!("/tmp/fill-{i}"),
+                offset: 0,
+                data: big.clone(),
+            }))
+            .unwrap();
+        assert_eq!(r, Response::Written { len: 1 << 20 });
+    }
+    assert_eq!(read(&a, MARKER, 64), b"CLONE-A-VALUE!");
+    assert_eq!(read(&b, MARKER, 64), b"template-value");
+    a.shutdown(Duration::from_secs(30));
+    b.shutdown(Duration::from_secs(30));
+    f.template
+        .verify_memory()
+        .expect("template memory checksum after the clones wrote");
+}
+
+#[test]
+fn two_clones_read_different_random_bytes_after_the_identity_reseed() {
+    let _l = lock();
+    let f = fixture();
+    let a = clone_from(&f.template, f.run_root.path(), "a").expect("clone a");
+    let b = clone_from(&f.template, f.run_root.path(), "b").expect("clone b");
+    let ra = read(&a, "/dev/urandom", 32);
+    let rb = read(&b, "/dev/urandom", 32);
+    assert_eq!(ra.len(), 32);
+    assert_ne!(ra, rb, "two clones produced the same random bytes");
+    // boot_id is generated on first read, after the reseed: also unique.
+    let ia = read(&a, "/proc/sys/kernel/random/boot_id", 64);
+    let ib = read(&b, "/proc/sys/kernel/random/boot_id", 64);
+    assert_ne!(ia, ib, "two clones share a boot_id");
+    a.shutdown(Duration::from_secs(30));
+    b.shutdown(Duration::from_secs(30));
+}
+
+#[test]
+fn twenty_concurrent_clones_reach_agent_ready_and_leave_nothing_behind() {
+    let _l = lock();
+    let f = fixture();
+    // Warm the process-wide lazies once (signal handler).
+    clone_from(&f.template, f.run_root.path(), "warm")
+        .unwrap()
+        .shutdown(Duration::from_secs(30));
+    let before = footprint();
+    let clones: Vec<MicroVm> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let f = &f;
+                s.spawn(move || {
+                    clone_from(&f.template, f.run_root.path(), &format!("c{i}")).expect("clone")
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, vm) in clones.iter().enumerate() {
+        vm.agent().unwrap().ping(i as u64).unwrap();
+    }
+    for vm in clones {
+        vm.shutdown(Duration::from_secs(60));
+    }
+    assert_eq!(footprint(), before, "threads/fds/memfds after 20 clones");
+    assert!(
+        is_empty_dir(f.run_root.path()),
+        "files left in the run directory"
+    );
+}
+
+#[test]
+fn template_from_another_jevm_version_or_with_truncated_memory_is_refused_naming_the_file() {
+    let _l = lock();
+    let f = fixture();
+    // Copies of the real template, damaged in two ways, in a second store.
+    let other_root = tempfile::Builder::new()
+        .prefix("jevm-test-damaged")
+        .tempdir()
+        .unwrap();
+    let key = f.template.key.clone();
+    let copy = |name: &str| {
+        let dst = other_root.path().join(name);
+        std::fs::create_dir_all(&dst).unwrap();
+        for file in ["manifest.json", "state.json", "memory"] {
+            std::fs::copy(f.template.dir.join(file), dst.join(file)).unwrap();
+            let mut p = std::fs::metadata(dst.join(file)).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            p.set_readonly(false);
+            std::fs::set_permissions(dst.join(file), p).unwrap();
+        }
+        dst
+    };
+
+    let dir = copy(key.as_str());
+    let memory = dir.join("memory");
+    let len = std::fs::metadata(&memory).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let store = TemplateStore::new(other_root.path());
+    let err = store
+        .open(&key)
+        .err()
+        .expect("truncated template refused")
+        .to_string();
+    assert!(
+        err.contains(&*memory.to_string_lossy()) && err.contains("truncated"),
+        "{err}"
+    );
+
+    let manifest = dir.join("manifest.json");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let foreign = text.replace(
+        &format!("\"{}\"", env!("CARGO_PKG_VERSION")),
+        "\"0.0.0-other\"",
+    );
+    assert_ne!(text, foreign, "manifest does not record the jevm version");
+    std::fs::write(&manifest, foreign).unwrap();
+    let err = store
+        .open(&key)
+        .err()
+        .expect("foreign template refused")
+        .to_string();
+    assert!(
+        err.contains(&*manifest.to_string_lossy()) && err.contains("0.0.0-other"),
+        "{err}"
+    );
+}
