@@ -71,11 +71,12 @@ pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStr
             answer,
         });
     }
-    s.set_read_timeout(None).map_err(err)?;
     Ok(s)
 }
 
 impl AgentClient {
+    /// Connects to the agent; `timeout` bounds the handshake and every
+    /// later answer, so a dead guest is an error, never a hang.
     pub fn connect(uds: &Path, timeout: Duration) -> Result<Self, AgentError> {
         let s = connect_vsock(uds, AGENT_PORT, timeout)?;
         Ok(Self {

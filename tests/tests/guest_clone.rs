@@ -244,8 +244,7 @@ fn template_from_another_jevm_version_or_with_truncated_memory_is_refused_naming
     let store = TemplateStore::new(other_root.path());
     let err = store
         .open(&key)
-        .err()
-        .expect("truncated template refused")
+        .expect_err("truncated template refused")
         .to_string();
     assert!(
         err.contains(&*memory.to_string_lossy()) && err.contains("truncated"),
@@ -268,8 +267,7 @@ fn template_from_another_jevm_version_or_with_truncated_memory_is_refused_naming
     std::fs::write(&manifest, foreign).unwrap();
     let err = store
         .open(&key)
-        .err()
-        .expect("foreign template refused")
+        .expect_err("foreign template refused")
         .to_string();
     assert!(
         err.contains(&*manifest.to_string_lossy()) && err.contains("0.0.0-other"),
