@@ -48,6 +48,23 @@ pub const MAX_PKT_DATA: u32 = 64 * 1024;
 /// Host-side ports of host-initiated connections start here, far above
 /// anything a guest service listens on (same convention as Firecracker).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// Where this device starts handing out host-side ports. Random, not fixed:
+/// a clone resumes a guest that may still hold sockets of the template's
+/// host connections (an agent thread that has not closed its fd yet), and a
+/// new connection reusing such a (host port, guest port) pair would be
+/// reset by the guest as belonging to the old one.
+fn random_first_local_port() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom writes at most b.len() bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let r = if n == 4 {
+        u32::from_ne_bytes(b)
+    } else {
+        std::process::id()
+    };
+    FIRST_LOCAL_PORT + r % (u32::MAX - 1 - FIRST_LOCAL_PORT)
+}
 /// Open streams (connections plus host clients still sending CONNECT) the
 /// guest or host may make us hold; each is a file descriptor.
 const MAX_STREAMS: usize = 1024;
@@ -115,7 +132,7 @@ impl Muxer {
             conns: HashMap::new(),
             slots: HashMap::new(),
             next_token: FIRST_STREAM_TOKEN,
-            next_local_port: FIRST_LOCAL_PORT,
+            next_local_port: random_first_local_port(),
             rxq: VecDeque::new(),
             ctrl_q: VecDeque::new(),
             tx_stalled: false,
