@@ -16,7 +16,7 @@ use jevm_protocol::{Identity, Request, Response};
 use serde::{Deserialize, Serialize};
 
 use crate::agent_client::{AgentClient, AgentError};
-use crate::microvm::{tempdir_in, BootConfig, BootFailure, BootTimes, MicroVm, RunDirGuard};
+use crate::microvm::{host_random, new_run_dir, BootConfig, BootFailure, BootTimes, MicroVm};
 use crate::template::{Template, TemplateSpec, MEMORY_FILE, STATE_FILE};
 use crate::vmm::{RestoreConfig, Vm, VmError, VmState};
 
@@ -76,6 +76,8 @@ pub fn build_template(
 pub enum CloneError {
     #[error("template {dir}: state.json does not decode: {cause}")]
     State { dir: String, cause: String },
+    #[error("cannot get host entropy for the clone's RNG: {0}")]
+    Entropy(std::io::Error),
     #[error(transparent)]
     Vm(#[from] VmError),
     #[error(transparent)]
@@ -87,20 +89,10 @@ pub enum CloneError {
 }
 
 /// Fresh entropy for a clone's RNG, from the host kernel.
-fn host_entropy() -> Vec<u8> {
+fn host_entropy() -> std::io::Result<Vec<u8>> {
     let mut b = vec![0u8; 64];
-    let mut filled = 0;
-    while filled < b.len() {
-        // SAFETY: getrandom writes at most the remaining length into the
-        // buffer, which lives for the call.
-        let n = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), b.len() - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            panic!("getrandom failed: {}", std::io::Error::last_os_error());
-        }
-    }
-    b
+    host_random(&mut b)?;
+    Ok(b)
 }
 
 /// Starts a clone of `template` in a fresh run directory under
@@ -117,12 +109,7 @@ pub fn clone_from(
             dir: template.dir.display().to_string(),
             cause: e.to_string(),
         })?;
-    std::fs::create_dir_all(runtime_root).map_err(|source| BootFailure::RunDir {
-        path: runtime_root.to_owned(),
-        source,
-    })?;
-    let run_dir = tempdir_in(runtime_root)?;
-    let guard = RunDirGuard(Some(run_dir.clone()));
+    let (run_dir, guard) = new_run_dir(runtime_root)?;
     let vsock_uds = run_dir.join("vsock.sock");
     let vm = Vm::restore(
         &state.vm,
@@ -145,7 +132,7 @@ pub fn clone_from(
 
     // Identity first: until it is applied the clone's RNG is the template's.
     let identity = Identity {
-        entropy: host_entropy(),
+        entropy: host_entropy().map_err(CloneError::Entropy)?,
         realtime_ns: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),

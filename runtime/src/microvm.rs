@@ -93,13 +93,7 @@ impl MicroVm {
     /// Boots a VM in a fresh run directory under `runtime_root`.
     pub fn boot(cfg: &BootConfig, runtime_root: &Path) -> Result<MicroVm, BootFailure> {
         let t0 = Instant::now();
-        std::fs::create_dir_all(runtime_root).map_err(|source| BootFailure::RunDir {
-            path: runtime_root.to_owned(),
-            source,
-        })?;
-        let run_dir = tempdir_in(runtime_root)?;
-        // From here on `guard` removes the run directory on every error path.
-        let guard = RunDirGuard(Some(run_dir.clone()));
+        let (run_dir, guard) = new_run_dir(runtime_root)?;
         let vsock_uds = run_dir.join("vsock.sock");
         let ready_path = PathBuf::from(format!("{}_{READY_PORT}", vsock_uds.display()));
         let listener = UnixListener::bind(&ready_path).map_err(|source| BootFailure::RunDir {
@@ -205,7 +199,19 @@ impl Drop for MicroVm {
     }
 }
 
+/// Removes a run directory on every error path until forgotten.
 pub(crate) struct RunDirGuard(pub(crate) Option<PathBuf>);
+
+/// A fresh, uniquely named run directory under `root`, and the guard that
+/// removes it unless the VM starts.
+pub(crate) fn new_run_dir(root: &Path) -> Result<(PathBuf, RunDirGuard), BootFailure> {
+    std::fs::create_dir_all(root).map_err(|source| BootFailure::RunDir {
+        path: root.to_owned(),
+        source,
+    })?;
+    let dir = tempdir_in(root)?;
+    Ok((dir.clone(), RunDirGuard(Some(dir))))
+}
 
 impl Drop for RunDirGuard {
     fn drop(&mut self) {
@@ -215,7 +221,7 @@ impl Drop for RunDirGuard {
     }
 }
 
-pub(crate) fn tempdir_in(root: &Path) -> Result<PathBuf, BootFailure> {
+fn tempdir_in(root: &Path) -> Result<PathBuf, BootFailure> {
     for _ in 0..16 {
         let name = format!("vm-{}-{:08x}", std::process::id(), rand_u32());
         let p = root.join(name);
@@ -231,16 +237,33 @@ pub(crate) fn tempdir_in(root: &Path) -> Result<PathBuf, BootFailure> {
     })
 }
 
-pub(crate) fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // SAFETY: getrandom writes at most b.len() bytes into the buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != 4 {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+/// Fills `buf` from the host kernel's CSPRNG.
+pub(crate) fn host_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: getrandom writes at most the remaining length into the
+        // buffer, which lives for the call.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        } else {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
     }
-    u32::from_ne_bytes(b)
+    Ok(())
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // Run directory names only need to differ; the pid is a fine fallback.
+    match host_random(&mut b) {
+        Ok(()) => u32::from_ne_bytes(b),
+        Err(_) => std::process::id(),
+    }
 }
 
 fn console_tail(vm: &Vm) -> String {

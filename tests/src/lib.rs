@@ -129,3 +129,26 @@ pub mod tiny {
         0xf4, // hlt
     ];
 }
+
+/// What this process holds more than `before`, waiting up to `timeout` for
+/// it to settle: threads of a finished test or VM take a moment to be
+/// reaped, and a thread that was exiting when `before` was taken may be gone
+/// (fewer threads is not a leak). `None` when nothing leaked.
+pub fn leak_since(
+    before: &ProcessFootprint,
+    timeout: std::time::Duration,
+) -> Option<ProcessFootprint> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let now = footprint();
+        let clean =
+            now.fds <= before.fds && now.memfds <= before.memfds && now.threads <= before.threads;
+        if clean {
+            return None;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Some(now);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 use jevm_protocol::{Diag, Request, Response};
 use jevm_runtime::microvm::{BootConfig, BootFailure, MicroVm};
 use jevm_runtime::vmm::{DiskConfig, StopReason, VmError};
-use jevm_tests::{footprint, guest_artifacts, newc_cpio};
+use jevm_tests::{footprint, guest_artifacts, leak_since, newc_cpio};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -199,10 +199,10 @@ fn ten_boots_in_a_row_leave_no_thread_fd_memfd_socket_or_file_behind() {
             "boot {i}"
         );
     }
-    let after = footprint();
     assert_eq!(
-        before, after,
-        "threads/fds/memfds before and after 10 boots"
+        leak_since(&before, Duration::from_secs(2)),
+        None,
+        "threads/fds/memfds before and after 10 boots (before: {before:?})"
     );
     assert!(is_empty_dir(root.path()), "files left in the run directory");
 }
@@ -215,9 +215,9 @@ fn expect_boot_error(cfg: &BootConfig) -> BootFailure {
         Err(e) => e,
     };
     assert_eq!(
-        footprint(),
-        before,
-        "a failed boot leaked threads or fds: {err}"
+        leak_since(&before, Duration::from_secs(2)),
+        None,
+        "a failed boot leaked threads or fds: {err} (before: {before:?})"
     );
     assert!(is_empty_dir(root.path()), "a failed boot left files: {err}");
     err
