@@ -18,26 +18,33 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What a VM is booted from, for `boot` and `template create`.
+#[derive(clap::Args)]
+struct GuestArgs {
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    mem: u32,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Directory for the VM's sockets and console log.
+    #[arg(long, default_value = "/run/jevm")]
+    run_dir: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a microVM, wait for its agent, print the agent version and the
     /// boot-to-agent-ready time, and shut it down.
     Boot {
-        #[arg(long)]
-        kernel: PathBuf,
-        #[arg(long)]
-        initrd: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        vcpus: u8,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 256)]
-        mem: u32,
-        /// Extra kernel command line.
-        #[arg(long, default_value = "")]
-        cmdline: String,
-        /// Directory for the VM's sockets and console log.
-        #[arg(long, default_value = "/run/jevm")]
-        run_dir: PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
         /// Seconds to wait for the agent.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
@@ -77,18 +84,8 @@ enum TemplateCmd {
     /// Create the template for this kernel/initramfs/size (or find it) and
     /// print its key.
     Create {
-        #[arg(long)]
-        kernel: PathBuf,
-        #[arg(long)]
-        initrd: PathBuf,
-        #[arg(long, default_value_t = 1)]
-        vcpus: u8,
-        #[arg(long, default_value_t = 256)]
-        mem: u32,
-        #[arg(long, default_value = "")]
-        cmdline: String,
-        #[arg(long, default_value = "/run/jevm")]
-        run_dir: PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
     },
     /// List templates and whether each is usable.
     List,
@@ -158,12 +155,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Boot {
-            kernel,
-            initrd,
-            vcpus,
-            mem,
-            cmdline,
-            run_dir,
+            guest:
+                GuestArgs {
+                    kernel,
+                    initrd,
+                    vcpus,
+                    mem,
+                    cmdline,
+                    run_dir,
+                },
             timeout,
         } => {
             let mut cfg = BootConfig::new(kernel, initrd);
@@ -217,12 +217,15 @@ fn template(cmd: TemplateCmd, state_dir: &std::path::Path) -> anyhow::Result<Exi
     let store = TemplateStore::new(state_dir);
     match cmd {
         TemplateCmd::Create {
-            kernel,
-            initrd,
-            vcpus,
-            mem,
-            cmdline,
-            run_dir,
+            guest:
+                GuestArgs {
+                    kernel,
+                    initrd,
+                    vcpus,
+                    mem,
+                    cmdline,
+                    run_dir,
+                },
         } => {
             let spec = TemplateSpec {
                 kernel,
