@@ -30,6 +30,8 @@ pub trait Guest {
     fn set_realtime(&self, since_epoch: Duration) -> io::Result<()>;
     /// Sets the hostname; `name` was already checked (see `identity`).
     fn set_hostname(&self, name: &str) -> io::Result<()>;
+    /// Mounts the virtio-fs share `tag` at `target` (created if missing).
+    fn mount_share(&self, tag: &str, target: &str) -> io::Result<()>;
 }
 
 pub fn agent_version() -> String {
@@ -49,6 +51,12 @@ pub fn handle(guest: &impl Guest, req: Request) -> Response {
         Request::Shutdown => Response::ShuttingDown,
         Request::Diag(diag) => handle_diag(guest, diag),
         Request::Identity(id) => identity::apply(guest, id),
+        // Container requests are routed to `crate::container` by the server
+        // before they reach here (some take the connection over).
+        other => error(format!(
+            "request {} is not served on this path",
+            serde_name(&other)
+        )),
     }
 }
 
@@ -76,6 +84,17 @@ fn handle_diag(guest: &impl Guest, diag: Diag) -> Response {
             Err(e) => error(format!("count online cpus: {e}")),
         },
     }
+}
+
+fn serde_name(req: &Request) -> String {
+    serde_json::to_value(req)
+        .ok()
+        .and_then(|v| match v {
+            serde_json::Value::String(s) => Some(s),
+            serde_json::Value::Object(m) => m.keys().next().cloned(),
+            _ => None,
+        })
+        .unwrap_or_else(|| "?".into())
 }
 
 fn error(message: String) -> Response {
@@ -163,6 +182,9 @@ mod tests {
         fn set_hostname(&self, name: &str) -> io::Result<()> {
             self.identity_step("set_hostname", name.to_string())
         }
+        fn mount_share(&self, tag: &str, target: &str) -> io::Result<()> {
+            self.identity_step("mount_share", format!("{tag} {target}"))
+        }
     }
 
     fn identity(entropy_len: usize, hostname: &str) -> Request {
@@ -170,6 +192,7 @@ mod tests {
             entropy: vec![0xa5; entropy_len],
             realtime_ns: 1_700_000_000_500_000_000,
             hostname: hostname.into(),
+            mount_share: false,
         })
     }
 

@@ -41,7 +41,7 @@
 //! jevm's x86 guests do not have; this module does the same from userspace.
 
 use crate::handler::Guest;
-use jevm_protocol::{Identity, Response};
+use jevm_protocol::{Identity, Response, SHARE_MOUNT, SHARE_TAG};
 use std::time::Duration;
 
 /// Fewest entropy bytes accepted: 256 bits, the kernel's own bar for a
@@ -59,6 +59,7 @@ pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
         entropy,
         realtime_ns,
         hostname,
+        mount_share,
     } = identity;
     if entropy.len() < MIN_ENTROPY {
         return error(format!(
@@ -82,6 +83,13 @@ pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
         return error(format!(
             "identity: setting the hostname to {hostname:?}: {e}"
         ));
+    }
+    if mount_share {
+        if let Err(e) = guest.mount_share(SHARE_TAG, SHARE_MOUNT) {
+            return error(format!(
+                "identity: mounting virtio-fs {SHARE_TAG:?} at {SHARE_MOUNT}: {e}"
+            ));
+        }
     }
     Response::IdentityApplied
 }

@@ -163,6 +163,21 @@ impl Guest for System {
     fn set_hostname(&self, name: &str) -> io::Result<()> {
         nix::unistd::sethostname(name).map_err(|e| failed("sethostname", e.into()))
     }
+
+    fn mount_share(&self, tag: &str, target: &str) -> io::Result<()> {
+        use nix::mount::{mount, MsFlags};
+        std::fs::create_dir_all(target).map_err(|e| failed("mkdir", e))?;
+        // nodev/nosuid: the share carries host files; device nodes and
+        // set-id bits in it must not act in the guest's root namespace.
+        mount(
+            Some(tag),
+            target,
+            Some("virtiofs"),
+            MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+            None::<&str>,
+        )
+        .map_err(|e| failed("mount", e.into()))
+    }
 }
 
 /// Prefixes `e`'s message with the operation that failed, keeping its kind.

@@ -137,6 +137,7 @@ pub fn clone_from(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
         hostname: hostname.to_string(),
+        mount_share: false,
     };
     let answer = AgentClient::connect(&vsock_uds, Duration::from_secs(30))
         .and_then(|mut a| a.call(&Request::Identity(identity)))

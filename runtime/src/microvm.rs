@@ -282,7 +282,12 @@ fn wait_ready(
         match listener.accept() {
             Ok((mut s, _)) => {
                 s.set_nonblocking(false).ok();
-                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                // The frame follows the connect at once, but a loaded test
+                // host can hold a vCPU back for seconds: allow the rest of
+                // the READY budget, never less than 10 s.
+                let left = deadline.saturating_duration_since(Instant::now());
+                s.set_read_timeout(Some(left.max(Duration::from_secs(10))))
+                    .ok();
                 let ready: Ready = read_frame(&mut s).map_err(|e| BootFailure::BadReady {
                     path: path.to_owned(),
                     cause: e.to_string(),

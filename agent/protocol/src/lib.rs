@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on every incompatible change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// vsock port the agent listens on for host requests.
 pub const AGENT_PORT: u32 = 1024;
@@ -27,6 +27,15 @@ pub const READY_PORT: u32 = 1023;
 /// not an allocation.
 pub const MAX_FRAME: u32 = 16 << 20;
 
+/// virtio-fs tag of the pod's shared directory. Every template carries the
+/// device (probed, not mounted); a clone's device serves its pod's directory.
+pub const SHARE_TAG: &str = "jevm-share";
+
+/// Where the agent mounts the share in the guest, once per clone, when the
+/// identity names it. Container rootfs and bind-mount sources are paths
+/// under it (`<SHARE_MOUNT>/<container id>/rootfs`, ...).
+pub const SHARE_MOUNT: &str = "/run/jevm/shared";
+
 /// Sent by the agent on the READY connection, then the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {
@@ -36,7 +45,7 @@ pub struct Ready {
     pub guest_uptime_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// Agent and protocol version.
     Version,
@@ -49,6 +58,158 @@ pub enum Request {
     /// Sent first to every clone, before anything else runs in it: what a
     /// forked VM must not share with its siblings and its template.
     Identity(Identity),
+
+    // ---- containers (see `agent/src/container`) ------------------------
+    /// Creates a container whose init process is set up (namespaces,
+    /// mounts, user, capabilities, ...) and stopped just before `execve`,
+    /// like `runc create`. Errors a user must see (missing binary, bad uid,
+    /// unknown mount type) are reported here. Answer: `Created`.
+    CreateContainer(CreateContainer),
+    /// Lets the container's init process `execve`. Answer: `Started`.
+    StartContainer { container_id: String },
+    /// Creates an additional process in a running container's namespaces
+    /// and cgroup (`ctr task exec`), stopped before `execve`. Answer: `Created`.
+    Exec(ExecProcess),
+    /// Lets an exec'd process `execve`. Answer: `Started`.
+    StartExec {
+        container_id: String,
+        exec_id: String,
+    },
+    /// Sends `signal` to the init process (`exec_id` None) or an exec'd
+    /// process; with `all`, to every process of the container. Answer: `Done`.
+    Signal {
+        container_id: String,
+        exec_id: Option<String>,
+        signal: i32,
+        all: bool,
+    },
+    /// Closes the process's stdin (EOF for the reader). Answer: `Done`.
+    CloseStdin {
+        container_id: String,
+        exec_id: Option<String>,
+    },
+    /// Sets the terminal size of a process created with a TTY. Answer: `Done`.
+    ResizePty {
+        container_id: String,
+        exec_id: Option<String>,
+        width: u32,
+        height: u32,
+    },
+    /// Freezes the container's cgroup. Answer: `Done`.
+    Pause { container_id: String },
+    /// Thaws the container's cgroup. Answer: `Done`.
+    Resume { container_id: String },
+    /// Guest PIDs of the container's processes. Answer: `Pids`.
+    Pids { container_id: String },
+    /// The container's cgroup v2 counters. Answer: `Stats`.
+    Stats { container_id: String },
+    /// Applies new cgroup limits: `resources` is an OCI `LinuxResources`
+    /// object (JSON). Answer: `Done`.
+    Update {
+        container_id: String,
+        resources: serde_json::Value,
+    },
+    /// Forgets an exited exec'd process. Answer: `Done`.
+    DeleteExec {
+        container_id: String,
+        exec_id: String,
+    },
+    /// Removes a container whose init has exited (kills what is left,
+    /// removes its cgroup and mounts). Answer: `Done`.
+    DeleteContainer { container_id: String },
+    /// Turns this connection into the event stream: after the `Done` answer
+    /// the agent writes only [`Event`] frames on it. One at a time; a new
+    /// subscriber replaces the old one. Events that happen while no one is
+    /// subscribed are queued, not lost.
+    Events,
+    /// Turns this connection into one raw byte stream of a created
+    /// process's stdio: after the `Done` answer, bytes flow (host -> guest
+    /// for stdin, guest -> host for stdout/stderr) until EOF. Must be sent
+    /// before the process is started, for each stream named in its `Stdio`.
+    /// With a TTY there is one output stream, `Stdout`.
+    AttachStdio {
+        container_id: String,
+        exec_id: Option<String>,
+        stream: StdioStream,
+    },
+}
+
+/// Which stdio stream an [`Request::AttachStdio`] connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StdioStream {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+/// Which stdio streams a process has (containerd gives the shim a FIFO for
+/// each one the user asked for); a stream not wanted is `/dev/null`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stdio {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    /// Allocate a pseudo-terminal: stdin/stdout/stderr of the process are
+    /// its slave; the host sees one output stream (`Stdout`).
+    pub terminal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateContainer {
+    pub container_id: String,
+    /// The bundle's OCI runtime spec (`config.json`) as the host rewrote it:
+    /// `root.path` and bind-mount sources are guest paths under
+    /// [`SHARE_MOUNT`]; everything else is as containerd wrote it.
+    pub spec: serde_json::Value,
+    pub stdio: Stdio,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecProcess {
+    pub container_id: String,
+    pub exec_id: String,
+    /// An OCI `Process` object (JSON), as `ctr task exec` sends it.
+    pub process: serde_json::Value,
+    pub stdio: Stdio,
+}
+
+/// What the agent reports on the event stream (see [`Request::Events`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// A container's init (`exec_id` None) or exec'd process was reaped.
+    /// Sent after its stdout/stderr streams reached EOF on the guest side
+    /// or were given up on, so the host can close its FIFOs after it.
+    Exited {
+        container_id: String,
+        exec_id: Option<String>,
+        pid: u32,
+        /// As runc reports it: the exit code, or 128 + signal number.
+        exit_status: u32,
+        /// Guest wall-clock time of the reaping, nanoseconds since the epoch.
+        exited_at_ns: u64,
+    },
+    /// The container's cgroup had a process killed by the OOM killer.
+    Oom { container_id: String },
+}
+
+/// A container's cgroup v2 counters, read from the guest's cgroup files.
+/// Maps hold the `key value` lines of the file named in the comment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerStats {
+    /// `cpu.stat`
+    pub cpu: std::collections::BTreeMap<String, u64>,
+    /// `memory.current`
+    pub memory_current: u64,
+    /// `memory.max`; None when "max".
+    pub memory_max: Option<u64>,
+    /// `memory.stat`
+    pub memory: std::collections::BTreeMap<String, u64>,
+    /// `memory.events`
+    pub memory_events: std::collections::BTreeMap<String, u64>,
+    /// `pids.current`
+    pub pids_current: u64,
+    /// `pids.max`; None when "max".
+    pub pids_max: Option<u64>,
 }
 
 /// A clone's own identity. Every clone starts from the same memory image, so
@@ -61,6 +222,10 @@ pub struct Identity {
     /// Host wall-clock time, nanoseconds since the Unix epoch.
     pub realtime_ns: u64,
     pub hostname: String,
+    /// Mount the virtio-fs share [`SHARE_TAG`] at [`SHARE_MOUNT`]: a pod's
+    /// clone does, a plain `jevm clone` need not.
+    #[serde(default)]
+    pub mount_share: bool,
 }
 
 /// Small, explicit guest operations. They exist so the host can check what a
@@ -100,6 +265,18 @@ pub enum Response {
     Count(u64),
     /// The identity was applied.
     IdentityApplied,
+    /// A container or exec'd process was created; `pid` is its guest PID.
+    Created {
+        pid: u32,
+    },
+    /// The process was let go; `pid` is its guest PID.
+    Started {
+        pid: u32,
+    },
+    /// The request was carried out; nothing to report.
+    Done,
+    Pids(Vec<u32>),
+    Stats(ContainerStats),
     /// The request failed in the guest; `message` names the object and cause.
     Error {
         message: String,
