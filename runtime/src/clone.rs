@@ -95,13 +95,24 @@ fn host_entropy() -> std::io::Result<Vec<u8>> {
     Ok(b)
 }
 
+/// What makes one clone different from its siblings, besides fresh entropy.
+#[derive(Debug, Clone, Default)]
+pub struct CloneOptions {
+    pub hostname: String,
+    /// Host directory the clone's virtio-fs device serves (a pod's shared
+    /// directory); the agent mounts it at `jevm_protocol::SHARE_MOUNT`.
+    /// None: the device stays unattached and nothing is mounted.
+    pub share: Option<std::path::PathBuf>,
+}
+
 /// Starts a clone of `template` in a fresh run directory under
 /// `runtime_root`, gives it its identity, and returns it agent-ready.
 pub fn clone_from(
     template: &Template,
     runtime_root: &Path,
-    hostname: &str,
+    opts: &CloneOptions,
 ) -> Result<MicroVm, CloneError> {
+    let hostname = opts.hostname.as_str();
     let t0 = Instant::now();
     let key = template.key.as_str().to_string();
     let state: TemplateState =

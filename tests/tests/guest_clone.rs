@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use jevm_protocol::{Diag, Request, Response};
-use jevm_runtime::clone::{build_template, clone_from};
+use jevm_runtime::clone::{build_template, clone_from, CloneOptions};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{Template, TemplateSpec, TemplateStore};
 use jevm_tests::{footprint, guest_artifacts, leak_since};
@@ -106,7 +106,7 @@ fn is_empty_dir(p: &Path) -> bool {
 fn clone_answers_ping_and_sees_what_the_template_wrote_before_the_snapshot() {
     let _l = lock();
     let f = fixture();
-    let vm = clone_from(&f.template, f.run_root.path(), "clone-1").expect("clone");
+    let vm = clone_from(&f.template, f.run_root.path(), &named("clone-1")).expect("clone");
     let mut agent = vm.agent().unwrap();
     agent.ping(42).unwrap();
     assert_eq!(agent.version().unwrap(), env!("CARGO_PKG_VERSION"));
@@ -123,8 +123,8 @@ fn write_in_one_clone_is_invisible_to_another_and_to_the_template_memory_file() 
     f.template
         .verify_memory()
         .expect("template memory checksum before");
-    let a = clone_from(&f.template, f.run_root.path(), "a").expect("clone a");
-    let b = clone_from(&f.template, f.run_root.path(), "b").expect("clone b");
+    let a = clone_from(&f.template, f.run_root.path(), &named("a")).expect("clone a");
+    let b = clone_from(&f.template, f.run_root.path(), &named("b")).expect("clone b");
     let r = a
         .agent()
         .unwrap()
@@ -162,8 +162,8 @@ fn write_in_one_clone_is_invisible_to_another_and_to_the_template_memory_file() 
 fn two_clones_read_different_random_bytes_after_the_identity_reseed() {
     let _l = lock();
     let f = fixture();
-    let a = clone_from(&f.template, f.run_root.path(), "a").expect("clone a");
-    let b = clone_from(&f.template, f.run_root.path(), "b").expect("clone b");
+    let a = clone_from(&f.template, f.run_root.path(), &named("a")).expect("clone a");
+    let b = clone_from(&f.template, f.run_root.path(), &named("b")).expect("clone b");
     let ra = read(&a, "/dev/urandom", 32);
     let rb = read(&b, "/dev/urandom", 32);
     assert_eq!(ra.len(), 32);
@@ -181,7 +181,7 @@ fn twenty_concurrent_clones_reach_agent_ready_and_leave_nothing_behind() {
     let _l = lock();
     let f = fixture();
     // Warm the process-wide lazies once (signal handler).
-    clone_from(&f.template, f.run_root.path(), "warm")
+    clone_from(&f.template, f.run_root.path(), &named("warm"))
         .unwrap()
         .shutdown(Duration::from_secs(30));
     let before = footprint();
@@ -190,7 +190,8 @@ fn twenty_concurrent_clones_reach_agent_ready_and_leave_nothing_behind() {
             .map(|i| {
                 let f = &f;
                 s.spawn(move || {
-                    clone_from(&f.template, f.run_root.path(), &format!("c{i}")).expect("clone")
+                    clone_from(&f.template, f.run_root.path(), &named(&format!("c{i}")))
+                        .expect("clone")
                 })
             })
             .collect();
@@ -277,4 +278,11 @@ fn template_from_another_jevm_version_or_with_truncated_memory_is_refused_naming
         err.contains(&*manifest.to_string_lossy()) && err.contains("0.0.0-other"),
         "{err}"
     );
+}
+
+fn named(hostname: &str) -> CloneOptions {
+    CloneOptions {
+        hostname: hostname.into(),
+        share: None,
+    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use jevm_runtime::clone::{build_template, clone_from};
+use jevm_runtime::clone::{build_template, clone_from, CloneOptions};
 use jevm_runtime::microvm::{BootConfig, MicroVm};
 use jevm_runtime::template::{TemplateKey, TemplateSpec, TemplateStore};
 use jevm_runtime::vmm::check::check_host;
@@ -140,7 +140,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let key = TemplateKey::parse(&template)?;
             let t = store.open(&key)?;
             for i in 0..count {
-                let vm = clone_from(&t, &run_dir, &format!("jevm-clone-{i}"))?;
+                let vm = clone_from(
+                    &t,
+                    &run_dir,
+                    &CloneOptions {
+                        hostname: format!("jevm-clone-{i}"),
+                        share: None,
+                    },
+                )?;
                 println!(
                     "clone {i}: clone-to-agent-ready {:.2} ms (VM restored in {:.2} ms)",
                     vm.times.agent_ready.as_secs_f64() * 1e3,
