@@ -9,6 +9,7 @@
 //! failure is therefore logged and survived, and input from the host is
 //! handled without `unwrap`.
 
+mod container;
 mod handler;
 mod identity;
 mod init;
@@ -24,6 +25,9 @@ use std::sync::Arc;
 use system::System;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some(container::plan::INIT_ARG) {
+        container::init::main();
+    }
     let pid1 = std::process::id() == 1;
     logger::init();
 
