@@ -115,6 +115,37 @@ impl AgentClient {
         }
     }
 
+    /// Sends `req` (`Events` or `AttachStdio`) on a new connection and,
+    /// once the agent answered `Done`, hands back the raw stream: event
+    /// frames or stdio bytes follow on it. No buffered reader sits in
+    /// between, so nothing the guest sent after the answer is lost. The
+    /// returned stream has no read timeout.
+    pub fn open_stream(
+        uds: &Path,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<UnixStream, AgentError> {
+        let name = request_name(req);
+        let frame = |source| AgentError::Frame {
+            request: name,
+            source,
+        };
+        let mut s = connect_vsock(uds, AGENT_PORT, timeout)?;
+        write_frame(&mut s, req).map_err(frame)?;
+        match read_frame::<_, Response>(&mut s).map_err(frame)? {
+            Response::Done => {}
+            other => {
+                return Err(AgentError::Guest {
+                    request: name,
+                    answer: format!("{other:?}"),
+                })
+            }
+        }
+        s.set_read_timeout(None)
+            .map_err(|e| frame(FrameError::Io(e)))?;
+        Ok(s)
+    }
+
     pub fn ping(&mut self, nonce: u64) -> Result<(), AgentError> {
         match self.call(&Request::Ping { nonce })? {
             Response::Pong { nonce: n } if n == nonce => Ok(()),

@@ -1,0 +1,124 @@
+//! The agent of one pod VM, from async code: blocking [`AgentClient`]
+//! calls run on tokio's blocking pool, over pooled connections so requests
+//! for different containers do not queue behind each other.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jevm_protocol::{Request, Response};
+use jevm_runtime::agent_client::{AgentClient, AgentError};
+
+/// How long one agent answer may take. Container creation in a loaded,
+/// nested-virtualised test host takes seconds; a dead guest is still an
+/// error after this, not a hang.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub struct Agent {
+    uds: PathBuf,
+    idle: Mutex<Vec<AgentClient>>,
+}
+
+/// A request that failed: the transport, or the guest's own refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    Transport(#[from] AgentError),
+    /// The guest's message, which names the object and cause.
+    #[error("{0}")]
+    Guest(String),
+    #[error("agent request {request}: unexpected answer {answer}")]
+    Unexpected {
+        request: &'static str,
+        answer: String,
+    },
+    #[error("agent request {0}: the blocking call was lost")]
+    Join(&'static str),
+}
+
+impl Agent {
+    pub fn new(uds: PathBuf) -> Arc<Agent> {
+        Arc::new(Agent {
+            uds,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn take_idle(&self) -> Option<AgentClient> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_idle(&self, c: AgentClient) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < 4 {
+            idle.push(c);
+        }
+    }
+
+    /// Sends one request; a guest `Error` answer is [`CallError::Guest`].
+    pub async fn call(
+        self: &Arc<Self>,
+        name: &'static str,
+        req: Request,
+    ) -> Result<Response, CallError> {
+        let this = Arc::clone(self);
+        let pooled = this.take_idle();
+        let r = tokio::task::spawn_blocking(move || {
+            let mut c = match pooled {
+                Some(c) => c,
+                None => AgentClient::connect(&this.uds, ANSWER_TIMEOUT)?,
+            };
+            let resp = c.call(&req)?;
+            // Only a connection whose last exchange completed is reusable.
+            this.put_idle(c);
+            Ok::<_, AgentError>(resp)
+        })
+        .await
+        .map_err(|_| CallError::Join(name))??;
+        match r {
+            Response::Error { message } => Err(CallError::Guest(message)),
+            other => Ok(other),
+        }
+    }
+
+    /// A request whose only good answer is `Done`.
+    pub async fn done(self: &Arc<Self>, name: &'static str, req: Request) -> Result<(), CallError> {
+        match self.call(name, req).await? {
+            Response::Done => Ok(()),
+            other => Err(CallError::Unexpected {
+                request: name,
+                answer: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// A request answered with a process id (`Created` or `Started`).
+    pub async fn pid(self: &Arc<Self>, name: &'static str, req: Request) -> Result<u32, CallError> {
+        match self.call(name, req).await? {
+            Response::Created { pid } | Response::Started { pid } => Ok(pid),
+            other => Err(CallError::Unexpected {
+                request: name,
+                answer: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Opens an `Events` or `AttachStdio` stream.
+    pub async fn stream(
+        self: &Arc<Self>,
+        name: &'static str,
+        req: Request,
+    ) -> Result<tokio::net::UnixStream, CallError> {
+        let uds = self.uds.clone();
+        let s = tokio::task::spawn_blocking(move || {
+            AgentClient::open_stream(&uds, &req, ANSWER_TIMEOUT)
+        })
+        .await
+        .map_err(|_| CallError::Join(name))??;
+        let to_tokio = |s: std::os::unix::net::UnixStream| {
+            s.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(s)
+        };
+        to_tokio(s).map_err(|e| CallError::Guest(format!("agent stream {name}: {e}")))
+    }
+}

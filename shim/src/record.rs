@@ -1,0 +1,117 @@
+//! What the shim leaves in a container's bundle so `shim delete` can clean
+//! up after a dead shim: the shim process (and the VM in it) is gone, but
+//! mounts and directories on the host are not.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::PodLayout;
+use crate::mounts::{remove_tree, teardown};
+
+pub const FILE: &str = "jevm-shim.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    pub container_id: String,
+    pub pod_id: String,
+    pub pod_dir: PathBuf,
+    /// The VM's run directory, once the VM exists.
+    pub vm_dir: Option<PathBuf>,
+    /// The container's guest init PID, once created.
+    pub pid: u32,
+}
+
+pub fn write(bundle: &Path, r: &BundleRecord) -> Result<(), String> {
+    let path = bundle.join(FILE);
+    let tmp = bundle.join(format!(".{FILE}.tmp"));
+    let json = serde_json::to_vec(r).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn read(bundle: &Path) -> Option<BundleRecord> {
+    let bytes = std::fs::read(bundle.join(FILE)).ok()?;
+    serde_json::from_slice(&bytes)
+        .inspect_err(|e| log::warn!("{}: {e}", bundle.join(FILE).display()))
+        .ok()
+}
+
+pub fn remove(bundle: &Path) {
+    let _ = std::fs::remove_file(bundle.join(FILE));
+}
+
+/// Cleans up what a dead shim left for container `cid` of `bundle`: its
+/// mounts and directory in the pod share; and when it was the pod's last
+/// container, the pod directory and the VM's run directory. Returns the
+/// container's init PID (0 when unknown).
+pub fn cleanup_after_dead_shim(bundle: &Path, cid: &str) -> u32 {
+    let Some(r) = read(bundle) else {
+        log::info!(
+            "container {cid}: no {FILE} in {}; nothing to clean",
+            bundle.display()
+        );
+        return 0;
+    };
+    let layout = PodLayout::at(r.pod_dir.clone());
+    teardown(&layout.container(cid));
+    // Other containers of the pod keep `shared/` non-empty; each of their
+    // own deletes gets here too, and the last one removes the pod.
+    let shared = layout.shared();
+    let last = match std::fs::remove_dir(&shared) {
+        Ok(()) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    };
+    if last {
+        teardown(layout.dir());
+        if let Some(vm) = &r.vm_dir {
+            if let Err(e) = remove_tree(vm) {
+                log::error!("cleanup: {e}");
+            }
+        }
+    }
+    remove(bundle);
+    r.pid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_shim_cleanup_removes_the_container_then_the_pod_with_its_last_container() {
+        let base = std::env::temp_dir().join(format!("jevm-record-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let layout = PodLayout::new(&base.join("run"), "pod");
+        let vm_dir = base.join("run/vms/vm-1-2");
+        for c in ["c1", "c2"] {
+            std::fs::create_dir_all(layout.rootfs(c)).unwrap();
+            std::fs::create_dir_all(layout.mounts(c)).unwrap();
+        }
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        std::fs::write(vm_dir.join("console.log"), b"x").unwrap();
+        let bundles = [base.join("b1"), base.join("b2")];
+        for (b, c) in bundles.iter().zip(["c1", "c2"]) {
+            std::fs::create_dir_all(b).unwrap();
+            let r = BundleRecord {
+                container_id: c.into(),
+                pod_id: "pod".into(),
+                pod_dir: layout.dir().to_owned(),
+                vm_dir: Some(vm_dir.clone()),
+                pid: 7,
+            };
+            write(b, &r).unwrap();
+            assert_eq!(read(b), Some(r));
+        }
+        assert_eq!(cleanup_after_dead_shim(&bundles[0], "c1"), 7);
+        assert!(!layout.container("c1").exists());
+        assert!(layout.container("c2").exists() && vm_dir.exists());
+        assert_eq!(cleanup_after_dead_shim(&bundles[1], "c2"), 7);
+        assert!(!layout.dir().exists() && !vm_dir.exists());
+        assert!(!bundles[1].join(FILE).exists());
+        // A second delete finds nothing and does not fail.
+        assert_eq!(cleanup_after_dead_shim(&bundles[1], "c2"), 0);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

@@ -1,0 +1,308 @@
+//! Turning the bundle's OCI spec (host view) into the spec the agent gets
+//! (guest view), and reading the pod a container belongs to.
+//!
+//! The spec is handled as JSON, not as typed `oci-spec` structs, so every
+//! field the shim does not rewrite reaches the agent exactly as containerd
+//! wrote it.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::layout::{guest_mount, guest_rootfs};
+
+/// CRI annotation naming the pod sandbox a container belongs to.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// CRI annotation: `sandbox` for the pod's sandbox (pause) container,
+/// `container` for the others.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+
+fn annotation<'a>(spec: &'a Value, key: &str) -> Option<&'a str> {
+    spec.get("annotations")?
+        .get(key)?
+        .as_str()
+        .filter(|s| !s.is_empty())
+}
+
+/// The pod a container belongs to: its CRI sandbox, or itself (`ctr run`).
+pub fn pod_id(spec: &Value, cid: &str) -> String {
+    annotation(spec, SANDBOX_ID).unwrap_or(cid).to_string()
+}
+
+/// Whether the container starts its pod (a CRI sandbox or a plain
+/// container), as opposed to joining its sandbox's namespaces.
+pub fn starts_pod(spec: &Value, cid: &str) -> bool {
+    match annotation(spec, CONTAINER_TYPE) {
+        Some("sandbox") => true,
+        Some(_) => pod_id(spec, cid) == cid,
+        None => true,
+    }
+}
+
+/// An OCI bind mount whose host source the shim binds into the share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// Index in the container's `mounts/` directory.
+    pub index: usize,
+    pub source: PathBuf,
+    pub readonly: bool,
+    pub recursive: bool,
+}
+
+/// How a container's namespaces relate to its pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespaces {
+    /// New namespaces in the guest: host paths are dropped.
+    Own,
+    /// Join the sandbox container, guest PID `pid`, for the namespaces the
+    /// host spec joins by path (network, ipc, uts, pid).
+    JoinSandbox { pid: u32 },
+}
+
+/// The `/proc/<pid>/ns/` file of an OCI namespace type.
+fn ns_file(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "network" => "net",
+        "ipc" => "ipc",
+        "uts" => "uts",
+        "pid" => "pid",
+        _ => return None,
+    })
+}
+
+fn is_bind(mount: &Value) -> bool {
+    mount.get("type").and_then(Value::as_str) == Some("bind")
+        || options(mount).any(|o| o == "bind" || o == "rbind")
+}
+
+fn options(mount: &Value) -> impl Iterator<Item = &str> {
+    mount
+        .get("options")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
+/// Rewrites `spec` for the guest and returns the bind mounts the host must
+/// make: `root.path` becomes the guest rootfs, each bind mount's source the
+/// guest path of its `mounts/<n>`, namespace paths are dropped or pointed
+/// at the sandbox, and hooks (host binaries) are removed. Relative bind
+/// sources are relative to `bundle`, as in runc.
+pub fn rewrite(
+    spec: &mut Value,
+    cid: &str,
+    bundle: &Path,
+    ns: Namespaces,
+) -> Result<Vec<HostBind>, String> {
+    let obj = spec
+        .as_object_mut()
+        .ok_or("the OCI spec is not a JSON object")?;
+
+    let root = obj
+        .entry("root")
+        .or_insert_with(|| Value::Object(Default::default()));
+    let root = root.as_object_mut().ok_or("spec root is not an object")?;
+    root.insert("path".into(), Value::String(guest_rootfs(cid)));
+
+    let mut binds = Vec::new();
+    if let Some(mounts) = obj.get_mut("mounts") {
+        let mounts = mounts.as_array_mut().ok_or("spec mounts is not an array")?;
+        for m in mounts.iter_mut() {
+            if !is_bind(m) {
+                continue;
+            }
+            let dest = m.get("destination").and_then(Value::as_str).unwrap_or("?");
+            let source = m
+                .get("source")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| format!("bind mount on {dest:?} has no source"))?;
+            let source = if Path::new(source).is_absolute() {
+                PathBuf::from(source)
+            } else {
+                bundle.join(source)
+            };
+            let bind = HostBind {
+                index: binds.len(),
+                source,
+                readonly: options(m).any(|o| o == "ro"),
+                recursive: options(m).any(|o| o == "rbind"),
+            };
+            m["source"] = Value::String(guest_mount(cid, bind.index));
+            binds.push(bind);
+        }
+    }
+
+    if let Some(list) = obj
+        .get_mut("linux")
+        .and_then(|l| l.get_mut("namespaces"))
+        .and_then(Value::as_array_mut)
+    {
+        for n in list.iter_mut() {
+            let Some(n) = n.as_object_mut() else { continue };
+            if !n.contains_key("path") {
+                continue;
+            }
+            let kind = n.get("type").and_then(Value::as_str).unwrap_or("");
+            match (ns, ns_file(kind)) {
+                (Namespaces::JoinSandbox { pid }, Some(file)) => {
+                    n.insert(
+                        "path".into(),
+                        Value::String(format!("/proc/{pid}/ns/{file}")),
+                    );
+                }
+                _ => {
+                    log::debug!(
+                        "container {cid}: {kind} namespace path dropped (a new one in the guest)"
+                    );
+                    n.remove("path");
+                }
+            }
+        }
+    }
+
+    if obj.remove("hooks").is_some() {
+        log::warn!("container {cid}: OCI hooks name host binaries and are not run in the guest");
+    }
+    Ok(binds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Value {
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/"},
+            "root": {"path": "rootfs", "readonly": true},
+            "hostname": "h",
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": "/srv/data",
+                 "options": ["rbind", "ro"]},
+                {"destination": "/etc/hosts", "source": "/var/lib/x/hosts",
+                 "options": ["bind", "rw"]},
+                {"destination": "/cfg", "type": "none", "source": "cfg", "options": ["bind"]}
+            ],
+            "hooks": {"prestart": [{"path": "/usr/bin/nvidia-hook"}]},
+            "linux": {"namespaces": [
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1234"},
+                {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+                {"type": "uts", "path": "/proc/4242/ns/uts"},
+                {"type": "mount"}
+            ]},
+            "annotations": {"x": "y"},
+            "futureField": {"kept": true}
+        })
+    }
+
+    #[test]
+    fn root_and_bind_sources_become_guest_paths() {
+        let mut s = sample();
+        let binds = rewrite(&mut s, "c1", Path::new("/b"), Namespaces::Own).unwrap();
+        assert_eq!(
+            s["root"],
+            json!({"path": "/run/jevm/shared/c1/rootfs", "readonly": true})
+        );
+        assert_eq!(s["mounts"][0]["source"], "proc");
+        assert_eq!(s["mounts"][1]["source"], "/run/jevm/shared/c1/mounts/0");
+        assert_eq!(s["mounts"][2]["source"], "/run/jevm/shared/c1/mounts/1");
+        assert_eq!(s["mounts"][3]["source"], "/run/jevm/shared/c1/mounts/2");
+        // Options stay, so the guest applies ro too.
+        assert_eq!(s["mounts"][1]["options"], json!(["rbind", "ro"]));
+        assert_eq!(
+            binds,
+            vec![
+                HostBind {
+                    index: 0,
+                    source: "/srv/data".into(),
+                    readonly: true,
+                    recursive: true
+                },
+                HostBind {
+                    index: 1,
+                    source: "/var/lib/x/hosts".into(),
+                    readonly: false,
+                    recursive: false
+                },
+                HostBind {
+                    index: 2,
+                    source: "/b/cfg".into(),
+                    readonly: false,
+                    recursive: false
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn untouched_fields_survive_and_hooks_go() {
+        let mut s = sample();
+        rewrite(&mut s, "c1", Path::new("/b"), Namespaces::Own).unwrap();
+        assert_eq!(s["futureField"], json!({"kept": true}));
+        assert_eq!(s["process"], sample()["process"]);
+        assert_eq!(s["annotations"], json!({"x": "y"}));
+        assert!(s.get("hooks").is_none());
+    }
+
+    #[test]
+    fn own_pod_drops_namespace_paths() {
+        let mut s = sample();
+        rewrite(&mut s, "c1", Path::new("/b"), Namespaces::Own).unwrap();
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                   {"type": "uts"}, {"type": "mount"}])
+        );
+    }
+
+    #[test]
+    fn pod_member_joins_the_sandbox_namespaces_in_the_guest() {
+        let mut s = sample();
+        rewrite(
+            &mut s,
+            "c2",
+            Path::new("/b"),
+            Namespaces::JoinSandbox { pid: 7 },
+        )
+        .unwrap();
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([{"type": "pid"},
+                   {"type": "network", "path": "/proc/7/ns/net"},
+                   {"type": "ipc", "path": "/proc/7/ns/ipc"},
+                   {"type": "uts", "path": "/proc/7/ns/uts"},
+                   {"type": "mount"}])
+        );
+    }
+
+    #[test]
+    fn missing_root_is_added_and_bad_shapes_are_errors() {
+        let mut s = json!({"process": {}});
+        rewrite(&mut s, "c", Path::new("/b"), Namespaces::Own).unwrap();
+        assert_eq!(s["root"]["path"], "/run/jevm/shared/c/rootfs");
+        assert!(rewrite(&mut json!([]), "c", Path::new("/b"), Namespaces::Own).is_err());
+        let mut s = json!({"mounts": {"a": 1}});
+        assert!(rewrite(&mut s, "c", Path::new("/b"), Namespaces::Own).is_err());
+        let mut s = json!({"mounts": [{"destination": "/x", "type": "bind"}]});
+        let e = rewrite(&mut s, "c", Path::new("/b"), Namespaces::Own).unwrap_err();
+        assert!(e.contains("/x") && e.contains("no source"), "{e}");
+    }
+
+    #[test]
+    fn pod_membership_follows_the_cri_annotations() {
+        let plain = json!({});
+        assert_eq!(pod_id(&plain, "c1"), "c1");
+        assert!(starts_pod(&plain, "c1"));
+        let sandbox = json!({"annotations": {SANDBOX_ID: "s1", CONTAINER_TYPE: "sandbox"}});
+        assert_eq!(pod_id(&sandbox, "s1"), "s1");
+        assert!(starts_pod(&sandbox, "s1"));
+        let member = json!({"annotations": {SANDBOX_ID: "s1", CONTAINER_TYPE: "container"}});
+        assert_eq!(pod_id(&member, "c2"), "s1");
+        assert!(!starts_pod(&member, "c2"));
+    }
+}

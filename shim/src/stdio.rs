@@ -1,0 +1,345 @@
+//! A process's stdio: containerd's FIFOs on the host, one agent stream per
+//! FIFO, and the copies between them.
+//!
+//! Output FIFOs are opened read-write, as containerd's own shims keep a
+//! reader on them: opening never blocks on a missing reader and a client
+//! that goes away does not break the copy with EPIPE. A FIFO is closed only
+//! when its stream reached EOF, so every byte the process wrote arrives.
+//! Stdin is opened read-write too (no EOF before the client connects);
+//! its end comes from `CloseIO`, after which what is still buffered in the
+//! FIFO is drained and the stream is shut down for writing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jevm_protocol::{Request, StdioStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::agent::Agent;
+
+/// The stdio containerd asked for (paths empty when not wanted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StdioPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+impl StdioPaths {
+    /// What the agent is told: with a terminal there is one output stream.
+    pub fn protocol(&self) -> jevm_protocol::Stdio {
+        jevm_protocol::Stdio {
+            stdin: !self.stdin.is_empty(),
+            stdout: !self.stdout.is_empty(),
+            stderr: !self.stderr.is_empty() && !self.terminal,
+            terminal: self.terminal,
+        }
+    }
+}
+
+/// The running copies of one process.
+#[derive(Default)]
+pub struct Copies {
+    close_stdin: Option<oneshot::Sender<()>>,
+    stdin: Option<JoinHandle<()>>,
+    outputs: Vec<JoinHandle<()>>,
+}
+
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// A `file://` URI is a plain file (containerd's log-to-file); anything
+/// else without a scheme is a FIFO path.
+fn output_path(uri: &str) -> Result<(&str, bool), String> {
+    if let Some(p) = uri.strip_prefix("file://") {
+        return Ok((p, false));
+    }
+    if uri.contains("://") {
+        return Err(format!(
+            "stdio {uri:?}: only FIFO paths and file:// are supported"
+        ));
+    }
+    Ok((uri, true))
+}
+
+async fn open_output(uri: &str) -> Result<Writer, String> {
+    let (path, fifo) = output_path(uri)?;
+    if fifo {
+        let is_fifo = std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
+            .unwrap_or(false);
+        if is_fifo {
+            let s = pipe::OpenOptions::new()
+                .read_write(true)
+                .open_sender(path)
+                .map_err(|e| format!("stdio FIFO {path}: {e}"))?;
+            return Ok(Box::new(s));
+        }
+    }
+    let f = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(|e| format!("stdio file {path}: {e}"))?;
+    Ok(Box::new(f))
+}
+
+fn open_stdin(uri: &str) -> Result<pipe::Receiver, String> {
+    let (path, _) = output_path(uri)?;
+    pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)
+        .map_err(|e| format!("stdin FIFO {path}: {e}"))
+}
+
+/// Opens the FIFOs and the agent streams of a created process and starts
+/// copying. Must run before the process is started. On error nothing is
+/// left open.
+pub async fn attach(
+    agent: &Arc<Agent>,
+    container_id: &str,
+    exec_id: Option<&str>,
+    paths: &StdioPaths,
+) -> Result<Copies, String> {
+    let want = paths.protocol();
+    let stream = |s: StdioStream| Request::AttachStdio {
+        container_id: container_id.to_string(),
+        exec_id: exec_id.map(str::to_string),
+        stream: s,
+    };
+    let what = |s: StdioStream| match exec_id {
+        Some(e) => format!("container {container_id:?} exec {e:?}: attaching {s:?}"),
+        None => format!("container {container_id:?}: attaching {s:?}"),
+    };
+    let mut copies = Copies::default();
+
+    let mut outs: Vec<(StdioStream, &str)> = Vec::new();
+    if want.stdout {
+        outs.push((StdioStream::Stdout, &paths.stdout));
+    }
+    if want.stderr {
+        outs.push((StdioStream::Stderr, &paths.stderr));
+    }
+    for (which, uri) in outs {
+        let w = open_output(uri)
+            .await
+            .map_err(|e| format!("{}: {e}", what(which)))?;
+        let s = agent
+            .stream("AttachStdio", stream(which))
+            .await
+            .map_err(|e| format!("{}: {e}", what(which)))?;
+        copies.outputs.push(tokio::spawn(copy_out(s, w)));
+    }
+    if want.stdin {
+        let r =
+            open_stdin(&paths.stdin).map_err(|e| format!("{}: {e}", what(StdioStream::Stdin)))?;
+        let s = agent
+            .stream("AttachStdio", stream(StdioStream::Stdin))
+            .await
+            .map_err(|e| format!("{}: {e}", what(StdioStream::Stdin)))?;
+        let (tx, rx) = oneshot::channel();
+        copies.close_stdin = Some(tx);
+        copies.stdin = Some(tokio::spawn(pump_stdin(r, s, rx)));
+    }
+    Ok(copies)
+}
+
+async fn copy_out<R: AsyncRead + Unpin>(mut from: R, mut to: Writer) {
+    if let Err(e) = tokio::io::copy(&mut from, &mut to).await {
+        log::warn!("stdio copy ended early: {e}");
+    }
+    let _ = to.flush().await;
+    // Dropping the writer closes the FIFO: the client sees EOF.
+}
+
+async fn pump_stdin<W: AsyncWrite + Unpin>(
+    mut fifo: pipe::Receiver,
+    mut to: W,
+    mut close: oneshot::Receiver<()>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            r = fifo.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            // CloseIO, or the process went away (sender dropped).
+            _ = &mut close => {
+                drain(&mut fifo, &mut to, &mut buf).await;
+                break;
+            }
+        }
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Writes what is still buffered in the FIFO: the client closed its end
+/// before sending CloseIO, so everything it wrote is already there.
+async fn drain<W: AsyncWrite + Unpin>(fifo: &mut pipe::Receiver, to: &mut W, buf: &mut [u8]) {
+    use std::os::fd::AsRawFd;
+    loop {
+        // A plain non-blocking read: tokio's try_read trusts its cached
+        // readiness, which may not know about data that is already there.
+        match nix::unistd::read(fifo.as_raw_fd(), buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+impl Copies {
+    /// EOF for the process's stdin once the FIFO is drained.
+    pub fn close_stdin(&mut self) {
+        if let Some(tx) = self.close_stdin.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits for the output copies to finish (their streams reached EOF),
+    /// at most `timeout`, then stops whatever is left.
+    pub async fn finish(mut self, timeout: Duration) {
+        self.close_stdin();
+        let outputs = std::mem::take(&mut self.outputs);
+        let aborts: Vec<_> = outputs.iter().map(|h| h.abort_handle()).collect();
+        if tokio::time::timeout(timeout, futures_join(outputs))
+            .await
+            .is_err()
+        {
+            log::warn!("stdio copies still running after {timeout:?}; closing them");
+            for a in aborts {
+                a.abort();
+            }
+        }
+        if let Some(h) = self.stdin.take() {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        for h in &self.outputs {
+            h.abort();
+        }
+        if let Some(h) = &self.stdin {
+            h.abort();
+        }
+    }
+}
+
+async fn futures_join(hs: Vec<JoinHandle<()>>) {
+    for h in hs {
+        let _ = h.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_means_one_output_stream() {
+        let p = StdioPaths {
+            stdin: "/f/in".into(),
+            stdout: "/f/out".into(),
+            stderr: "/f/err".into(),
+            terminal: true,
+        };
+        let s = p.protocol();
+        assert!(s.stdin && s.stdout && !s.stderr && s.terminal);
+        let p = StdioPaths {
+            terminal: false,
+            ..p
+        };
+        assert!(p.protocol().stderr);
+        assert_eq!(
+            StdioPaths::default().protocol(),
+            jevm_protocol::Stdio::default()
+        );
+    }
+
+    #[test]
+    fn uris_other_than_fifo_and_file_are_refused() {
+        assert_eq!(
+            output_path("/run/x/stdout").unwrap(),
+            ("/run/x/stdout", true)
+        );
+        assert_eq!(
+            output_path("file:///var/log/c.log").unwrap(),
+            ("/var/log/c.log", false)
+        );
+        assert!(output_path("binary:///usr/bin/logger?x=1").is_err());
+    }
+
+    fn fifo(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        p
+    }
+
+    fn tempdir(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("jevm-stdio-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[tokio::test]
+    async fn output_arrives_complete_and_the_fifo_closes_at_stream_eof() {
+        let d = tempdir("out");
+        let path = fifo(&d, "stdout");
+        // The client's reader, as containerd opens it before Create.
+        let mut reader = pipe::OpenOptions::new().open_receiver(&path).unwrap();
+        let w = open_output(path.to_str().unwrap()).await.unwrap();
+        let (mut guest, host) = tokio::net::UnixStream::pair().unwrap();
+        let copy = tokio::spawn(copy_out(host, w));
+        let data: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            guest.write_all(&sent).await.unwrap();
+            guest.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        copy.await.unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn close_io_drains_the_fifo_then_sends_eof() {
+        let d = tempdir("in");
+        let path = fifo(&d, "stdin");
+        let r = open_stdin(path.to_str().unwrap()).unwrap();
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let pump = tokio::spawn(pump_stdin(r, host, rx));
+        {
+            // The client writes and closes before it sends CloseIO.
+            let mut w = pipe::OpenOptions::new().open_sender(&path).unwrap();
+            w.write_all(b"hello\nworld\n").await.unwrap();
+        }
+        tx.send(()).unwrap();
+        let mut got = Vec::new();
+        guest.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello\nworld\n");
+        pump.await.unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,1259 @@
+//! The containerd task service (task API v2) of one shim, i.e. one pod.
+//!
+//! State lives behind a std mutex that is never held across an await;
+//! agent calls run with nothing locked. Creates are serialised (the first
+//! one of a pod starts its VM).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim::util::convert_to_any;
+use containerd_shim_protos::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
+    PidsRequest, PidsResponse, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskIO, TaskPaused, TaskResumed,
+    TaskStart,
+};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext, Code};
+use containerd_shim_protos::types::task::ProcessInfo;
+use jevm_protocol::{CreateContainer, Event, ExecProcess, Request, Response};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use crate::agent::CallError;
+use crate::config;
+use crate::events::{self, outgoing, Outgoing, LOST_EXIT_STATUS};
+use crate::layout::{check_id, PodLayout};
+use crate::mounts;
+use crate::pod::{Pod, PodEvent};
+use crate::record::{self, BundleRecord};
+use crate::runtime_options;
+use crate::spec::{self, Namespaces};
+use crate::stdio::{self, Copies, StdioPaths};
+use crate::timings::Timings;
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+/// How long delete waits for a process's output to drain.
+const STDIO_DRAIN: Duration = Duration::from_secs(10);
+
+fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+fn not_found(msg: impl Into<String>) -> ttrpc::Error {
+    status(Code::NOT_FOUND, msg)
+}
+
+fn precondition(msg: impl Into<String>) -> ttrpc::Error {
+    status(Code::FAILED_PRECONDITION, msg)
+}
+
+fn invalid(msg: impl Into<String>) -> ttrpc::Error {
+    status(Code::INVALID_ARGUMENT, msg)
+}
+
+/// A failed agent call as containerd should see it.
+fn agent_err(e: CallError) -> ttrpc::Error {
+    match &e {
+        CallError::Guest(m) if m.contains("No such process") || m.contains("not found") => {
+            not_found(m.clone())
+        }
+        CallError::Guest(m) => status(Code::UNKNOWN, m.clone()),
+        _ => status(Code::UNAVAILABLE, format!("jevm: {e}")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ExitInfo {
+    status: u32,
+    at_ns: u64,
+}
+
+impl ExitInfo {
+    fn timestamp(&self) -> Timestamp {
+        events::timestamp_from_ns(self.at_ns)
+    }
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+struct Proc {
+    pid: u32,
+    started: bool,
+    /// `start` has returned (and published TaskStart / TaskExecStarted):
+    /// an exit is published only after it.
+    start_returned: bool,
+    exit: Option<ExitInfo>,
+    exit_published: bool,
+    exit_tx: watch::Sender<Option<ExitInfo>>,
+    stdio: StdioPaths,
+    copies: Option<Copies>,
+}
+
+impl Proc {
+    fn new(pid: u32, stdio: StdioPaths, copies: Copies) -> Proc {
+        Proc {
+            pid,
+            started: false,
+            start_returned: false,
+            exit: None,
+            exit_published: false,
+            exit_tx: watch::channel(None).0,
+            stdio,
+            copies: Some(copies),
+        }
+    }
+
+    fn status(&self, paused: bool) -> Status {
+        match (self.exit, self.started) {
+            (Some(_), _) => Status::STOPPED,
+            (None, false) => Status::CREATED,
+            (None, true) if paused => Status::PAUSED,
+            (None, true) => Status::RUNNING,
+        }
+    }
+
+    /// Records the exit; returns whether TaskExit is due now.
+    fn set_exit(&mut self, e: ExitInfo) -> bool {
+        if self.exit.is_some() {
+            return false;
+        }
+        self.exit = Some(e);
+        self.exit_tx.send_replace(Some(e));
+        if let Some(c) = &mut self.copies {
+            c.close_stdin();
+        }
+        self.start_returned && !self.exit_published
+    }
+}
+
+struct Container {
+    bundle: String,
+    pod: Arc<Pod>,
+    paused: bool,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    timings: Timings,
+}
+
+impl Container {
+    fn proc(&self, exec_id: &str) -> Option<&Proc> {
+        if exec_id.is_empty() {
+            Some(&self.init)
+        } else {
+            self.execs.get(exec_id)
+        }
+    }
+
+    fn proc_mut(&mut self, exec_id: &str) -> Option<&mut Proc> {
+        if exec_id.is_empty() {
+            Some(&mut self.init)
+        } else {
+            self.execs.get_mut(exec_id)
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    containers: HashMap<String, Container>,
+    pods: HashMap<String, Arc<Pod>>,
+}
+
+struct Inner {
+    exit: Arc<ExitSignal>,
+    events: mpsc::UnboundedSender<Outgoing>,
+    pod_events: mpsc::UnboundedSender<PodEvent>,
+    state: Mutex<State>,
+    create_lock: tokio::sync::Mutex<()>,
+    /// From the `start` subcommand to this service existing.
+    shim_start: Option<Duration>,
+}
+
+#[derive(Clone)]
+pub struct TaskService {
+    inner: Arc<Inner>,
+}
+
+impl TaskService {
+    /// A service publishing through `events`; agent events are handled on
+    /// a task of its own.
+    pub fn new(
+        exit: Arc<ExitSignal>,
+        events: mpsc::UnboundedSender<Outgoing>,
+        shim_start: Option<Duration>,
+    ) -> TaskService {
+        let (pod_tx, mut pod_rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            exit,
+            events,
+            pod_events: pod_tx,
+            state: Mutex::new(State::default()),
+            create_lock: tokio::sync::Mutex::new(()),
+            shim_start,
+        });
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(ev) = pod_rx.recv().await {
+                let Some(inner) = weak.upgrade() else { break };
+                TaskService { inner }.on_pod_event(ev);
+            }
+        });
+        TaskService { inner }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, o: Outgoing) {
+        let _ = self.inner.events.send(o);
+    }
+
+    fn on_pod_event(&self, ev: PodEvent) {
+        let mut st = self.state();
+        let mut out = Vec::new();
+        match ev {
+            PodEvent::Agent {
+                event:
+                    Event::Exited {
+                        container_id,
+                        exec_id,
+                        pid,
+                        exit_status,
+                        exited_at_ns,
+                    },
+                ..
+            } => {
+                let exec = exec_id.as_deref().unwrap_or("");
+                let Some(p) = st
+                    .containers
+                    .get_mut(&container_id)
+                    .and_then(|c| c.proc_mut(exec))
+                else {
+                    log::debug!("exit of unknown process {container_id}/{exec} ignored");
+                    return;
+                };
+                let e = ExitInfo {
+                    status: exit_status,
+                    at_ns: exited_at_ns,
+                };
+                log::info!("container {container_id} {exec}: pid {pid} exited with {exit_status}");
+                if p.set_exit(e) {
+                    p.exit_published = true;
+                    out.push(outgoing(events::task_exit(
+                        &container_id,
+                        exec_id.as_deref(),
+                        p.pid,
+                        e.status,
+                        e.timestamp(),
+                    )));
+                }
+            }
+            PodEvent::Agent {
+                event: Event::Oom { container_id },
+                ..
+            } => {
+                if st.containers.contains_key(&container_id) {
+                    log::info!("container {container_id}: OOM kill");
+                    out.push(outgoing(events::task_oom(&container_id)));
+                }
+            }
+            PodEvent::Lost { pod } => {
+                let e = ExitInfo {
+                    status: LOST_EXIT_STATUS,
+                    at_ns: now_ns(),
+                };
+                for (cid, c) in st.containers.iter_mut().filter(|(_, c)| c.pod.id == pod) {
+                    for (exec, p) in c.execs.iter_mut() {
+                        if p.set_exit(e) {
+                            p.exit_published = true;
+                            out.push(outgoing(events::task_exit(
+                                cid,
+                                Some(exec),
+                                p.pid,
+                                e.status,
+                                e.timestamp(),
+                            )));
+                        }
+                    }
+                    if c.init.set_exit(e) {
+                        c.init.exit_published = true;
+                        out.push(outgoing(events::task_exit(
+                            cid,
+                            None,
+                            c.init.pid,
+                            e.status,
+                            e.timestamp(),
+                        )));
+                    }
+                }
+            }
+        }
+        drop(st);
+        for o in out {
+            self.publish(o);
+        }
+    }
+
+    fn pod_of(&self, cid: &str) -> TtrpcResult<Arc<Pod>> {
+        self.state()
+            .containers
+            .get(cid)
+            .map(|c| Arc::clone(&c.pod))
+            .ok_or_else(|| not_found(format!("container {cid:?} not found")))
+    }
+
+    /// Checks the process exists and returns its pod.
+    fn pod_of_proc(&self, cid: &str, exec_id: &str) -> TtrpcResult<Arc<Pod>> {
+        let st = self.state();
+        let c = st
+            .containers
+            .get(cid)
+            .ok_or_else(|| not_found(format!("container {cid:?} not found")))?;
+        c.proc(exec_id)
+            .ok_or_else(|| not_found(format!("container {cid:?}: exec {exec_id:?} not found")))?;
+        Ok(Arc::clone(&c.pod))
+    }
+
+    /// Stops the pod's VM and removes its directory when no container of
+    /// it is left.
+    async fn release_pod_if_empty(&self, pod: &Arc<Pod>) {
+        let empty = {
+            let mut st = self.state();
+            let empty = !st.containers.values().any(|c| Arc::ptr_eq(&c.pod, pod));
+            if empty {
+                st.pods.remove(&pod.id);
+            }
+            empty
+        };
+        if empty {
+            destroy_pod(pod).await;
+        }
+    }
+}
+
+/// Stops the VM, then unmounts and removes the pod directory.
+async fn destroy_pod(pod: &Arc<Pod>) {
+    pod.stop().await;
+    let dir = pod.layout.dir().to_owned();
+    let _ = tokio::task::spawn_blocking(move || mounts::teardown(&dir)).await;
+    log::info!("pod {}: removed", pod.id);
+}
+
+/// What create needs from the request, checked.
+struct CreateInput {
+    cid: String,
+    bundle: PathBuf,
+    spec: Value,
+    stdio: StdioPaths,
+}
+
+fn read_spec(bundle: &Path) -> Result<Value, String> {
+    let path = bundle.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn host_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "jevm".into())
+}
+
+/// Everything one create did on the host, undone on failure.
+struct CreateUndo {
+    new_pod: Option<Arc<Pod>>,
+    new_pod_dir: Option<PathBuf>,
+    container_dir: Option<PathBuf>,
+    bundle: PathBuf,
+}
+
+impl CreateUndo {
+    async fn run(self, svc: &TaskService) {
+        if let Some(pod) = &self.new_pod {
+            svc.state().pods.remove(&pod.id);
+            pod.stop().await;
+        }
+        let dirs: Vec<PathBuf> = match self.new_pod_dir {
+            Some(d) => vec![d],
+            None => self.container_dir.into_iter().collect(),
+        };
+        let _ = tokio::task::spawn_blocking(move || {
+            for d in dirs {
+                mounts::teardown(&d);
+            }
+        })
+        .await;
+        record::remove(&self.bundle);
+    }
+}
+
+impl TaskService {
+    async fn do_create(
+        &self,
+        req: &CreateTaskRequest,
+        undo: &mut CreateUndo,
+        input: CreateInput,
+    ) -> Result<u32, ttrpc::Error> {
+        let CreateInput {
+            cid,
+            bundle,
+            mut spec,
+            stdio,
+        } = input;
+        let mut timings = Timings::default();
+        let pod_id = spec::pod_id(&spec, &cid);
+        check_id("pod", &pod_id).map_err(invalid)?;
+
+        let existing = self.state().pods.get(&pod_id).cloned();
+        let pod = match existing {
+            Some(p) => p,
+            None => {
+                let opts = runtime_options::decode(req.options.as_ref()).map_err(invalid)?;
+                let env = std::env::var(config::ENV_PATH).ok();
+                let source = config::choose_source(
+                    Some(opts.config_path.as_str()),
+                    !opts.config_body.is_empty(),
+                    env.as_deref(),
+                );
+                let cfg = config::load(&source, Some(&opts.config_body))
+                    .map_err(|e| invalid(e.to_string()))?;
+                if let Some(l) = cfg.log_level.as_deref().and_then(|l| l.parse().ok()) {
+                    log::set_max_level(l);
+                }
+                cfg.check_guest_files(&source)
+                    .map_err(|e| precondition(e.to_string()))?;
+                let layout = PodLayout::new(&cfg.run_dir, &pod_id);
+                if layout.dir().exists() {
+                    log::warn!(
+                        "pod {pod_id}: removing leftovers in {}",
+                        layout.dir().display()
+                    );
+                    let d = layout.dir().to_owned();
+                    let _ = tokio::task::spawn_blocking(move || mounts::teardown(&d)).await;
+                }
+                std::fs::create_dir_all(layout.shared()).map_err(|e| {
+                    status(
+                        Code::UNKNOWN,
+                        format!("pod {pod_id:?}: {}: {e}", layout.shared().display()),
+                    )
+                })?;
+                undo.new_pod_dir = Some(layout.dir().to_owned());
+                let rec = BundleRecord {
+                    container_id: cid.clone(),
+                    pod_id: pod_id.clone(),
+                    pod_dir: layout.dir().to_owned(),
+                    vm_dir: None,
+                    pid: 0,
+                };
+                record::write(&bundle, &rec).map_err(|e| status(Code::UNKNOWN, e))?;
+                let hostname = spec
+                    .get("hostname")
+                    .and_then(Value::as_str)
+                    .filter(|h| !h.is_empty())
+                    .map_or_else(host_hostname, str::to_string);
+                let (pod, t) = Pod::start(
+                    &cfg,
+                    &pod_id,
+                    layout,
+                    hostname,
+                    self.inner.pod_events.clone(),
+                )
+                .await
+                .map_err(|e| status(Code::UNKNOWN, e))?;
+                timings.shim_start = self.inner.shim_start;
+                timings.template_lookup = Some(t.template_lookup);
+                timings.clone = Some(t.clone);
+                undo.new_pod = Some(Arc::clone(&pod));
+                self.state().pods.insert(pod_id.clone(), Arc::clone(&pod));
+                pod
+            }
+        };
+
+        // Namespaces: the pod's first container gets new ones; CRI
+        // containers join the sandbox's.
+        let sandbox_pid = pod
+            .sandbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.1);
+        let ns = match sandbox_pid {
+            Some(pid) if undo.new_pod.is_none() && !spec::starts_pod(&spec, &cid) => {
+                Namespaces::JoinSandbox { pid }
+            }
+            _ => Namespaces::Own,
+        };
+        let host_root = spec
+            .get("root")
+            .and_then(|r| r.get("path"))
+            .and_then(Value::as_str)
+            .map(|p| bundle.join(p));
+        let binds = spec::rewrite(&mut spec, &cid, &bundle, ns)
+            .map_err(|e| invalid(format!("container {cid:?}: {e}")))?;
+
+        // The container's part of the share.
+        let t = Instant::now();
+        let layout = pod.layout.clone();
+        undo.container_dir = Some(layout.container(&cid));
+        let rec = BundleRecord {
+            container_id: cid.clone(),
+            pod_id: pod_id.clone(),
+            pod_dir: layout.dir().to_owned(),
+            vm_dir: Some(pod.vm_dir.clone()),
+            pid: 0,
+        };
+        record::write(&bundle, &rec).map_err(|e| status(Code::UNKNOWN, e))?;
+        let rootfs = req.rootfs.clone();
+        let c = cid.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let target = layout.rootfs(&c);
+            std::fs::create_dir_all(&target)
+                .and_then(|()| std::fs::create_dir_all(layout.mounts(&c)))
+                .map_err(|e| format!("container {c:?}: {}: {e}", target.display()))?;
+            if rootfs.is_empty() {
+                let src = host_root
+                    .ok_or_else(|| format!("container {c:?}: no rootfs mounts and no root.path"))?;
+                mounts::bind_rootfs_dir(&c, &src, &target)?;
+            } else {
+                mounts::mount_rootfs(&c, &rootfs, &target)?;
+            }
+            for b in &binds {
+                mounts::bind(&c, b, &layout.mount(&c, b.index))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| {
+            status(
+                Code::UNKNOWN,
+                format!("container {cid:?}: mount thread: {e}"),
+            )
+        })?
+        .map_err(|e| status(Code::UNKNOWN, e))?;
+        timings.share = Some(t.elapsed());
+
+        let t = Instant::now();
+        let pid = pod
+            .agent
+            .pid(
+                "CreateContainer",
+                Request::CreateContainer(CreateContainer {
+                    container_id: cid.clone(),
+                    spec,
+                    stdio: stdio.protocol(),
+                }),
+            )
+            .await
+            .map_err(agent_err)?;
+        timings.agent_create = Some(t.elapsed());
+        let t = Instant::now();
+        let copies = match stdio::attach(&pod.agent, &cid, None, &stdio).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = pod
+                    .agent
+                    .done(
+                        "DeleteContainer",
+                        Request::DeleteContainer {
+                            container_id: cid.clone(),
+                        },
+                    )
+                    .await;
+                return Err(status(Code::UNKNOWN, e));
+            }
+        };
+        timings.stdio = Some(t.elapsed());
+        let _ = record::write(&bundle, &BundleRecord { pid, ..rec });
+        if undo.new_pod.is_some() {
+            *pod.sandbox.lock().unwrap_or_else(|p| p.into_inner()) = Some((cid.clone(), pid));
+        }
+        self.state().containers.insert(
+            cid.clone(),
+            Container {
+                bundle: bundle.display().to_string(),
+                pod,
+                paused: false,
+                init: Proc::new(pid, stdio, copies),
+                execs: HashMap::new(),
+                timings,
+            },
+        );
+        Ok(pid)
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        log::info!("create {} (bundle {})", req.id, req.bundle);
+        let _serial = self.inner.create_lock.lock().await;
+        let cid = req.id.clone();
+        check_id("container", &cid).map_err(invalid)?;
+        if self.state().containers.contains_key(&cid) {
+            return Err(status(
+                Code::ALREADY_EXISTS,
+                format!("container {cid:?} already exists"),
+            ));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(status(
+                Code::UNIMPLEMENTED,
+                "jevm: checkpoint/restore is not supported",
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = read_spec(&bundle).map_err(|e| invalid(format!("container {cid:?}: {e}")))?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let mut undo = CreateUndo {
+            new_pod: None,
+            new_pod_dir: None,
+            container_dir: None,
+            bundle: bundle.clone(),
+        };
+        let input = CreateInput {
+            cid: cid.clone(),
+            bundle,
+            spec,
+            stdio,
+        };
+        let pid = match self.do_create(&req, &mut undo, input).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                log::error!("create {cid}: {e:?}");
+                undo.run(self).await;
+                return Err(e);
+            }
+        };
+        self.publish(outgoing(TaskCreate {
+            container_id: cid.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: Some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            })
+            .into(),
+            checkpoint: req.checkpoint.clone(),
+            pid,
+            ..Default::default()
+        }));
+        log::info!("create {cid}: pid {pid}");
+        Ok(CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        let (cid, exec) = (req.id.as_str(), req.exec_id.as_str());
+        log::info!("start {cid} {exec}");
+        let pod = self.pod_of_proc(cid, exec)?;
+        {
+            let st = self.state();
+            let p = st.containers.get(cid).and_then(|c| c.proc(exec));
+            match p {
+                Some(p) if p.exit.is_some() => {
+                    return Err(precondition(format!(
+                        "container {cid:?} {exec}: process already exited"
+                    )))
+                }
+                Some(p) if p.started => {
+                    return Err(precondition(format!(
+                        "container {cid:?} {exec}: already started"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let t = Instant::now();
+        let r = if exec.is_empty() {
+            Request::StartContainer {
+                container_id: cid.to_string(),
+            }
+        } else {
+            Request::StartExec {
+                container_id: cid.to_string(),
+                exec_id: exec.to_string(),
+            }
+        };
+        let pid = pod.agent.pid("Start", r).await.map_err(agent_err)?;
+        let running = t.elapsed();
+
+        let mut out = vec![if exec.is_empty() {
+            outgoing(TaskStart {
+                container_id: cid.to_string(),
+                pid,
+                ..Default::default()
+            })
+        } else {
+            outgoing(TaskExecStarted {
+                container_id: cid.to_string(),
+                exec_id: exec.to_string(),
+                pid,
+                ..Default::default()
+            })
+        }];
+        {
+            let mut st = self.state();
+            let Some(c) = st.containers.get_mut(cid) else {
+                return Err(not_found(format!(
+                    "container {cid:?} was deleted while starting"
+                )));
+            };
+            if exec.is_empty() {
+                c.timings.process_running = Some(running);
+                log::info!("{}", c.timings.line(cid));
+            }
+            if let Some(p) = c.proc_mut(exec) {
+                p.started = true;
+                p.start_returned = true;
+                // It may have exited before its start was answered.
+                if let (Some(e), false) = (p.exit, p.exit_published) {
+                    p.exit_published = true;
+                    out.push(outgoing(events::task_exit(
+                        cid,
+                        Some(exec).filter(|e| !e.is_empty()),
+                        p.pid,
+                        e.status,
+                        e.timestamp(),
+                    )));
+                }
+            }
+        }
+        for o in out {
+            self.publish(o);
+        }
+        Ok(StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        let (cid, exec) = (req.id.as_str(), req.exec_id.as_str());
+        log::info!("delete {cid} {exec}");
+        let pod = self.pod_of_proc(cid, exec)?;
+        // Take the process's stdio copies out; check it may be deleted.
+        let (pid, exit, copies, exec_copies) = {
+            let mut st = self.state();
+            let c = st
+                .containers
+                .get_mut(cid)
+                .ok_or_else(|| not_found(format!("container {cid:?} not found")))?;
+            let paused = c.paused;
+            let p = c
+                .proc_mut(exec)
+                .ok_or_else(|| not_found(format!("container {cid:?}: exec {exec:?} not found")))?;
+            if matches!(p.status(paused), Status::RUNNING | Status::PAUSED) {
+                return Err(precondition(format!(
+                    "container {cid:?} {exec}: cannot delete a running process"
+                )));
+            }
+            let (pid, exit, copies) = (p.pid, p.exit, p.copies.take());
+            let exec_copies: Vec<Copies> = if exec.is_empty() {
+                c.execs
+                    .values_mut()
+                    .filter_map(|p| p.copies.take())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (pid, exit, copies, exec_copies)
+        };
+        if let Some(c) = copies {
+            c.finish(STDIO_DRAIN).await;
+        }
+        for c in exec_copies {
+            c.finish(Duration::from_secs(1)).await;
+        }
+        let exit = exit.unwrap_or(ExitInfo {
+            status: LOST_EXIT_STATUS,
+            at_ns: now_ns(),
+        });
+        let vm_alive = !pod.closing();
+        if exec.is_empty() {
+            if vm_alive {
+                if let Err(e) = pod
+                    .agent
+                    .done(
+                        "DeleteContainer",
+                        Request::DeleteContainer {
+                            container_id: cid.to_string(),
+                        },
+                    )
+                    .await
+                {
+                    log::warn!("delete {cid}: in the guest: {e}");
+                }
+            }
+            let dir = pod.layout.container(cid);
+            let _ = tokio::task::spawn_blocking(move || mounts::teardown(&dir)).await;
+            let bundle = self.state().containers.remove(cid).map(|c| c.bundle);
+            if let Some(b) = bundle {
+                record::remove(Path::new(&b));
+            }
+            self.release_pod_if_empty(&pod).await;
+            self.publish(outgoing(TaskDelete {
+                container_id: cid.to_string(),
+                pid,
+                exit_status: exit.status,
+                exited_at: Some(exit.timestamp()).into(),
+                ..Default::default()
+            }));
+        } else {
+            if vm_alive {
+                if let Err(e) = pod
+                    .agent
+                    .done(
+                        "DeleteExec",
+                        Request::DeleteExec {
+                            container_id: cid.to_string(),
+                            exec_id: exec.to_string(),
+                        },
+                    )
+                    .await
+                {
+                    log::warn!("delete {cid} {exec}: in the guest: {e}");
+                }
+            }
+            if let Some(c) = self.state().containers.get_mut(cid) {
+                c.execs.remove(exec);
+            }
+        }
+        Ok(DeleteResponse {
+            pid,
+            exit_status: exit.status,
+            exited_at: Some(exit.timestamp()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        let (cid, exec) = (req.id.as_str(), req.exec_id.as_str());
+        log::info!("kill {cid} {exec} signal {} all {}", req.signal, req.all);
+        let pod = self.pod_of_proc(cid, exec)?;
+        let exited = self
+            .state()
+            .containers
+            .get(cid)
+            .and_then(|c| c.proc(exec))
+            .is_some_and(|p| p.exit.is_some());
+        if exited {
+            return Err(not_found(format!(
+                "container {cid:?} {exec}: process already finished"
+            )));
+        }
+        let signal = i32::try_from(req.signal)
+            .map_err(|_| invalid(format!("signal {} out of range", req.signal)))?;
+        pod.agent
+            .done(
+                "Signal",
+                Request::Signal {
+                    container_id: cid.to_string(),
+                    exec_id: Some(exec.to_string()).filter(|e| !e.is_empty()),
+                    signal,
+                    all: req.all,
+                },
+            )
+            .await
+            .map_err(agent_err)?;
+        Ok(Empty::default())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        let (cid, exec) = (req.id.as_str(), req.exec_id.as_str());
+        log::info!("exec {cid} {exec}");
+        check_id("exec", exec).map_err(invalid)?;
+        let pod = {
+            let st = self.state();
+            let c = st
+                .containers
+                .get(cid)
+                .ok_or_else(|| not_found(format!("container {cid:?} not found")))?;
+            if c.execs.contains_key(exec) {
+                return Err(status(
+                    Code::ALREADY_EXISTS,
+                    format!("container {cid:?}: exec {exec:?} already exists"),
+                ));
+            }
+            if c.init.exit.is_some() {
+                return Err(precondition(format!("container {cid:?} is stopped")));
+            }
+            Arc::clone(&c.pod)
+        };
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
+        let process: Value = serde_json::from_slice(spec).map_err(|e| {
+            invalid(format!(
+                "container {cid:?}: exec {exec:?}: process spec: {e}"
+            ))
+        })?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let pid = pod
+            .agent
+            .pid(
+                "Exec",
+                Request::Exec(ExecProcess {
+                    container_id: cid.to_string(),
+                    exec_id: exec.to_string(),
+                    process,
+                    stdio: stdio.protocol(),
+                }),
+            )
+            .await
+            .map_err(agent_err)?;
+        let copies = match stdio::attach(&pod.agent, cid, Some(exec), &stdio).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = pod
+                    .agent
+                    .done(
+                        "Signal",
+                        Request::Signal {
+                            container_id: cid.to_string(),
+                            exec_id: Some(exec.to_string()),
+                            signal: libc::SIGKILL,
+                            all: false,
+                        },
+                    )
+                    .await;
+                let _ = pod
+                    .agent
+                    .done(
+                        "DeleteExec",
+                        Request::DeleteExec {
+                            container_id: cid.to_string(),
+                            exec_id: exec.to_string(),
+                        },
+                    )
+                    .await;
+                return Err(status(Code::UNKNOWN, e));
+            }
+        };
+        {
+            let mut st = self.state();
+            let Some(c) = st.containers.get_mut(cid) else {
+                return Err(not_found(format!(
+                    "container {cid:?} was deleted during exec"
+                )));
+            };
+            c.execs
+                .insert(exec.to_string(), Proc::new(pid, stdio, copies));
+        }
+        self.publish(outgoing(TaskExecAdded {
+            container_id: cid.to_string(),
+            exec_id: exec.to_string(),
+            ..Default::default()
+        }));
+        Ok(Empty::default())
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        let (cid, exec) = (req.id.as_str(), req.exec_id.as_str());
+        let st = self.state();
+        let c = st
+            .containers
+            .get(cid)
+            .ok_or_else(|| not_found(format!("container {cid:?} not found")))?;
+        let p = c
+            .proc(exec)
+            .ok_or_else(|| not_found(format!("container {cid:?}: exec {exec:?} not found")))?;
+        let mut r = StateResponse {
+            id: if exec.is_empty() {
+                cid.to_string()
+            } else {
+                exec.to_string()
+            },
+            bundle: c.bundle.clone(),
+            pid: p.pid,
+            stdin: p.stdio.stdin.clone(),
+            stdout: p.stdio.stdout.clone(),
+            stderr: p.stdio.stderr.clone(),
+            terminal: p.stdio.terminal,
+            exec_id: exec.to_string(),
+            ..Default::default()
+        };
+        r.status = p.status(c.paused).into();
+        if let Some(e) = p.exit {
+            r.exit_status = e.status;
+            r.exited_at = Some(e.timestamp()).into();
+        }
+        Ok(r)
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        let pod = self.pod_of(&req.id)?;
+        let r = pod
+            .agent
+            .call(
+                "Pids",
+                Request::Pids {
+                    container_id: req.id.clone(),
+                },
+            )
+            .await
+            .map_err(agent_err)?;
+        let Response::Pids(pids) = r else {
+            return Err(status(
+                Code::UNKNOWN,
+                format!("agent answered Pids with {r:?}"),
+            ));
+        };
+        Ok(PidsResponse {
+            processes: pids
+                .into_iter()
+                .map(|pid| ProcessInfo {
+                    pid,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        self.pause_resume(&req.id, true).await
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        self.pause_resume(&req.id, false).await
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        let pod = self.pod_of_proc(&req.id, &req.exec_id)?;
+        pod.agent
+            .done(
+                "ResizePty",
+                Request::ResizePty {
+                    container_id: req.id.clone(),
+                    exec_id: Some(req.exec_id.clone()).filter(|e| !e.is_empty()),
+                    width: req.width,
+                    height: req.height,
+                },
+            )
+            .await
+            .map_err(agent_err)?;
+        Ok(Empty::default())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        let (cid, exec) = (req.id.as_str(), req.exec_id.as_str());
+        let mut st = self.state();
+        let p = st
+            .containers
+            .get_mut(cid)
+            .ok_or_else(|| not_found(format!("container {cid:?} not found")))?
+            .proc_mut(exec)
+            .ok_or_else(|| not_found(format!("container {cid:?}: exec {exec:?} not found")))?;
+        if req.stdin {
+            if let Some(c) = &mut p.copies {
+                c.close_stdin();
+            }
+        }
+        Ok(Empty::default())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let pod = self.pod_of(&req.id)?;
+        let data = req
+            .resources
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or_default();
+        let resources: Value = serde_json::from_slice(data)
+            .map_err(|e| invalid(format!("container {:?}: resources: {e}", req.id)))?;
+        pod.agent
+            .done(
+                "Update",
+                Request::Update {
+                    container_id: req.id.clone(),
+                    resources,
+                },
+            )
+            .await
+            .map_err(agent_err)?;
+        Ok(Empty::default())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let (cid, exec) = (req.id.as_str(), req.exec_id.as_str());
+        let mut rx = {
+            let st = self.state();
+            let c = st
+                .containers
+                .get(cid)
+                .ok_or_else(|| not_found(format!("container {cid:?} not found")))?;
+            let p = c
+                .proc(exec)
+                .ok_or_else(|| not_found(format!("container {cid:?}: exec {exec:?} not found")))?;
+            p.exit_tx.subscribe()
+        };
+        let e = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(ExitInfo {
+                status: LOST_EXIT_STATUS,
+                at_ns: now_ns(),
+            }),
+            Err(_) => {
+                return Err(not_found(format!(
+                    "container {cid:?} {exec}: deleted before it exited"
+                )))
+            }
+        };
+        Ok(WaitResponse {
+            exit_status: e.status,
+            exited_at: Some(e.timestamp()).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        let pod = self.pod_of(&req.id)?;
+        let r = pod
+            .agent
+            .call(
+                "Stats",
+                Request::Stats {
+                    container_id: req.id.clone(),
+                },
+            )
+            .await
+            .map_err(agent_err)?;
+        let Response::Stats(s) = r else {
+            return Err(status(
+                Code::UNKNOWN,
+                format!("agent answered Stats with {r:?}"),
+            ));
+        };
+        let any = convert_to_any(Box::new(events::metrics(&s)))
+            .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
+        Ok(StatsResponse {
+            stats: Some(any).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
+        let task_pid = self
+            .state()
+            .containers
+            .get(&req.id)
+            .map_or(0, |c| c.init.pid);
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        let pods: Vec<Arc<Pod>> = {
+            let mut st = self.state();
+            if !st.containers.is_empty() {
+                log::debug!("shutdown: {} tasks left, staying", st.containers.len());
+                return Ok(Empty::default());
+            }
+            st.pods.drain().map(|(_, p)| p).collect()
+        };
+        for p in pods {
+            destroy_pod(&p).await;
+        }
+        log::info!("shutdown: no task left, exiting");
+        self.inner.exit.signal();
+        Ok(Empty::default())
+    }
+}
+
+impl TaskService {
+    async fn pause_resume(&self, cid: &str, pause: bool) -> TtrpcResult<Empty> {
+        let pod = {
+            let st = self.state();
+            let c = st
+                .containers
+                .get(cid)
+                .ok_or_else(|| not_found(format!("container {cid:?} not found")))?;
+            match c.init.status(c.paused) {
+                Status::RUNNING if pause => {}
+                Status::PAUSED if !pause => {}
+                s => {
+                    return Err(precondition(format!(
+                        "container {cid:?} is {s:?}, cannot {}",
+                        if pause { "pause" } else { "resume" }
+                    )))
+                }
+            }
+            Arc::clone(&c.pod)
+        };
+        let r = if pause {
+            Request::Pause {
+                container_id: cid.to_string(),
+            }
+        } else {
+            Request::Resume {
+                container_id: cid.to_string(),
+            }
+        };
+        pod.agent
+            .done(if pause { "Pause" } else { "Resume" }, r)
+            .await
+            .map_err(agent_err)?;
+        if let Some(c) = self.state().containers.get_mut(cid) {
+            c.paused = pause;
+        }
+        self.publish(if pause {
+            outgoing(TaskPaused {
+                container_id: cid.to_string(),
+                ..Default::default()
+            })
+        } else {
+            outgoing(TaskResumed {
+                container_id: cid.to_string(),
+                ..Default::default()
+            })
+        });
+        Ok(Empty::default())
+    }
+}
