@@ -3,6 +3,7 @@
 //! for different containers do not queue behind each other.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Agent {
     uds: PathBuf,
     idle: Mutex<Vec<AgentClient>>,
+    /// The VM is gone: fail at once instead of waiting out a timeout.
+    dead: AtomicBool,
 }
 
 /// A request that failed: the transport, or the guest's own refusal.
@@ -34,6 +37,8 @@ pub enum CallError {
     },
     #[error("agent request {0}: the blocking call was lost")]
     Join(&'static str),
+    #[error("agent request {0}: the pod's VM is gone")]
+    Dead(&'static str),
 }
 
 impl Agent {
@@ -41,7 +46,20 @@ impl Agent {
         Arc::new(Agent {
             uds,
             idle: Mutex::new(Vec::new()),
+            dead: AtomicBool::new(false),
         })
+    }
+
+    pub fn mark_dead(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn check_alive(&self, name: &'static str) -> Result<(), CallError> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(CallError::Dead(name));
+        }
+        Ok(())
     }
 
     fn take_idle(&self) -> Option<AgentClient> {
@@ -61,6 +79,7 @@ impl Agent {
         name: &'static str,
         req: Request,
     ) -> Result<Response, CallError> {
+        self.check_alive(name)?;
         let this = Arc::clone(self);
         let pooled = this.take_idle();
         let r = tokio::task::spawn_blocking(move || {
@@ -109,6 +128,7 @@ impl Agent {
         name: &'static str,
         req: Request,
     ) -> Result<tokio::net::UnixStream, CallError> {
+        self.check_alive(name)?;
         let uds = self.uds.clone();
         let s = tokio::task::spawn_blocking(move || {
             AgentClient::open_stream(&uds, &req, ANSWER_TIMEOUT)

@@ -37,6 +37,7 @@ pub struct Pod {
     pub vm_dir: PathBuf,
     vm: Mutex<Option<MicroVm>>,
     closing: Arc<AtomicBool>,
+    lost: AtomicBool,
     /// The container that started the pod and its guest init PID: CRI
     /// containers join its namespaces.
     pub sandbox: Mutex<Option<(String, u32)>>,
@@ -105,6 +106,7 @@ impl Pod {
             vm_dir: vm.run_dir().to_path_buf(),
             vm: Mutex::new(Some(vm)),
             closing: Arc::new(AtomicBool::new(false)),
+            lost: AtomicBool::new(false),
             sandbox: Mutex::new(None),
             events: Mutex::new(None),
         });
@@ -131,9 +133,20 @@ impl Pod {
     pub async fn stop(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let lost = self.lost.load(Ordering::SeqCst);
         if let Some(vm) = vm {
             let id = self.id.clone();
-            let r = tokio::task::spawn_blocking(move || vm.shutdown(Duration::from_secs(5))).await;
+            // A lost guest cannot be asked to power off: dropping the VM
+            // stops its threads and removes its run directory.
+            let r = tokio::task::spawn_blocking(move || {
+                if lost {
+                    drop(vm);
+                    None
+                } else {
+                    Some(vm.shutdown(Duration::from_secs(5)))
+                }
+            })
+            .await;
             match r {
                 Ok(reason) => log::info!("pod {id}: VM stopped ({reason:?})"),
                 Err(e) => log::error!("pod {id}: VM shutdown thread: {e}"),
@@ -144,6 +157,14 @@ impl Pod {
         }
     }
 
+    /// The VM died: no more agent calls, teardown without asking it.
+    pub fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.agent.mark_dead();
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Being stopped or lost: agent calls would fail or hang.
     pub fn closing(&self) -> bool {
         self.closing.load(Ordering::SeqCst)
     }

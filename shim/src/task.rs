@@ -64,6 +64,14 @@ fn invalid(msg: impl Into<String>) -> ttrpc::Error {
     status(Code::INVALID_ARGUMENT, msg)
 }
 
+/// The message of a status error, for the log.
+fn message(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message),
+        other => other.to_string(),
+    }
+}
+
 /// A failed agent call as containerd should see it.
 fn agent_err(e: CallError) -> ttrpc::Error {
     match &e {
@@ -276,6 +284,9 @@ impl TaskService {
                 }
             }
             PodEvent::Lost { pod } => {
+                if let Some(p) = st.pods.get(&pod) {
+                    p.mark_lost();
+                }
                 let e = ExitInfo {
                     status: LOST_EXIT_STATUS,
                     at_ns: now_ns(),
@@ -647,7 +658,7 @@ impl Task for TaskService {
         let pid = match self.do_create(&req, &mut undo, input).await {
             Ok(pid) => pid,
             Err(e) => {
-                log::error!("create {cid}: {e:?}");
+                log::error!("create {cid}: {}", message(&e));
                 undo.run(self).await;
                 return Err(e);
             }
