@@ -1,6 +1,7 @@
 //! The vsock side: telling the host we are ready, accepting its
 //! connections, and the frame loop on each.
 
+use crate::container::{self, Outcome, Service};
 use crate::handler::{agent_version, handle};
 use crate::system::{uptime_ms, System};
 use crate::vsock::{VsockListener, VsockStream, HOST_CID};
@@ -10,6 +11,8 @@ use jevm_protocol::{
 };
 use log::{debug, error, info, warn};
 use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,7 +66,7 @@ fn send_ready(ready: &Ready) -> io::Result<()> {
 }
 
 /// Accepts connections forever, one thread each.
-pub fn serve(listener: VsockListener, system: Arc<System>) -> ! {
+pub fn serve(listener: VsockListener, system: Arc<System>, containers: Arc<Service>) -> ! {
     loop {
         let stream = match listener.accept() {
             Ok(stream) => stream,
@@ -77,9 +80,10 @@ pub fn serve(listener: VsockListener, system: Arc<System>) -> ! {
             }
         };
         let system = Arc::clone(&system);
+        let containers = Arc::clone(&containers);
         let spawned = std::thread::Builder::new()
             .name("conn".into())
-            .spawn(move || serve_connection(stream, &system));
+            .spawn(move || serve_connection(stream, &system, &containers));
         if let Err(e) = spawned {
             error!("starting a thread for a host connection: {e}");
         }
@@ -95,7 +99,7 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
 
 /// What the frame loop needs from a host connection besides bytes; a trait
 /// so tests can drive the loop over a Unix socket pair.
-pub trait Connection: Read + Write {
+pub trait Connection: Read + Write + Into<OwnedFd> {
     fn shutdown_write(&self) -> io::Result<()>;
     fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
 }
@@ -111,8 +115,10 @@ impl Connection for VsockStream {
 }
 
 /// Answers requests until the host closes the connection. Anything the agent
-/// cannot parse ends this connection, never the agent.
-fn serve_connection(mut stream: impl Connection, system: &System) {
+/// cannot parse ends this connection, never the agent. Container requests go
+/// to the container service; `Events` and `AttachStdio` take the connection
+/// over after their answer, and this thread then carries the stream.
+fn serve_connection(mut stream: impl Connection, system: &System, containers: &Service) {
     loop {
         let request: Request = match read_frame(&mut stream) {
             Ok(request) => request,
@@ -130,7 +136,22 @@ fn serve_connection(mut stream: impl Connection, system: &System) {
                 return;
             }
         };
-        let response = handle(system, request);
+        let response = if container::is_container_request(&request) {
+            match containers.handle(request) {
+                Outcome::Reply(response) => response,
+                Outcome::TakeOver(response, attachment) => {
+                    match write_frame(&mut stream, &response) {
+                        // The socket outlives its wrapper type: only fd
+                        // operations (read, write, shutdown) are used on it.
+                        Ok(()) => attachment(UnixStream::from(stream.into())),
+                        Err(e) => debug!("answering the host: {e}"),
+                    }
+                    return;
+                }
+            }
+        } else {
+            handle(system, request)
+        };
         if let Err(e) = write_frame(&mut stream, &response) {
             debug!("answering the host: {e}");
             return;
@@ -180,7 +201,8 @@ mod tests {
         let (host, agent) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let system = System::new(false);
-        let thread = std::thread::spawn(move || serve_connection(agent, &system));
+        let containers = Service::guest().unwrap();
+        let thread = std::thread::spawn(move || serve_connection(agent, &system, &containers));
         (host, thread)
     }
 
