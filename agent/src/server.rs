@@ -268,6 +268,99 @@ mod tests {
         assert_closed(host, thread);
     }
 
+    /// Serves one connection of `containers`; the test is the host.
+    fn connect(containers: &Arc<Service>) -> UnixStream {
+        let (host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let containers = Arc::clone(containers);
+        std::thread::spawn(move || serve_connection(agent, &System::new(false), &containers));
+        host
+    }
+
+    fn ask(host: &mut UnixStream, request: Request) -> Response {
+        write_frame(host, &request).unwrap();
+        read_frame(host).unwrap()
+    }
+
+    #[test]
+    fn container_errors_are_answered_and_the_connection_goes_on() {
+        let (mut host, thread) = agent_connection();
+        assert_eq!(
+            ask(
+                &mut host,
+                Request::Pids {
+                    container_id: "nope".into()
+                }
+            ),
+            Response::Error {
+                message: "container \"nope\" not found".into()
+            }
+        );
+        let attach = Request::AttachStdio {
+            container_id: "nope".into(),
+            exec_id: None,
+            stream: jevm_protocol::StdioStream::Stdout,
+        };
+        assert!(matches!(ask(&mut host, attach), Response::Error { .. }));
+        assert_eq!(
+            ask(&mut host, Request::Ping { nonce: 9 }),
+            Response::Pong { nonce: 9 }
+        );
+        drop(host);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn events_and_stdio_connections_are_taken_over_after_their_done() {
+        use jevm_protocol::{CreateContainer, Event, Stdio, StdioStream};
+        let containers = Arc::new(crate::container::tests::fake_service());
+        let mut events = connect(&containers);
+        assert_eq!(ask(&mut events, Request::Events), Response::Done);
+
+        let mut control = connect(&containers);
+        let create = Request::CreateContainer(CreateContainer {
+            container_id: "srv".into(),
+            spec: crate::container::tests::spec(&["sh", "-c", "echo hi; exit 5"]),
+            stdio: Stdio {
+                stdout: true,
+                ..Stdio::default()
+            },
+        });
+        let Response::Created { pid } = ask(&mut control, create) else {
+            panic!("not created")
+        };
+        let mut stdout = connect(&containers);
+        let attach = Request::AttachStdio {
+            container_id: "srv".into(),
+            exec_id: None,
+            stream: StdioStream::Stdout,
+        };
+        assert_eq!(ask(&mut stdout, attach), Response::Done);
+        let start = Request::StartContainer {
+            container_id: "srv".into(),
+        };
+        assert_eq!(ask(&mut control, start), Response::Started { pid });
+
+        let mut out = Vec::new();
+        stdout.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hi\n");
+        match read_frame::<_, Event>(&mut events).unwrap() {
+            Event::Exited {
+                container_id,
+                exec_id: None,
+                pid: p,
+                exit_status: 5,
+                ..
+            } if container_id == "srv" && p == pid => {}
+            other => panic!("{other:?}"),
+        }
+        let delete = Request::DeleteContainer {
+            container_id: "srv".into(),
+        };
+        assert_eq!(ask(&mut control, delete), Response::Done);
+    }
+
     #[test]
     fn truncated_frame_ends_the_connection_quietly() {
         let (mut host, thread) = agent_connection();

@@ -20,7 +20,7 @@ pub mod stdio;
 #[cfg(test)]
 mod fake_stage;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use cgroup_ops::{Cgroups, ContainerCgroup, GuestCgroups};
 use events::Events;

@@ -125,13 +125,16 @@ impl Process {
     }
 
     fn exited(self: Arc<Self>, exit: Exit, events: Arc<Events>) {
-        {
+        let stage = {
             let mut state = self.lock();
             state.exit = Some(exit);
             // A process that died before `Start` has nothing to start.
-            state.stage = None;
-        }
+            state.stage.take()
+        };
         self.changed.notify_all();
+        if let Some(stage) = stage {
+            stage.forget();
+        }
         let process = Arc::clone(&self);
         let report = move || {
             process.wait_for_output(Instant::now() + OUTPUT_DRAIN_LIMIT);

@@ -171,6 +171,11 @@ impl Stage {
         self.finish();
     }
 
+    /// Drops a stage whose process is gone before it was started.
+    pub fn forget(self) {
+        self.finish();
+    }
+
     /// The stage's own exit status no longer matters to anyone, unless the
     /// stage is itself the container process.
     fn finish(&self) {

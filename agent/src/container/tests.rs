@@ -16,7 +16,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Stands in for the agent's SIGCHLD reaper, which needs SIGCHLD blocked
 /// in every thread before any exists (impossible under libtest). Polls,
 /// which only tests may.
-fn start_test_reaper() {
+pub(crate) fn start_test_reaper() {
     static STARTED: Once = Once::new();
     STARTED.call_once(|| {
         // SAFETY: prctl with integer arguments: orphans of the fake stage
@@ -106,6 +106,20 @@ impl ContainerCgroup for FakeCgroup {
     }
 }
 
+/// A service whose stage is the fake one and whose cgroups are fakes.
+pub(crate) fn fake_service() -> Service {
+    start_test_reaper();
+    Service::new(
+        StageCommand::agent(),
+        Box::new(FakeCgroups {
+            root: PathBuf::from("/sys/fs/cgroup/jevm"),
+            calls: Calls::default(),
+            fail_create: false,
+        }),
+    )
+    .unwrap()
+}
+
 struct Harness {
     service: Service,
     calls: Calls,
@@ -157,7 +171,7 @@ fn reply(service: &Service, request: Request) -> Response {
     }
 }
 
-fn spec(args: &[&str]) -> serde_json::Value {
+pub(crate) fn spec(args: &[&str]) -> serde_json::Value {
     json!({
         "ociVersion": "1.0.2",
         "process": { "args": args, "cwd": "/", "user": { "uid": 0, "gid": 0 } },
