@@ -43,6 +43,17 @@ fn main() {
     }
 
     let system = Arc::new(System::new(pid1));
+    let containers = match container::Service::guest() {
+        Ok(service) => Arc::new(service),
+        Err(e) => {
+            error!("starting the container service: {e}");
+            if !pid1 {
+                std::process::exit(1);
+            }
+            system.power_off();
+            park_forever();
+        }
+    };
     let listener = match server::listen() {
         Ok(listener) => listener,
         Err(e) => {
@@ -57,7 +68,7 @@ fn main() {
         }
     };
     server::announce_ready();
-    server::serve(listener, system)
+    server::serve(listener, system, containers)
 }
 
 /// What PID 1 does when there is nothing left to do but must not exit.

@@ -3,8 +3,11 @@
 //!
 //! SIGCHLD is blocked in every thread and collected by one thread with
 //! `sigwait`, rather than a signal handler, so no other thread's blocking
-//! call is ever interrupted with EINTR.
+//! call is ever interrupted with EINTR. Every status reaped goes to the
+//! container exit table (`container::exits`), which keeps it until the
+//! process it belongs to is claimed.
 
+use crate::container::exits;
 use log::{error, warn};
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
@@ -50,7 +53,15 @@ fn reap_all() {
     loop {
         match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(_) | Err(Errno::EINTR) => {}
+            Ok(status) => {
+                // Container processes are waited for by the container
+                // table; every other child is an orphan or a stage
+                // intermediate and is simply gone now.
+                if let Some((pid, status)) = exits::status_of(status) {
+                    exits::reaped(pid, status);
+                }
+            }
+            Err(Errno::EINTR) => {}
             Err(e) => {
                 warn!("reaping children: {e}");
                 return;

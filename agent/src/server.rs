@@ -1,6 +1,7 @@
 //! The vsock side: telling the host we are ready, accepting its
 //! connections, and the frame loop on each.
 
+use crate::container::{self, Outcome, Service};
 use crate::handler::{agent_version, handle};
 use crate::system::{uptime_ms, System};
 use crate::vsock::{VsockListener, VsockStream, HOST_CID};
@@ -10,6 +11,8 @@ use jevm_protocol::{
 };
 use log::{debug, error, info, warn};
 use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,7 +66,7 @@ fn send_ready(ready: &Ready) -> io::Result<()> {
 }
 
 /// Accepts connections forever, one thread each.
-pub fn serve(listener: VsockListener, system: Arc<System>) -> ! {
+pub fn serve(listener: VsockListener, system: Arc<System>, containers: Arc<Service>) -> ! {
     loop {
         let stream = match listener.accept() {
             Ok(stream) => stream,
@@ -77,9 +80,10 @@ pub fn serve(listener: VsockListener, system: Arc<System>) -> ! {
             }
         };
         let system = Arc::clone(&system);
+        let containers = Arc::clone(&containers);
         let spawned = std::thread::Builder::new()
             .name("conn".into())
-            .spawn(move || serve_connection(stream, &system));
+            .spawn(move || serve_connection(stream, &system, &containers));
         if let Err(e) = spawned {
             error!("starting a thread for a host connection: {e}");
         }
@@ -95,7 +99,7 @@ fn is_transient_accept_error(e: &io::Error) -> bool {
 
 /// What the frame loop needs from a host connection besides bytes; a trait
 /// so tests can drive the loop over a Unix socket pair.
-pub trait Connection: Read + Write {
+pub trait Connection: Read + Write + Into<OwnedFd> {
     fn shutdown_write(&self) -> io::Result<()>;
     fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
 }
@@ -111,8 +115,10 @@ impl Connection for VsockStream {
 }
 
 /// Answers requests until the host closes the connection. Anything the agent
-/// cannot parse ends this connection, never the agent.
-fn serve_connection(mut stream: impl Connection, system: &System) {
+/// cannot parse ends this connection, never the agent. Container requests go
+/// to the container service; `Events` and `AttachStdio` take the connection
+/// over after their answer, and this thread then carries the stream.
+fn serve_connection(mut stream: impl Connection, system: &System, containers: &Service) {
     loop {
         let request: Request = match read_frame(&mut stream) {
             Ok(request) => request,
@@ -130,7 +136,22 @@ fn serve_connection(mut stream: impl Connection, system: &System) {
                 return;
             }
         };
-        let response = handle(system, request);
+        let response = if container::is_container_request(&request) {
+            match containers.handle(request) {
+                Outcome::Reply(response) => response,
+                Outcome::TakeOver(response, attachment) => {
+                    match write_frame(&mut stream, &response) {
+                        // The socket outlives its wrapper type: only fd
+                        // operations (read, write, shutdown) are used on it.
+                        Ok(()) => attachment(UnixStream::from(stream.into())),
+                        Err(e) => debug!("answering the host: {e}"),
+                    }
+                    return;
+                }
+            }
+        } else {
+            handle(system, request)
+        };
         if let Err(e) = write_frame(&mut stream, &response) {
             debug!("answering the host: {e}");
             return;
@@ -180,7 +201,8 @@ mod tests {
         let (host, agent) = UnixStream::pair().unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let system = System::new(false);
-        let thread = std::thread::spawn(move || serve_connection(agent, &system));
+        let containers = Service::guest().unwrap();
+        let thread = std::thread::spawn(move || serve_connection(agent, &system, &containers));
         (host, thread)
     }
 
@@ -244,6 +266,99 @@ mod tests {
             Response::Error { .. }
         ));
         assert_closed(host, thread);
+    }
+
+    /// Serves one connection of `containers`; the test is the host.
+    fn connect(containers: &Arc<Service>) -> UnixStream {
+        let (host, agent) = UnixStream::pair().unwrap();
+        host.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let containers = Arc::clone(containers);
+        std::thread::spawn(move || serve_connection(agent, &System::new(false), &containers));
+        host
+    }
+
+    fn ask(host: &mut UnixStream, request: Request) -> Response {
+        write_frame(host, &request).unwrap();
+        read_frame(host).unwrap()
+    }
+
+    #[test]
+    fn container_errors_are_answered_and_the_connection_goes_on() {
+        let (mut host, thread) = agent_connection();
+        assert_eq!(
+            ask(
+                &mut host,
+                Request::Pids {
+                    container_id: "nope".into()
+                }
+            ),
+            Response::Error {
+                message: "container \"nope\" not found".into()
+            }
+        );
+        let attach = Request::AttachStdio {
+            container_id: "nope".into(),
+            exec_id: None,
+            stream: jevm_protocol::StdioStream::Stdout,
+        };
+        assert!(matches!(ask(&mut host, attach), Response::Error { .. }));
+        assert_eq!(
+            ask(&mut host, Request::Ping { nonce: 9 }),
+            Response::Pong { nonce: 9 }
+        );
+        drop(host);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn events_and_stdio_connections_are_taken_over_after_their_done() {
+        use jevm_protocol::{CreateContainer, Event, Stdio, StdioStream};
+        let containers = Arc::new(crate::container::tests::fake_service());
+        let mut events = connect(&containers);
+        assert_eq!(ask(&mut events, Request::Events), Response::Done);
+
+        let mut control = connect(&containers);
+        let create = Request::CreateContainer(CreateContainer {
+            container_id: "srv".into(),
+            spec: crate::container::tests::spec(&["sh", "-c", "echo hi; exit 5"]),
+            stdio: Stdio {
+                stdout: true,
+                ..Stdio::default()
+            },
+        });
+        let Response::Created { pid } = ask(&mut control, create) else {
+            panic!("not created")
+        };
+        let mut stdout = connect(&containers);
+        let attach = Request::AttachStdio {
+            container_id: "srv".into(),
+            exec_id: None,
+            stream: StdioStream::Stdout,
+        };
+        assert_eq!(ask(&mut stdout, attach), Response::Done);
+        let start = Request::StartContainer {
+            container_id: "srv".into(),
+        };
+        assert_eq!(ask(&mut control, start), Response::Started { pid });
+
+        let mut out = Vec::new();
+        stdout.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"hi\n");
+        match read_frame::<_, Event>(&mut events).unwrap() {
+            Event::Exited {
+                container_id,
+                exec_id: None,
+                pid: p,
+                exit_status: 5,
+                ..
+            } if container_id == "srv" && p == pid => {}
+            other => panic!("{other:?}"),
+        }
+        let delete = Request::DeleteContainer {
+            container_id: "srv".into(),
+        };
+        assert_eq!(ask(&mut control, delete), Response::Done);
     }
 
     #[test]

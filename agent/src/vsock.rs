@@ -65,6 +65,12 @@ impl VsockStream {
     }
 }
 
+impl From<VsockStream> for OwnedFd {
+    fn from(stream: VsockStream) -> OwnedFd {
+        stream.0
+    }
+}
+
 impl Read for VsockStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         Ok(nix::unistd::read(self.0.as_raw_fd(), buf)?)
