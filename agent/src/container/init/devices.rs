@@ -25,14 +25,26 @@ pub fn populate(rootfs: &Path, spec_devices: &[LinuxDevice]) -> Result<()> {
         if spec_devices.iter().any(|d| d.path() == Path::new(path)) {
             continue;
         }
-        create_device(rootfs, Path::new(path), SFlag::S_IFCHR, major, minor, 0o666, 0, 0)?;
+        create_device(
+            rootfs,
+            Path::new(path),
+            SFlag::S_IFCHR,
+            major,
+            minor,
+            0o666,
+            0,
+            0,
+        )?;
     }
     for d in spec_devices {
         let kind = match d.typ() {
             LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
             LinuxDeviceType::B => SFlag::S_IFBLK,
             LinuxDeviceType::P => SFlag::S_IFIFO,
-            LinuxDeviceType::A => bail!("device {:?}: type \"a\" is not a device", d.path().display().to_string()),
+            LinuxDeviceType::A => bail!(
+                "device {:?}: type \"a\" is not a device",
+                d.path().display().to_string()
+            ),
         };
         create_device(
             rootfs,
@@ -80,7 +92,8 @@ fn create_device(
     let shown = path.display().to_string();
     let dest = secure_join(rootfs, path)?;
     if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| io_err(format!("device {shown:?}: mkdir"), &e))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| io_err(format!("device {shown:?}: mkdir"), &e))?;
     }
     match std::fs::remove_file(&dest) {
         Ok(()) => {}
@@ -106,8 +119,7 @@ fn symlink(rootfs: &Path, target: &str, link: &str) -> Result<()> {
 /// Binds the terminal the agent allocated (fd 0, a pty slave of the guest's
 /// devpts) onto `/dev/console`, as runc binds its pty slave.
 pub fn bind_console(rootfs: &Path) -> Result<()> {
-    let slave = std::fs::read_link("/proc/self/fd/0")
-        .map_err(|e| io_err("terminal (fd 0)", &e))?;
+    let slave = std::fs::read_link("/proc/self/fd/0").map_err(|e| io_err("terminal (fd 0)", &e))?;
     let dest = secure_join(rootfs, Path::new("/dev/console"))?;
     std::fs::OpenOptions::new()
         .create(true)

@@ -68,10 +68,7 @@ fn join_cgroup(cgroup: &Path) -> Result<()> {
 }
 
 fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
-    let process = spec
-        .process()
-        .as_ref()
-        .context("spec has no process")?;
+    let process = spec.process().as_ref().context("spec has no process")?;
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         bail!("args must not be empty");
     }

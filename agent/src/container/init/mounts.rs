@@ -173,7 +173,12 @@ fn do_mount(
 }
 
 fn mount_err(dest: &Path, typ: &str, e: Errno) -> anyhow::Error {
-    anyhow::anyhow!("mount {:?} (type {:?}): {}", dest.display().to_string(), typ, errno_desc(e))
+    anyhow::anyhow!(
+        "mount {:?} (type {:?}): {}",
+        dest.display().to_string(),
+        typ,
+        errno_desc(e)
+    )
 }
 
 /// Builds the container's mounts under its rootfs and pivots into it.
@@ -193,8 +198,9 @@ pub fn prepare_rootfs(spec: &Spec, terminal: bool) -> Result<()> {
     // Nothing done below may propagate back to the guest's mounts.
     let propagation = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
         None | Some("") => MsFlags::MS_SLAVE | MsFlags::MS_REC,
-        Some(p) => propagation_of(p)
-            .ok_or_else(|| anyhow::anyhow!("rootfsPropagation {p:?}: unknown"))?,
+        Some(p) => {
+            propagation_of(p).ok_or_else(|| anyhow::anyhow!("rootfsPropagation {p:?}: unknown"))?
+        }
     };
     do_mount(None, Path::new("/"), None, propagation, None)
         .map_err(|e| os_err("make / private to the container", e))?;
@@ -215,18 +221,28 @@ pub fn prepare_rootfs(spec: &Spec, terminal: bool) -> Result<()> {
         mount_one(&rootfs, m)?;
     }
     let dev_bound = mounts.iter().any(|m| {
-        m.destination() == Path::new("/dev") && Options::parse(m.options().as_deref().unwrap_or_default()).is_bind()
+        m.destination() == Path::new("/dev")
+            && Options::parse(m.options().as_deref().unwrap_or_default()).is_bind()
     });
     if !dev_bound {
-        devices::populate(&rootfs, linux.and_then(|l| l.devices().as_deref()).unwrap_or_default())?;
+        devices::populate(
+            &rootfs,
+            linux
+                .and_then(|l| l.devices().as_deref())
+                .unwrap_or_default(),
+        )?;
     }
     if terminal {
         devices::bind_console(&rootfs)?;
     }
     if let Some(process) = spec.process() {
         let cwd = secure_join(&rootfs, process.cwd())?;
-        std::fs::create_dir_all(&cwd)
-            .map_err(|e| io_err(format!("mkdir cwd {:?}", process.cwd().display().to_string()), &e))?;
+        std::fs::create_dir_all(&cwd).map_err(|e| {
+            io_err(
+                format!("mkdir cwd {:?}", process.cwd().display().to_string()),
+                &e,
+            )
+        })?;
     }
     pivot(&rootfs)
 }
@@ -243,12 +259,16 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
     let source = m.source().as_deref();
 
     if typ == "bind" || opts.is_bind() {
-        let source =
-            source.ok_or_else(|| anyhow::anyhow!("mount {shown:?}: bind mount without a source"))?;
+        let source = source
+            .ok_or_else(|| anyhow::anyhow!("mount {shown:?}: bind mount without a source"))?;
         let meta = std::fs::metadata(source).map_err(|e| {
-            io_err(format!("mount {shown:?}: source {:?}", source.display().to_string()), &e)
+            io_err(
+                format!("mount {shown:?}: source {:?}", source.display().to_string()),
+                &e,
+            )
         })?;
-        make_target(&dest, meta.is_dir()).map_err(|e| io_err(format!("mount {shown:?}: mkdir"), &e))?;
+        make_target(&dest, meta.is_dir())
+            .map_err(|e| io_err(format!("mount {shown:?}: mkdir"), &e))?;
         let bind_flags = opts.flags & (MsFlags::MS_BIND | MsFlags::MS_REC);
         do_mount(Some(source), &dest, Some("bind"), bind_flags, None)
             .map_err(|e| mount_err(dest_in, "bind", e))?;
@@ -272,7 +292,13 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
         // hierarchy, as runc does on a unified host.
         let fstype = if typ == "cgroup" { "cgroup2" } else { typ };
         let source = source.unwrap_or(Path::new(fstype));
-        let result = do_mount(Some(source), &dest, Some(fstype), opts.flags, data.as_deref());
+        let result = do_mount(
+            Some(source),
+            &dest,
+            Some(fstype),
+            opts.flags,
+            data.as_deref(),
+        );
         match result {
             Ok(()) => {}
             // Without namespaces of their own, sysfs, mqueue and cgroup2
@@ -337,17 +363,27 @@ fn pivot(rootfs: &Path) -> Result<()> {
     let old: OwnedFd = open_owned("/", dir_flags)?;
     let new: OwnedFd = open_owned(rootfs, dir_flags)?;
     fchdir(new.as_raw_fd()).map_err(|e| os_err("chdir to rootfs", e))?;
-    pivot_root(".", ".").map_err(|e| os_err(format!("pivot_root {:?}", rootfs.display().to_string()), e))?;
+    pivot_root(".", ".")
+        .map_err(|e| os_err(format!("pivot_root {:?}", rootfs.display().to_string()), e))?;
     fchdir(old.as_raw_fd()).map_err(|e| os_err("chdir to the old root", e))?;
     // Slave first, so detaching the old root cannot unmount anything in
     // the guest's namespace through propagation.
-    do_mount(None, Path::new("."), None, MsFlags::MS_SLAVE | MsFlags::MS_REC, None)
-        .map_err(|e| os_err("make the old root a slave", e))?;
+    do_mount(
+        None,
+        Path::new("."),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )
+    .map_err(|e| os_err("make the old root a slave", e))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| os_err("detach the old root", e))?;
     nix::unistd::chdir("/").map_err(|e| os_err("chdir /", e))
 }
 
-fn open_owned<P: ?Sized + nix::NixPath + std::fmt::Debug>(path: &P, flags: OFlag) -> Result<OwnedFd> {
+fn open_owned<P: ?Sized + nix::NixPath + std::fmt::Debug>(
+    path: &P,
+    flags: OFlag,
+) -> Result<OwnedFd> {
     let fd = open(path, flags, Mode::empty()).map_err(|e| os_err(format!("open {path:?}"), e))?;
     // SAFETY: `open` just returned this descriptor and nothing else owns it.
     Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
@@ -371,7 +407,12 @@ pub fn finish_rootfs(spec: &Spec) -> Result<()> {
     for path in linux.masked_paths().as_deref().unwrap_or_default() {
         mask_path(Path::new(path))?;
     }
-    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
         remount_readonly(Path::new("/"), MsFlags::empty())
             .map_err(|e| os_err("remount / read-only", e))?;
     }
@@ -401,12 +442,19 @@ fn remount_readonly(path: &Path, extra: MsFlags) -> nix::Result<()> {
 
 fn readonly_path(path: &Path) -> Result<()> {
     let shown = path.display().to_string();
-    match do_mount(Some(path), path, Some("bind"), MsFlags::MS_BIND | MsFlags::MS_REC, None) {
+    match do_mount(
+        Some(path),
+        path,
+        Some("bind"),
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    ) {
         Ok(()) => {}
         Err(Errno::ENOENT) => return Ok(()),
         Err(e) => return Err(os_err(format!("readonly path {shown:?}"), e)),
     }
-    remount_readonly(path, MsFlags::MS_REC).map_err(|e| os_err(format!("readonly path {shown:?}"), e))
+    remount_readonly(path, MsFlags::MS_REC)
+        .map_err(|e| os_err(format!("readonly path {shown:?}"), e))
 }
 
 fn mask_path(path: &Path) -> Result<()> {
@@ -416,8 +464,14 @@ fn mask_path(path: &Path) -> Result<()> {
         Ok(()) | Err(Errno::ENOENT) => Ok(()),
         Err(Errno::ENOTDIR) => {
             // A directory: an empty read-only tmpfs hides it.
-            do_mount(Some(Path::new("tmpfs")), path, Some("tmpfs"), MsFlags::MS_RDONLY, None)
-                .map_err(|e| os_err(format!("masked path {shown:?}"), e))
+            do_mount(
+                Some(Path::new("tmpfs")),
+                path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY,
+                None,
+            )
+            .map_err(|e| os_err(format!("masked path {shown:?}"), e))
         }
         Err(e) => Err(os_err(format!("masked path {shown:?}"), e)),
     }
@@ -433,7 +487,14 @@ mod tests {
 
     #[test]
     fn options_split_into_flags_propagation_and_data() {
-        let o = opts(&["nosuid", "noexec", "newinstance", "ptmxmode=0666", "rslave", "ro"]);
+        let o = opts(&[
+            "nosuid",
+            "noexec",
+            "newinstance",
+            "ptmxmode=0666",
+            "rslave",
+            "ro",
+        ]);
         assert_eq!(
             o.flags,
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY
@@ -441,7 +502,9 @@ mod tests {
         assert_eq!(o.propagation, vec![MsFlags::MS_SLAVE | MsFlags::MS_REC]);
         assert_eq!(o.data(), Some("newinstance,ptmxmode=0666".to_string()));
         assert_eq!(opts(&["ro", "rw"]).flags, MsFlags::empty());
-        assert!(opts(&["rbind"]).flags.contains(MsFlags::MS_BIND | MsFlags::MS_REC));
+        assert!(opts(&["rbind"])
+            .flags
+            .contains(MsFlags::MS_BIND | MsFlags::MS_REC));
     }
 
     #[test]
@@ -451,8 +514,17 @@ mod tests {
         std::fs::create_dir_all(root.join("real/sub")).unwrap();
         std::os::unix::fs::symlink("/real", root.join("abs")).unwrap();
         std::os::unix::fs::symlink("../../../..", root.join("real/up")).unwrap();
-        assert_eq!(secure_join(root, Path::new("/abs/sub")).unwrap(), root.join("real/sub"));
-        assert_eq!(secure_join(root, Path::new("/real/up/etc")).unwrap(), root.join("etc"));
-        assert_eq!(secure_join(root, Path::new("/../../x")).unwrap(), root.join("x"));
+        assert_eq!(
+            secure_join(root, Path::new("/abs/sub")).unwrap(),
+            root.join("real/sub")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/real/up/etc")).unwrap(),
+            root.join("etc")
+        );
+        assert_eq!(
+            secure_join(root, Path::new("/../../x")).unwrap(),
+            root.join("x")
+        );
     }
 }

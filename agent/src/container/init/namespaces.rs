@@ -97,8 +97,7 @@ impl Plan {
             bail!("a mount namespace is required (the rootfs is pivoted into)");
         }
         // The mount namespace is joined last: its paths would hide the others.
-        plan.join
-            .sort_by_key(|j| j.flag == CloneFlags::CLONE_NEWNS);
+        plan.join.sort_by_key(|j| j.flag == CloneFlags::CLONE_NEWNS);
         Ok(plan)
     }
 
@@ -207,7 +206,10 @@ pub fn set_hostname(spec: &Spec, plan: &Plan) -> Result<()> {
         // SAFETY: the pointer and length describe `name`, which outlives the call.
         let rc = unsafe { libc::setdomainname(name.as_ptr().cast(), name.len()) };
         if rc != 0 {
-            bail!("setdomainname {name:?}: {}", errno_desc(nix::errno::Errno::last()));
+            bail!(
+                "setdomainname {name:?}: {}",
+                errno_desc(nix::errno::Errno::last())
+            );
         }
     }
     Ok(())

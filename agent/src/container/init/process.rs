@@ -25,14 +25,18 @@ pub struct Prepared {
 /// Marks every inherited descriptor above the sync socket close-on-exec so
 /// nothing of the agent leaks into the container.
 pub fn close_inherited_fds() -> Result<()> {
-    let entries = std::fs::read_dir("/proc/self/fd").map_err(|e| io_err("read /proc/self/fd", &e))?;
+    let entries =
+        std::fs::read_dir("/proc/self/fd").map_err(|e| io_err("read /proc/self/fd", &e))?;
     let fds: Vec<i32> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .filter(|fd| *fd > crate::container::plan::SYNC_FD)
         .collect();
     for fd in fds {
         // The directory's own descriptor is gone by now: EBADF is expected.
-        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
     }
     Ok(())
 }
@@ -47,7 +51,8 @@ pub fn prepare(process: &Process, spec: &Spec, terminal: bool) -> Result<Prepare
             bail!("set no_new_privileges: {}", errno_desc(Errno::last()));
         }
     }
-    let filters = super::seccomp::compile(spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))?;
+    let filters =
+        super::seccomp::compile(spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()))?;
     // Without no_new_privileges only CAP_SYS_ADMIN allows loading a filter,
     // so it goes in before the capabilities are dropped; with it, as late as
     // possible so the filter sees nothing of the set-up.
@@ -82,8 +87,14 @@ pub fn prepare(process: &Process, spec: &Spec, terminal: bool) -> Result<Prepare
     let path = look_path(name, &env)?;
     Ok(Prepared {
         path: cstring(&path, "executable path")?,
-        args: args.iter().map(|a| cstring(a, "argument")).collect::<Result<_>>()?,
-        env: env.iter().map(|e| cstring(e, "environment variable")).collect::<Result<_>>()?,
+        args: args
+            .iter()
+            .map(|a| cstring(a, "argument"))
+            .collect::<Result<_>>()?,
+        env: env
+            .iter()
+            .map(|e| cstring(e, "environment variable"))
+            .collect::<Result<_>>()?,
         late_filters,
     })
 }
@@ -94,7 +105,11 @@ impl Prepared {
             f.load()?;
         }
         let err = nix::unistd::execve(&self.path, &self.args, &self.env).unwrap_err();
-        bail!("exec {:?}: {}", self.path.to_string_lossy(), errno_desc(err))
+        bail!(
+            "exec {:?}: {}",
+            self.path.to_string_lossy(),
+            errno_desc(err)
+        )
     }
 }
 
@@ -154,7 +169,10 @@ fn new_session(terminal: bool) -> Result<()> {
     if terminal {
         // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is ours.
         if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-            bail!("set the controlling terminal (fd 0): {}", errno_desc(Errno::last()));
+            bail!(
+                "set the controlling terminal (fd 0): {}",
+                errno_desc(Errno::last())
+            );
         }
     }
     Ok(())
@@ -178,9 +196,11 @@ fn caps_err(what: &str, e: caps::errors::CapsError) -> anyhow::Error {
 /// before the user changes.
 fn apply_bounding(c: Option<&LinuxCapabilities>) -> Result<()> {
     let keep = c.map(|c| cap_set(c.bounding())).unwrap_or_default();
-    let current = caps::read(None, CapSet::Bounding).map_err(|e| caps_err("read bounding set", e))?;
+    let current =
+        caps::read(None, CapSet::Bounding).map_err(|e| caps_err("read bounding set", e))?;
     for cap in current.difference(&keep) {
-        caps::drop(None, CapSet::Bounding, *cap).map_err(|e| caps_err(&format!("drop {cap} from the bounding set"), e))?;
+        caps::drop(None, CapSet::Bounding, *cap)
+            .map_err(|e| caps_err(&format!("drop {cap} from the bounding set"), e))?;
     }
     Ok(())
 }
@@ -197,9 +217,12 @@ fn apply_caps(c: Option<&LinuxCapabilities>) -> Result<()> {
     }
     // Order matters to capset: inheritable while permitted is still full,
     // effective before permitted shrinks under it.
-    caps::set(None, CapSet::Inheritable, &inh).map_err(|e| caps_err("set inheritable capabilities", e))?;
-    caps::set(None, CapSet::Effective, &eff).map_err(|e| caps_err("set effective capabilities", e))?;
-    caps::set(None, CapSet::Permitted, &perm).map_err(|e| caps_err("set permitted capabilities", e))?;
+    caps::set(None, CapSet::Inheritable, &inh)
+        .map_err(|e| caps_err("set inheritable capabilities", e))?;
+    caps::set(None, CapSet::Effective, &eff)
+        .map_err(|e| caps_err("set effective capabilities", e))?;
+    caps::set(None, CapSet::Permitted, &perm)
+        .map_err(|e| caps_err("set permitted capabilities", e))?;
     caps::set(None, CapSet::Ambient, &amb).map_err(|e| caps_err("set ambient capabilities", e))?;
     Ok(())
 }
@@ -276,7 +299,8 @@ fn executable(path: &Path) -> std::result::Result<(), String> {
     if meta.is_dir() || meta.permissions().mode() & 0o111 == 0 {
         return Err("permission denied".into());
     }
-    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).map_err(|_| "permission denied".to_string())
+    nix::unistd::access(path, nix::unistd::AccessFlags::X_OK)
+        .map_err(|_| "permission denied".to_string())
 }
 
 #[cfg(test)]

@@ -18,8 +18,7 @@ use super::syscalls;
 use anyhow::{anyhow, bail, Result};
 use nix::errno::Errno;
 use oci_spec::runtime::{
-    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag,
-    LinuxSeccompOperator,
+    LinuxSeccomp, LinuxSeccompAction, LinuxSeccompArg, LinuxSeccompFilterFlag, LinuxSeccompOperator,
 };
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -66,7 +65,8 @@ fn condition_of(arg: &LinuxSeccompArg) -> Result<SeccompCondition> {
             arg.value_two().unwrap_or(0),
         ),
     };
-    let index = u8::try_from(arg.index()).map_err(|_| anyhow!("seccomp: argument index {} out of range", arg.index()))?;
+    let index = u8::try_from(arg.index())
+        .map_err(|_| anyhow!("seccomp: argument index {} out of range", arg.index()))?;
     SeccompCondition::new(index, SeccompCmpArgLen::Qword, op, value)
         .map_err(|e| anyhow!("seccomp: argument index {}: {e}", arg.index()))
 }
@@ -82,7 +82,9 @@ fn add(map: &mut RuleMap, nr: i64, rule: Option<SeccompRule>) {
 }
 
 fn finish(map: RuleMap) -> BTreeMap<i64, Vec<SeccompRule>> {
-    map.into_iter().map(|(nr, r)| (nr, r.unwrap_or_default())).collect()
+    map.into_iter()
+        .map(|(nr, r)| (nr, r.unwrap_or_default()))
+        .collect()
 }
 
 /// The filters for `profile`, or None when there is nothing to enforce.
@@ -146,8 +148,13 @@ pub fn compile(profile: Option<&LinuxSeccomp>) -> Result<Option<Filters>> {
     let mut filters = Vec::new();
     if default != SeccompAction::Allow {
         filters.push(
-            SeccompFilter::new(finish(excepted), default.clone(), SeccompAction::Allow, arch)
-                .map_err(|e| anyhow!("seccomp: {e}"))?,
+            SeccompFilter::new(
+                finish(excepted),
+                default.clone(),
+                SeccompAction::Allow,
+                arch,
+            )
+            .map_err(|e| anyhow!("seccomp: {e}"))?,
         );
     }
     for (action, map) in by_action {
@@ -167,8 +174,12 @@ impl Filters {
     /// Installs the filters on this thread (they survive `execve`).
     pub fn load(&self) -> Result<()> {
         for program in &self.programs {
-            let len = u16::try_from(program.len())
-                .map_err(|_| anyhow!("seccomp: filter of {} instructions is too long", program.len()))?;
+            let len = u16::try_from(program.len()).map_err(|_| {
+                anyhow!(
+                    "seccomp: filter of {} instructions is too long",
+                    program.len()
+                )
+            })?;
             let prog = libc::sock_fprog {
                 len,
                 // seccompiler's sock_filter is the kernel's struct sock_filter.
