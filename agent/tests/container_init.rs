@@ -529,3 +529,48 @@ fn terminal_becomes_controlling_tty_and_console() {
     assert_eq!(o.status, Some(0), "{o:?} {out}");
     assert_eq!(out, "character special file 88\ntty\ndone\n");
 }
+
+#[test]
+fn containerds_default_seccomp_profile_behaves_as_under_runc() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    // `ctr run --seccomp`'s profile (default ERRNO, an allow list, a few
+    // calls refused with their own errno), captured on this host.
+    let profile: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/containerd-default-seccomp.json")).unwrap();
+    let script = "rm -rf /tmp/x; mkdir /tmp/x && echo made; unshare -U true; echo unshare=$?; \
+                  grep '^Seccomp:' /proc/self/status; ls / >/dev/null && echo listed";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["linux"]["seccomp"] = profile;
+    let o = run("seccomp-default", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "made\nunshare=1\nSeccomp:\t2\nlisted\n");
+    if let Some((code, out, err)) = run_runc("seccomp-default", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        assert_eq!(o.stdout, out, "differs from runc: {err}");
+        assert_eq!(o.stderr, err, "stderr differs from runc");
+    }
+}
+
+#[test]
+fn execve_failure_after_start_is_reported() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let bad = rootfs.path().join("bin/bad");
+    std::fs::write(&bad, "not a program\n").unwrap();
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut spec = default_spec(rootfs.path(), &["bad"]);
+    spec["process"]["oomScoreAdj"] = json!(500);
+    let o = run("badexec", &spec);
+    assert_eq!(o.create_error, None);
+    assert_eq!(
+        o.start_error.as_deref(),
+        Some("exec /bin/bad: exec format error")
+    );
+    assert_ne!(o.status, Some(0));
+
+    let mut spec = default_spec(rootfs.path(), &["cat", "/proc/self/oom_score_adj"]);
+    spec["process"]["oomScoreAdj"] = json!(500);
+    let o = run("oomadj", &spec);
+    assert_eq!(o.stdout, "500\n", "{o:?}");
+}

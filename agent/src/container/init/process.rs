@@ -43,6 +43,10 @@ pub fn close_inherited_fds() -> Result<()> {
 
 pub fn prepare(process: &Process, spec: &Spec, terminal: bool) -> Result<Prepared> {
     set_rlimits(process)?;
+    if let Some(adj) = process.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(|e| io_err(format!("set oom_score_adj to {adj}"), &e))?;
+    }
     new_session(terminal)?;
     let nnp = process.no_new_privileges().unwrap_or(false);
     if nnp {
@@ -105,11 +109,7 @@ impl Prepared {
             f.load()?;
         }
         let err = nix::unistd::execve(&self.path, &self.args, &self.env).unwrap_err();
-        bail!(
-            "exec {:?}: {}",
-            self.path.to_string_lossy(),
-            errno_desc(err)
-        )
+        bail!("exec {}: {}", self.path.to_string_lossy(), errno_desc(err))
     }
 }
 
