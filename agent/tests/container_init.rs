@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    cap_mask, create_plan, default_spec, exec_plan, mounts_under, require_host, run, run_runc,
-    spawn_stage, Answer, Cgroup, Rootfs,
+    cap_mask, create_plan, default_spec, exec_plan, mounts_under, require_host, run, run_env,
+    run_runc, spawn_stage, Answer, Cgroup, Rootfs,
 };
 use serde_json::json;
 
@@ -573,4 +573,24 @@ fn execve_failure_after_start_is_reported() {
     spec["process"]["oomScoreAdj"] = json!(500);
     let o = run("oomadj", &spec);
     assert_eq!(o.stdout, "500\n", "{o:?}");
+}
+
+/// In the guest the root is the initramfs, which pivot_root refuses: the
+/// stage moves the rootfs onto / and chroots instead. Forced here, the view
+/// must be the same as after pivot_root, with none of the host's mounts.
+#[test]
+fn move_and_chroot_gives_the_same_view_as_pivot_root() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let script = "awk '{ for (i = 7; $i != \"-\"; i++) ; print $5, $6, $(i+1), $(i+3) }' /proc/self/mountinfo; ls /";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["root"]["readonly"] = json!(true);
+    let pivoted = run("pivot", &spec);
+    let moved = run_env("moved", &spec, &[("JEVM_NO_PIVOT", "1")]);
+    assert_eq!(pivoted.status, Some(0), "{pivoted:?}");
+    assert_eq!(moved.status, Some(0), "{moved:?}");
+    assert_eq!(moved.stdout, pivoted.stdout);
+    assert!(moved.stdout.contains("/ ro,"), "{}", moved.stdout);
+    assert!(!moved.stdout.contains("/sys/fs/cgroup"), "{}", moved.stdout);
+    assert!(mounts_under(rootfs.path()).is_empty());
 }

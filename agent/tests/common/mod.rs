@@ -189,11 +189,20 @@ fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> 
 /// `stdin`: what fd 0 is (None: /dev/null). With `terminal`, fds 0-2 are
 /// the given pty slave.
 pub fn spawn_stage(plan: &Value, tty: Option<&OwnedFd>) -> Stage {
+    spawn_stage_env(plan, tty, &[])
+}
+
+/// [`spawn_stage`] with extra environment variables for the stage.
+pub fn spawn_stage_env(plan: &Value, tty: Option<&OwnedFd>, env: &[(&str, &str)]) -> Stage {
     become_subreaper();
     let (ours, theirs) = UnixStream::pair().unwrap();
     let theirs_fd = theirs.as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_jevm-agent"));
-    cmd.arg("container-init");
+    // JEVM_AGENT_BIN runs the suite against another build (e.g. the static
+    // guest agent).
+    let bin = std::env::var_os("JEVM_AGENT_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_jevm-agent").into());
+    let mut cmd = Command::new(bin);
+    cmd.arg("container-init").envs(env.iter().copied());
     let (out, err);
     match tty {
         Some(slave) => {
@@ -360,8 +369,12 @@ pub fn exec_plan(id: &str, init_pid: u32, spec: &Value, process: &Value, cgroup:
 
 /// Creates, starts and waits for a container from `spec`.
 pub fn run(name: &str, spec: &Value) -> Outcome {
+    run_env(name, spec, &[])
+}
+
+pub fn run_env(name: &str, spec: &Value, env: &[(&str, &str)]) -> Outcome {
     let cgroup = Cgroup::new(name);
-    let mut stage = spawn_stage(&create_plan(name, spec, &cgroup, false), None);
+    let mut stage = spawn_stage_env(&create_plan(name, spec, &cgroup, false), None, env);
     match stage.created() {
         Answer::Ready => {
             let start_error = stage.start();

@@ -244,7 +244,7 @@ pub fn prepare_rootfs(spec: &Spec, terminal: bool) -> Result<()> {
             )
         })?;
     }
-    pivot(&rootfs)
+    enter_rootfs(&rootfs)
 }
 
 fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
@@ -356,16 +356,37 @@ fn make_target(dest: &Path, dir: bool) -> std::io::Result<()> {
     }
 }
 
+/// Makes the rootfs the process's root: `pivot_root` as runc does, or,
+/// when the current root is the initramfs (the guest's: the kernel refuses
+/// to pivot it away), a move onto `/` and `chroot` as `runc --no-pivot`
+/// does. `JEVM_NO_PIVOT` in the stage's environment forces the latter
+/// (tests exercise it on hosts where pivoting works).
+fn enter_rootfs(rootfs: &Path) -> Result<()> {
+    if std::env::var_os("JEVM_NO_PIVOT").is_none() {
+        match pivot(rootfs) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EINVAL) => {}
+            Err(e) => {
+                return Err(os_err(
+                    format!("pivot_root {:?}", rootfs.display().to_string()),
+                    e,
+                ))
+            }
+        }
+    }
+    move_root(rootfs)
+}
+
 /// `pivot_root` with the old root stacked under the new one, then detached:
 /// no directory is needed for it inside the rootfs.
-fn pivot(rootfs: &Path) -> Result<()> {
+fn pivot(rootfs: &Path) -> nix::Result<()> {
     let dir_flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
-    let old: OwnedFd = open_owned("/", dir_flags)?;
-    let new: OwnedFd = open_owned(rootfs, dir_flags)?;
-    fchdir(new.as_raw_fd()).map_err(|e| os_err("chdir to rootfs", e))?;
-    pivot_root(".", ".")
-        .map_err(|e| os_err(format!("pivot_root {:?}", rootfs.display().to_string()), e))?;
-    fchdir(old.as_raw_fd()).map_err(|e| os_err("chdir to the old root", e))?;
+    let old = open(Path::new("/"), dir_flags, Mode::empty())?;
+    // SAFETY: `open` just returned this descriptor and nothing else owns it.
+    let old = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(old) };
+    nix::unistd::chdir(rootfs)?;
+    pivot_root(".", ".")?;
+    fchdir(old.as_raw_fd())?;
     // Slave first, so detaching the old root cannot unmount anything in
     // the guest's namespace through propagation.
     do_mount(
@@ -374,19 +395,63 @@ fn pivot(rootfs: &Path) -> Result<()> {
         None,
         MsFlags::MS_SLAVE | MsFlags::MS_REC,
         None,
-    )
-    .map_err(|e| os_err("make the old root a slave", e))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(|e| os_err("detach the old root", e))?;
+    )?;
+    umount2(".", MntFlags::MNT_DETACH)?;
+    nix::unistd::chdir("/")
+}
+
+/// The rootfs moved onto `/` and `chroot`ed into. Every other mount of this
+/// namespace (the guest's /proc, /sys, /dev, the share holding the other
+/// containers' rootfs...) is detached first, so that nothing but the bare
+/// initramfs stays under the container's root.
+fn move_root(rootfs: &Path) -> Result<()> {
+    let shown = rootfs.display().to_string();
+    nix::unistd::chdir(rootfs).map_err(|e| os_err(format!("chdir {shown:?}"), e))?;
+    do_mount(Some(rootfs), Path::new("/"), None, MsFlags::MS_MOVE, None)
+        .map_err(|e| os_err(format!("move rootfs {shown:?} onto /"), e))?;
+    // Until the chroot, absolute paths still start at the old root, beneath
+    // the rootfs just moved over it: they name the guest's mounts only.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| io_err("read /proc/self/mountinfo", &e))?;
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| *p != "/")
+        .map(unescape_mountinfo)
+        .collect();
+    // Deepest first; a point already gone with its parent is EINVAL/ENOENT.
+    points.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    points.dedup();
+    for p in &points {
+        match umount2(p.as_str(), MntFlags::MNT_DETACH) {
+            Ok(()) | Err(Errno::EINVAL | Errno::ENOENT) => {}
+            Err(e) => return Err(os_err(format!("detach {p:?} from the container"), e)),
+        }
+    }
+    nix::unistd::chroot(".").map_err(|e| os_err(format!("chroot {shown:?}"), e))?;
     nix::unistd::chdir("/").map_err(|e| os_err("chdir /", e))
 }
 
-fn open_owned<P: ?Sized + nix::NixPath + std::fmt::Debug>(
-    path: &P,
-    flags: OFlag,
-) -> Result<OwnedFd> {
-    let fd = open(path, flags, Mode::empty()).map_err(|e| os_err(format!("open {path:?}"), e))?;
-    // SAFETY: `open` just returned this descriptor and nothing else owns it.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b));
+        if bytes[i] == b'\\' && octal {
+            let digit = |k: usize| u32::from(bytes[i + k] - b'0');
+            out.push((digit(1) * 64 + digit(2) * 8 + digit(3)) as u8);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// After `pivot_root`: sysctls, read-only and masked paths, read-only root.
@@ -505,6 +570,12 @@ mod tests {
         assert!(opts(&["rbind"])
             .flags
             .contains(MsFlags::MS_BIND | MsFlags::MS_REC));
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo("/plain\\"), "/plain\\");
     }
 
     #[test]
