@@ -594,3 +594,45 @@ fn move_and_chroot_gives_the_same_view_as_pivot_root() {
     assert!(!moved.stdout.contains("/sys/fs/cgroup"), "{}", moved.stdout);
     assert!(mounts_under(rootfs.path()).is_empty());
 }
+
+#[test]
+fn sysctls_and_domainname() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/msgmax /proc/sys/kernel/domainname",
+        ],
+    );
+    spec["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1", "kernel.msgmax": "4242"});
+    spec["domainname"] = json!("jevm.example");
+    let o = run("sysctl", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "1\n4242\njevm.example\n");
+}
+
+#[test]
+fn missing_rootfs_and_unsupported_namespaces_are_named() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(&rootfs.path().join("nope"), &["true"]);
+    let o = run("norootfs", &spec);
+    let want = format!(
+        "rootfs {:?}: no such file or directory",
+        rootfs.path().join("nope").display().to_string()
+    );
+    assert_eq!(o.create_error.as_deref(), Some(want.as_str()));
+    spec["root"]["path"] = json!(rootfs.path());
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    let o = run("userns", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("namespace \"user\": not supported by jevm")
+    );
+}
