@@ -2,73 +2,728 @@
 //! `/sys/fs/cgroup/jevm/<container id>`, limits from the OCI spec, freeze,
 //! counters, and OOM-kill notification.
 //!
-//! (Signatures fixed for the agent's lifecycle code; bodies are filled in by
-//! the container-init work.)
-#![allow(dead_code, unused_variables)]
+//! Waiting (freeze, emptiness, OOM kills) uses inotify on the cgroup's
+//! event files, which the kernel marks modified on every change: no
+//! polling.
+// Used by the agent's lifecycle code, merged separately.
+#![allow(dead_code)]
 
 use jevm_protocol::ContainerStats;
 use oci_spec::runtime::LinuxResources;
+use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Parent of every container cgroup in the guest.
 pub const ROOT: &str = "/sys/fs/cgroup/jevm";
 
+/// Controllers a container's limits and counters need.
+const CONTROLLERS: [&str; 6] = ["cpu", "cpuset", "memory", "pids", "io", "hugetlb"];
+
+/// How long freezing or emptying a cgroup may take before it is an error.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Cgroup {
     path: PathBuf,
+}
+
+fn annotate(e: io::Error, what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+fn write_file(path: &Path, value: &str) -> io::Result<()> {
+    std::fs::write(path, value)
+        .map_err(|e| annotate(e, format!("write {value:?} to {}", path.display())))
+}
+
+fn read_file(path: &Path) -> io::Result<String> {
+    std::fs::read_to_string(path).map_err(|e| annotate(e, format!("read {}", path.display())))
+}
+
+/// `key value` lines (cpu.stat, memory.stat, memory.events, cgroup.events).
+fn parse_flat_keyed(text: &str) -> BTreeMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// A number or "max".
+fn parse_max(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
+/// Enables the container controllers this cgroup offers in its
+/// subtree_control, so that its children get them.
+fn enable_controllers(dir: &Path) -> io::Result<()> {
+    let available = read_file(&dir.join("cgroup.controllers"))?;
+    let enabled = read_file(&dir.join("cgroup.subtree_control"))?;
+    let enabled: Vec<&str> = enabled.split_whitespace().collect();
+    for c in available.split_whitespace() {
+        if CONTROLLERS.contains(&c) && !enabled.contains(&c) {
+            write_file(&dir.join("cgroup.subtree_control"), &format!("+{c}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// runc's mapping of cgroup v1 cpu.shares [2, 262144] to cpu.weight [1, 10000].
+pub fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
+/// runc's mapping of blkio.weight [10, 1000] to io.weight [1, 10000].
+pub fn blkio_weight_to_io_weight(weight: u16) -> u64 {
+    let weight = u64::from(weight.clamp(10, 1000));
+    1 + ((weight - 10) * 9999) / 990
+}
+
+/// OCI `swap` is memory+swap; cgroup v2 limits swap alone. None: leave
+/// memory.swap.max as it is.
+pub fn swap_max(swap: i64, limit: Option<i64>) -> io::Result<Option<String>> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    match (swap, limit.unwrap_or(0)) {
+        (0, _) => Ok(None),
+        (s, _) if s < 0 => Ok(Some("max".into())),
+        (_, l) if l < 0 => Ok(Some("max".into())),
+        (_, 0) => Err(invalid(
+            "memory.swap: a swap limit needs a memory limit".into(),
+        )),
+        (s, l) if s < l => Err(invalid(format!(
+            "memory.swap: memory+swap limit {s} is below the memory limit {l}"
+        ))),
+        (s, l) => Ok(Some((s - l).to_string())),
+    }
+}
+
+/// `cpu.max` for a quota and period; None: leave it as it is.
+pub fn cpu_max(quota: Option<i64>, period: Option<u64>) -> Option<String> {
+    if quota.unwrap_or(0) == 0 && period.unwrap_or(0) == 0 {
+        return None;
+    }
+    let period = period.filter(|p| *p != 0).unwrap_or(100_000);
+    Some(match quota {
+        Some(q) if q > 0 => format!("{q} {period}"),
+        _ => format!("max {period}"),
+    })
+}
+
+fn limit_text(value: i64) -> String {
+    if value < 0 {
+        "max".into()
+    } else {
+        value.to_string()
+    }
 }
 
 impl Cgroup {
     /// Creates the container's cgroup (enabling the cpu, memory, pids and io
     /// controllers on the way down) and applies `resources`.
     pub fn create(container_id: &str, resources: Option<&LinuxResources>) -> io::Result<Cgroup> {
-        todo!()
+        let root = Path::new(ROOT);
+        Self::create_in(root.parent().unwrap_or(root), container_id, resources)
+    }
+
+    /// [`create`](Self::create) under `<hierarchy>/jevm` (tests use a
+    /// scratch cgroup of the host as `hierarchy`).
+    pub fn create_in(
+        hierarchy: &Path,
+        container_id: &str,
+        resources: Option<&LinuxResources>,
+    ) -> io::Result<Cgroup> {
+        if container_id.is_empty()
+            || container_id.contains('/')
+            || container_id == "."
+            || container_id == ".."
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("container id {container_id:?} cannot name a cgroup"),
+            ));
+        }
+        enable_controllers(hierarchy)?;
+        let parent = hierarchy.join("jevm");
+        match std::fs::create_dir(&parent) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(annotate(e, format!("mkdir {}", parent.display()))),
+        }
+        enable_controllers(&parent)?;
+        let path = parent.join(container_id);
+        std::fs::create_dir(&path).map_err(|e| annotate(e, format!("mkdir {}", path.display())))?;
+        let cgroup = Cgroup { path };
+        if let Some(r) = resources {
+            if let Err(e) = cgroup.update(r) {
+                let _ = std::fs::remove_dir(&cgroup.path);
+                return Err(e);
+            }
+        }
+        Ok(cgroup)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    fn set(&self, name: &str, value: &str) -> io::Result<()> {
+        let path = self.file(name);
+        std::fs::write(&path, value).map_err(|e| {
+            // cgroupfs refuses to create files: a missing one is EACCES.
+            let reason = if !path.exists() {
+                "the controller is not available".to_string()
+            } else {
+                e.to_string()
+            };
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cgroup {}: set {name} to {value:?}: {reason}",
+                    self.path.display()
+                ),
+            )
+        })
+    }
+
     /// Applies new limits (`ctr task update`, CRI UpdateContainerResources).
     pub fn update(&self, resources: &LinuxResources) -> io::Result<()> {
-        todo!()
+        if let Some(m) = resources.memory() {
+            if let Some(limit) = m.limit().filter(|l| *l != 0) {
+                self.set("memory.max", &limit_text(limit))?;
+            }
+            if let Some(low) = m.reservation().filter(|l| *l != 0) {
+                self.set("memory.low", &limit_text(low))?;
+            }
+            if let Some(swap) = m.swap() {
+                if let Some(value) = swap_max(swap, m.limit())? {
+                    // Without swap accounting the file does not exist, and
+                    // there is no swap to limit.
+                    if self.file("memory.swap.max").exists() || value != "max" {
+                        self.set("memory.swap.max", &value)?;
+                    }
+                }
+            }
+        }
+        if let Some(c) = resources.cpu() {
+            if let Some(shares) = c.shares().filter(|s| *s != 0) {
+                self.set("cpu.weight", &shares_to_weight(shares).to_string())?;
+            }
+            if let Some(max) = cpu_max(c.quota(), c.period()) {
+                self.set("cpu.max", &max)?;
+            }
+            if let Some(cpus) = c.cpus().as_deref().filter(|s| !s.is_empty()) {
+                self.set("cpuset.cpus", cpus)?;
+            }
+            if let Some(mems) = c.mems().as_deref().filter(|s| !s.is_empty()) {
+                self.set("cpuset.mems", mems)?;
+            }
+        }
+        if let Some(p) = resources.pids() {
+            if p.limit() != 0 {
+                self.set("pids.max", &limit_text(p.limit()))?;
+            }
+        }
+        if let Some(b) = resources.block_io() {
+            if let Some(w) = b.weight().filter(|w| *w != 0) {
+                if self.file("io.bfq.weight").exists() {
+                    self.set("io.bfq.weight", &w.to_string())?;
+                } else {
+                    self.set("io.weight", &blkio_weight_to_io_weight(w).to_string())?;
+                }
+            }
+            let throttles = [
+                ("rbps", b.throttle_read_bps_device()),
+                ("wbps", b.throttle_write_bps_device()),
+                ("riops", b.throttle_read_iops_device()),
+                ("wiops", b.throttle_write_iops_device()),
+            ];
+            for (key, devices) in throttles {
+                for d in devices.as_deref().unwrap_or_default() {
+                    let rate = if d.rate() == 0 {
+                        "max".to_string()
+                    } else {
+                        d.rate().to_string()
+                    };
+                    self.set(
+                        "io.max",
+                        &format!("{}:{} {key}={rate}", d.major(), d.minor()),
+                    )?;
+                }
+            }
+        }
+        for h in resources.hugepage_limits().as_deref().unwrap_or_default() {
+            self.set(
+                &format!("hugetlb.{}.max", h.page_size()),
+                &h.limit().to_string(),
+            )?;
+        }
+        if let Some(unified) = resources.unified() {
+            for (key, value) in unified {
+                if key.contains('/') || key.starts_with('.') {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("cgroup unified key {key:?} is not a cgroup file"),
+                    ));
+                }
+                self.set(key, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn events(&self) -> io::Result<BTreeMap<String, u64>> {
+        Ok(parse_flat_keyed(&read_file(&self.file("cgroup.events"))?))
+    }
+
+    /// Waits until `cgroup.events` has `key` = `value`.
+    fn wait_event(&self, key: &str, value: u64) -> io::Result<()> {
+        let events = self.file("cgroup.events");
+        let watch = Inotify::watch(&events, libc::IN_MODIFY)?;
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            // Read after the watch is in place, so no change is missed.
+            if self.events()?.get(key) == Some(&value) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !watch.wait(left)? {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "cgroup {}: {key} did not become {value} within {SETTLE_TIMEOUT:?}",
+                        self.path.display()
+                    ),
+                ));
+            }
+        }
     }
 
     /// Freezes (`true`) or thaws the cgroup and waits until the kernel says
     /// it is done.
     pub fn freeze(&self, frozen: bool) -> io::Result<()> {
-        todo!()
+        self.set("cgroup.freeze", if frozen { "1" } else { "0" })?;
+        self.wait_event("frozen", u64::from(frozen))
     }
 
     /// PIDs (guest root namespace) of every process in the cgroup.
     pub fn pids(&self) -> io::Result<Vec<u32>> {
-        todo!()
+        Ok(read_file(&self.file("cgroup.procs"))?
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect())
     }
 
     pub fn stats(&self) -> io::Result<ContainerStats> {
-        todo!()
+        // A counter whose controller is not enabled reads as zero.
+        let optional = |name: &str| -> io::Result<Option<String>> {
+            match std::fs::read_to_string(self.file(name)) {
+                Ok(text) => Ok(Some(text)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(annotate(e, format!("read {}", self.file(name).display()))),
+            }
+        };
+        let keyed = |name: &str| -> io::Result<BTreeMap<String, u64>> {
+            Ok(optional(name)?
+                .map(|t| parse_flat_keyed(&t))
+                .unwrap_or_default())
+        };
+        let number = |name: &str| -> io::Result<Option<u64>> {
+            Ok(optional(name)?.and_then(|t| parse_max(&t)))
+        };
+        Ok(ContainerStats {
+            cpu: keyed("cpu.stat")?,
+            memory_current: number("memory.current")?.unwrap_or(0),
+            memory_max: number("memory.max")?,
+            memory: keyed("memory.stat")?,
+            memory_events: keyed("memory.events")?,
+            pids_current: number("pids.current")?.unwrap_or(0),
+            pids_max: number("pids.max")?,
+        })
     }
 
     /// Sends `signal` to every process in the cgroup (`cgroup.kill` for
     /// SIGKILL), thawing it first if frozen so the signal is acted on.
     pub fn signal_all(&self, signal: i32) -> io::Result<()> {
-        todo!()
+        if signal == libc::SIGKILL && self.file("cgroup.kill").exists() {
+            return self.set("cgroup.kill", "1");
+        }
+        if self.events()?.get("frozen") == Some(&1) {
+            self.freeze(false)?;
+        }
+        let sig = nix::sys::signal::Signal::try_from(signal).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("signal {signal}: {e}"))
+        })?;
+        for pid in self.pids()? {
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("kill {pid} with {sig}: {e}"),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Number of OOM kills so far (`memory.events` `oom_kill`).
     pub fn oom_kills(&self) -> io::Result<u64> {
-        todo!()
+        match std::fs::read_to_string(self.file("memory.events")) {
+            Ok(text) => Ok(parse_flat_keyed(&text)
+                .get("oom_kill")
+                .copied()
+                .unwrap_or(0)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(annotate(
+                e,
+                format!("read {}", self.file("memory.events").display()),
+            )),
+        }
     }
 
     /// Calls `on_oom` from a thread of its own each time `oom_kill` in
     /// `memory.events` grows (inotify, no polling). The watch ends when the
     /// cgroup is removed.
     pub fn watch_oom(&self, on_oom: Box<dyn Fn() + Send + 'static>) -> io::Result<()> {
-        todo!()
+        let path = self.path.clone();
+        let count = move || -> u64 { Cgroup { path: path.clone() }.oom_kills().unwrap_or(0) };
+        let mut last = count();
+        watch_file(&self.path, "memory.events", move || {
+            let now = count();
+            if now > last {
+                last = now;
+                on_oom();
+            }
+        })
+        .map(drop)
     }
 
     /// Kills what is left, waits until the cgroup is empty, removes it.
     pub fn remove(self) -> io::Result<()> {
-        todo!()
+        remove_tree(&self.path)
+    }
+}
+
+/// Empties and removes `dir` and the cgroups under it, deepest first.
+fn remove_tree(dir: &Path) -> io::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| annotate(e, format!("read {}", dir.display())))?;
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_tree(&entry.path())?;
+        }
+    }
+    let cgroup = Cgroup {
+        path: dir.to_path_buf(),
+    };
+    if cgroup.events()?.get("populated") != Some(&0) {
+        cgroup.signal_all(libc::SIGKILL)?;
+        cgroup.wait_event("populated", 0)?;
+    }
+    std::fs::remove_dir(dir).map_err(|e| annotate(e, format!("rmdir {}", dir.display())))
+}
+
+/// Runs `on_change` from a thread of its own each time `file` (of the
+/// cgroup `dir`) is modified; the thread ends when `dir` is removed. kernfs
+/// sends no IN_IGNORED for a removed cgroup's files while they are watched,
+/// but rmdir(2) does report IN_DELETE to the parent directory: that watch
+/// wakes the thread to notice.
+fn watch_file(
+    dir: &Path,
+    file: &str,
+    mut on_change: impl FnMut() + Send + 'static,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    let watch = Inotify::watch(&dir.join(file), libc::IN_MODIFY)?;
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    watch.add(parent, libc::IN_DELETE)?;
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("cgroup-watch".into())
+        .spawn(move || loop {
+            match watch.read_masks() {
+                Ok(masks) => {
+                    if !dir.exists() || masks.iter().any(|m| m & libc::IN_IGNORED != 0) {
+                        return;
+                    }
+                    if masks.iter().any(|m| m & libc::IN_MODIFY != 0) {
+                        on_change();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        })
+}
+
+/// One inotify instance watching one file.
+struct Inotify {
+    fd: OwnedFd,
+}
+
+impl Inotify {
+    fn watch(path: &Path, mask: u32) -> io::Result<Inotify> {
+        // SAFETY: plain syscall; the result is checked below.
+        let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(annotate(io::Error::last_os_error(), "inotify_init1"));
+        }
+        // SAFETY: `raw` is a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let inotify = Inotify { fd };
+        inotify.add(path, mask)?;
+        Ok(inotify)
+    }
+
+    fn add(&self, path: &Path, mask: u32) -> io::Result<()> {
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+        // SAFETY: `c_path` is a valid C string alive for the call.
+        if unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c_path.as_ptr(), mask) } < 0 {
+            return Err(annotate(
+                io::Error::last_os_error(),
+                format!("inotify watch {}", path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for an event and drains it; false on timeout.
+    fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd, alive for the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(true)
+            } else {
+                Err(e)
+            };
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        self.read_masks()?;
+        Ok(true)
+    }
+
+    /// Blocks for events; returns their masks.
+    fn read_masks(&self) -> io::Result<Vec<u32>> {
+        let mut buf = [0u8; 4096];
+        // SAFETY: `buf` is writable for its whole length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        let header = std::mem::size_of::<libc::inotify_event>();
+        let mut masks = Vec::new();
+        let mut at = 0;
+        while at + header <= n {
+            // SAFETY: the kernel wrote a whole inotify_event at `at`;
+            // read_unaligned copes with the byte buffer's alignment.
+            let event: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(at).cast()) };
+            masks.push(event.mask);
+            at += header + event.len as usize;
+        }
+        Ok(masks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn runc_formulas() {
+        assert_eq!(shares_to_weight(2), 1);
+        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(262_144), 10_000);
+        assert_eq!(blkio_weight_to_io_weight(10), 1);
+        assert_eq!(blkio_weight_to_io_weight(500), 4950);
+        assert_eq!(blkio_weight_to_io_weight(1000), 10_000);
+        assert_eq!(
+            cpu_max(Some(50_000), Some(100_000)).as_deref(),
+            Some("50000 100000")
+        );
+        assert_eq!(cpu_max(Some(-1), None).as_deref(), Some("max 100000"));
+        assert_eq!(cpu_max(None, None), None);
+        assert_eq!(swap_max(-1, Some(100)).unwrap().as_deref(), Some("max"));
+        assert_eq!(swap_max(300, Some(100)).unwrap().as_deref(), Some("200"));
+        assert_eq!(swap_max(0, Some(100)).unwrap(), None);
+        assert!(swap_max(50, Some(100)).is_err());
+        assert!(swap_max(50, None).is_err());
+    }
+
+    /// A scratch cgroup v2 directory of the host to play the guest's
+    /// /sys/fs/cgroup, or None (tests print why they skip).
+    fn scratch(name: &str) -> Option<PathBuf> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: not root");
+            return None;
+        }
+        for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+            let root = Path::new(root);
+            if root.join("cgroup.subtree_control").exists() {
+                let dir = root.join(format!("jevm-cgtest-{name}-{}", std::process::id()));
+                if std::fs::create_dir(&dir).is_ok() {
+                    return Some(dir);
+                }
+            }
+        }
+        eprintln!("SKIPPED: no writable cgroup v2 hierarchy");
+        None
+    }
+
+    fn sleeper(cgroup: &Cgroup) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let procs = cgroup.file("cgroup.procs");
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        // SAFETY: only open/write/close, async-signal-safe, before exec.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, "0"));
+        }
+        cmd.spawn().unwrap()
+    }
+
+    #[test]
+    fn lifecycle_on_the_host() {
+        let Some(scratch) = scratch("life") else {
+            return;
+        };
+        let hugetlb = std::fs::read_to_string(scratch.join("cgroup.controllers"))
+            .unwrap()
+            .contains("hugetlb");
+        let resources: LinuxResources = if hugetlb {
+            serde_json::from_str(r#"{"hugepageLimits":[{"pageSize":"2MB","limit":4194304}]}"#)
+                .unwrap()
+        } else {
+            LinuxResources::default()
+        };
+        let cg = Cgroup::create_in(&scratch, "c1", Some(&resources)).unwrap();
+        assert_eq!(cg.path(), scratch.join("jevm/c1"));
+        if hugetlb {
+            assert_eq!(
+                std::fs::read_to_string(cg.file("hugetlb.2MB.max"))
+                    .unwrap()
+                    .trim(),
+                "4194304"
+            );
+        }
+        // memory.events needs the memory controller; cgroup.events has the
+        // same inotify behaviour and shows the watch ending on removal.
+        let changes = Arc::new(AtomicUsize::new(0));
+        let seen = changes.clone();
+        let watcher = watch_file(cg.path(), "cgroup.events", move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+
+        let mut a = sleeper(&cg);
+        let mut b = sleeper(&cg);
+        let mut pids = cg.pids().unwrap();
+        pids.sort();
+        let mut want = vec![a.id(), b.id()];
+        want.sort();
+        assert_eq!(pids, want);
+
+        cg.freeze(true).unwrap();
+        assert_eq!(cg.events().unwrap()["frozen"], 1);
+        cg.freeze(false).unwrap();
+        assert_eq!(cg.events().unwrap()["frozen"], 0);
+
+        let stats = cg.stats().unwrap();
+        assert!(stats.cpu.contains_key("usage_usec"), "{stats:?}");
+        assert_eq!(
+            cg.oom_kills().unwrap(),
+            stats.memory_events.get("oom_kill").copied().unwrap_or(0)
+        );
+
+        // A frozen cgroup is thawed so that SIGTERM is acted on.
+        cg.freeze(true).unwrap();
+        cg.signal_all(libc::SIGTERM).unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&a.wait().unwrap()),
+            Some(libc::SIGTERM)
+        );
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&b.wait().unwrap()),
+            Some(libc::SIGTERM)
+        );
+        let mut d = sleeper(&cg);
+        cg.signal_all(libc::SIGKILL).unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&d.wait().unwrap()),
+            Some(libc::SIGKILL)
+        );
+        assert!(
+            changes.load(Ordering::SeqCst) > 0,
+            "cgroup.events changes were seen"
+        );
+
+        let mut c = sleeper(&cg);
+        let path = cg.path().to_path_buf();
+        cg.remove().unwrap();
+        assert!(!path.exists());
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&c.wait().unwrap()),
+            Some(libc::SIGKILL)
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !watcher.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(watcher.is_finished(), "removing the cgroup ends the watch");
+
+        std::fs::remove_dir(scratch.join("jevm")).unwrap();
+        std::fs::remove_dir(&scratch).unwrap();
+    }
+
+    #[test]
+    fn bad_ids_and_missing_controllers_are_errors() {
+        let Some(scratch) = scratch("bad") else {
+            return;
+        };
+        assert!(Cgroup::create_in(&scratch, "../x", None).is_err());
+        let available = std::fs::read_to_string(scratch.join("cgroup.controllers")).unwrap();
+        if !available.contains("memory") {
+            let r: LinuxResources =
+                serde_json::from_str(r#"{"memory":{"limit":1048576}}"#).unwrap();
+            let e = Cgroup::create_in(&scratch, "m", Some(&r))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                e.contains("memory.max") && e.contains("not available"),
+                "{e}"
+            );
+            assert!(
+                !scratch.join("jevm/m").exists(),
+                "a failed create leaves nothing"
+            );
+        }
+        let _ = std::fs::remove_dir(scratch.join("jevm"));
+        std::fs::remove_dir(&scratch).unwrap();
     }
 }

@@ -1,9 +1,124 @@
 //! The `container-init` stage: builds a container (or joins one, for exec)
 //! from an [`InitPlan`](super::plan::InitPlan) and `execve`s its process.
 //! See `super::plan` for the conversation with the agent.
+//!
+//! The stage is single-threaded and short-lived, so it may fork, change
+//! namespaces and credentials freely; everything it mounts lives in a mount
+//! namespace of its own, which dies with it when anything fails.
+
+mod devices;
+mod errors;
+mod mounts;
+mod namespaces;
+mod process;
+mod seccomp;
+mod sync;
+mod syscalls;
+
+use super::plan::{InitPlan, PlanKind, StageMsg};
+use anyhow::{bail, Context, Result};
+use errors::errno_text;
+use namespaces::Forked;
+use oci_spec::runtime::{Process, Spec};
+use std::path::Path;
+use sync::Sync;
 
 /// Entry point when the agent binary runs as `jevm-agent container-init`.
 pub fn main() -> ! {
-    eprintln!("container-init: not built yet");
+    let mut sync = match Sync::take() {
+        Ok(sync) => sync,
+        Err(e) => {
+            eprintln!("container-init: {e:#}");
+            std::process::exit(1)
+        }
+    };
+    let result = sync.read_plan().and_then(|plan| run(&mut sync, plan));
+    // `run` only returns on failure: success ends in execve.
+    let message = match result {
+        Ok(never) => match never {},
+        Err(e) => format!("{e:#}"),
+    };
+    // The agent may be gone already; the exit code still tells.
+    let _ = sync.send(&StageMsg::Error { message });
     std::process::exit(1)
+}
+
+enum Never {}
+
+fn run(sync: &mut Sync, plan: InitPlan) -> Result<Never> {
+    process::close_inherited_fds()?;
+    join_cgroup(Path::new(&plan.cgroup))?;
+    match plan.kind {
+        PlanKind::Create { spec } => create(sync, &spec, plan.terminal),
+        PlanKind::Exec {
+            init_pid,
+            spec,
+            process,
+        } => exec(sync, init_pid, &spec, &process, plan.terminal),
+    }
+}
+
+/// Moves the stage (and so everything it forks) into the container's cgroup
+/// before anything else, so that no process of the container ever runs
+/// outside its limits.
+fn join_cgroup(cgroup: &Path) -> Result<()> {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, "0")
+        .map_err(|e| anyhow::anyhow!("join cgroup {:?}: {}", cgroup, errno_text(&e)))
+}
+
+fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
+    let process = spec.process().as_ref().context("spec has no process")?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        bail!("args must not be empty");
+    }
+    let plan = namespaces::Plan::from_spec(spec)?;
+    plan.enter()?;
+    // A new PID namespace takes effect for children only: the container's
+    // PID 1 is a child of the stage, which reports it and leaves.
+    let forked = if plan.needs_fork() {
+        namespaces::fork_child(sync)?
+    } else {
+        Forked::NotForked
+    };
+    report_pid(sync, &forked)?;
+
+    mounts::prepare_rootfs(spec, terminal)?;
+    namespaces::set_hostname(spec, &plan)?;
+    mounts::finish_rootfs(spec)?;
+    let prepared = process::prepare(process, spec, terminal)?;
+    sync.send(&StageMsg::Ready)?;
+    sync.wait_start()?;
+    prepared.exec()
+}
+
+fn exec(
+    sync: &mut Sync,
+    init_pid: u32,
+    spec: &Spec,
+    process: &Process,
+    terminal: bool,
+) -> Result<Never> {
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        bail!("args must not be empty");
+    }
+    namespaces::join_container(init_pid)?;
+    let forked = namespaces::fork_child(sync)?;
+    report_pid(sync, &forked)?;
+    let prepared = process::prepare(process, spec, terminal)?;
+    sync.send(&StageMsg::Ready)?;
+    sync.wait_start()?;
+    prepared.exec()
+}
+
+/// Tells the agent which process will `execve`. After a fork the parent has
+/// already reported the child's PID (only it knows the child's PID in the
+/// guest's root PID namespace).
+fn report_pid(sync: &mut Sync, forked: &Forked) -> Result<()> {
+    match forked {
+        Forked::Child => Ok(()),
+        Forked::NotForked => sync.send(&StageMsg::Pid {
+            pid: std::process::id(),
+        }),
+    }
 }

@@ -1,0 +1,638 @@
+//! The `container-init` stage run for real on this host (root, busybox
+//! rootfs, a temporary cgroup), checked against what it must produce and,
+//! where runc is installed, against runc given the same spec.
+
+mod common;
+
+use common::{
+    cap_mask, create_plan, default_spec, exec_plan, mounts_under, require_host, run, run_env,
+    run_runc, spawn_stage, Answer, Cgroup, Rootfs,
+};
+use serde_json::json;
+
+const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+fn status_line(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+}
+
+#[test]
+fn exit_codes_pass_through() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    for code in [0, 1, 42] {
+        let spec = default_spec(rootfs.path(), &["sh", "-c", &format!("exit {code}")]);
+        let o = run(&format!("exit{code}"), &spec);
+        assert_eq!(o.create_error, None);
+        assert_eq!(o.start_error, None);
+        assert_eq!(o.status, Some(code), "{o:?}");
+    }
+    assert!(mounts_under(rootfs.path()).is_empty());
+}
+
+#[test]
+fn container_process_is_pid_1_with_its_hostname() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &[
+            "sh",
+            "-c",
+            "echo $$; hostname; cat /proc/1/cmdline | tr '\\0' ' '",
+        ],
+    );
+    spec["hostname"] = json!("jevm-test");
+    let o = run("pid1", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(
+        o.stdout,
+        "1\njevm-test\nsh -c echo $$; hostname; cat /proc/1/cmdline | tr '\\0' ' ' "
+    );
+    // The PID reported is the container process in the host's namespace.
+    assert!(o.pid.is_some());
+}
+
+#[test]
+fn env_cwd_and_user_are_the_specs() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &["sh", "-c", "env | sort; pwd; id -u; id -g; id -G; umask"],
+    );
+    spec["process"]["env"] = json!(["PATH=/bin", "FOO=bar baz"]);
+    spec["process"]["cwd"] = json!("/work/dir");
+    spec["process"]["user"] =
+        json!({"uid": 1000, "gid": 1000, "additionalGids": [5, 1000, 7], "umask": 63});
+    let o = run("user", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(
+        o.stdout,
+        "FOO=bar baz\nHOME=/home/u\nPATH=/bin\nPWD=/work/dir\nSHLVL=1\n/work/dir\n1000\n1000\n1000 5 7\n0077\n"
+    );
+    if let Some((code, out, err)) = run_runc("user", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        assert_eq!(o.stdout, out, "differs from runc");
+    }
+}
+
+#[test]
+fn default_capabilities_match_the_spec() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let spec = default_spec(rootfs.path(), &["cat", "/proc/self/status"]);
+    let o = run("caps", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    let want = cap_mask(&DEFAULT_CAPS);
+    assert_eq!(status_line(&o.stdout, "CapBnd"), want);
+    assert_eq!(status_line(&o.stdout, "CapEff"), want);
+    assert_eq!(status_line(&o.stdout, "CapPrm"), want);
+    assert_eq!(status_line(&o.stdout, "CapInh"), "0000000000000000");
+    assert_eq!(status_line(&o.stdout, "CapAmb"), "0000000000000000");
+    assert_eq!(status_line(&o.stdout, "NoNewPrivs"), "1");
+    if let Some((code, out, _)) = run_runc("caps", &spec) {
+        assert_eq!(code, 0);
+        for key in [
+            "CapInh",
+            "CapPrm",
+            "CapEff",
+            "CapBnd",
+            "CapAmb",
+            "NoNewPrivs",
+            "Seccomp",
+        ] {
+            assert_eq!(
+                status_line(&o.stdout, key),
+                status_line(&out, key),
+                "{key} differs from runc"
+            );
+        }
+    }
+}
+
+#[test]
+fn ambient_capabilities_reach_a_non_root_user() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(rootfs.path(), &["cat", "/proc/self/status"]);
+    spec["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    let one = json!(["CAP_NET_BIND_SERVICE"]);
+    spec["process"]["capabilities"] = json!({
+        "bounding": ["CAP_NET_BIND_SERVICE", "CAP_KILL"],
+        "effective": one, "permitted": one, "inheritable": one, "ambient": one,
+    });
+    spec["process"]["noNewPrivileges"] = json!(false);
+    let o = run("ambient", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    let net = cap_mask(&["CAP_NET_BIND_SERVICE"]);
+    assert_eq!(status_line(&o.stdout, "CapEff"), net);
+    assert_eq!(status_line(&o.stdout, "CapAmb"), net);
+    assert_eq!(status_line(&o.stdout, "CapInh"), net);
+    assert_eq!(
+        status_line(&o.stdout, "CapBnd"),
+        cap_mask(&["CAP_NET_BIND_SERVICE", "CAP_KILL"])
+    );
+    assert_eq!(status_line(&o.stdout, "NoNewPrivs"), "0");
+    assert_eq!(status_line(&o.stdout, "Uid"), "1000\t1000\t1000\t1000");
+}
+
+#[test]
+fn rlimits_are_set() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &["sh", "-c", "ulimit -n; ulimit -Hn; ulimit -c"],
+    );
+    spec["process"]["rlimits"] = json!([
+        {"type": "RLIMIT_NOFILE", "soft": 100, "hard": 200},
+        {"type": "RLIMIT_CORE", "soft": 0, "hard": 0},
+    ]);
+    let o = run("rlimits", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "100\n200\n0\n");
+}
+
+#[test]
+fn masked_and_readonly_paths() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let spec = default_spec(
+        rootfs.path(),
+        &[
+            "sh",
+            "-c",
+            "wc -c < /proc/keys; ls -A /sys/firmware | wc -l; \
+             echo 1 > /proc/sys/kernel/domainname && echo wrote; \
+             grep -c ' /proc/sys ro,' /proc/self/mountinfo",
+        ],
+    );
+    let o = run("masked", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "0\n0\n1\n");
+    assert!(o.stderr.contains("Read-only file system"), "{o:?}");
+}
+
+#[test]
+fn readonly_rootfs_refuses_writes() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &[
+            "sh",
+            "-c",
+            "touch /x; echo $?; touch /tmp/y; echo $?; touch /run/z; echo $?",
+        ],
+    );
+    spec["root"]["readonly"] = json!(true);
+    let o = run("ro", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    // / and /tmp (part of the rootfs) refuse; /run is a tmpfs of its own.
+    assert_eq!(o.stdout, "1\n1\n0\n");
+    assert!(o.stderr.contains("Read-only file system"), "{o:?}");
+    assert!(!rootfs.path().join("x").exists());
+}
+
+#[test]
+fn dev_is_what_runc_makes() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let script = "cd /dev && for f in $(ls -A | sort); do stat -c '%N %F %a %u:%g %t:%T' $f; done";
+    let spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    let o = run("dev", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    for want in [
+        "null character special file 666 0:0 1:3",
+        "zero character special file 666 0:0 1:5",
+        "full character special file 666 0:0 1:7",
+        "random character special file 666 0:0 1:8",
+        "urandom character special file 666 0:0 1:9",
+        "tty character special file 666 0:0 5:0",
+        "'ptmx' -> 'pts/ptmx' symbolic link 777 0:0 0:0",
+        "'fd' -> '/proc/self/fd' symbolic link 777 0:0 0:0",
+        "'stdin' -> '/proc/self/fd/0' symbolic link",
+        "pts directory",
+        "shm directory 1777",
+        "mqueue directory",
+    ] {
+        assert!(o.stdout.contains(want), "missing {want:?} in\n{}", o.stdout);
+    }
+    if let Some((code, out, err)) = run_runc("dev", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        assert_eq!(o.stdout, out, "/dev differs from runc's");
+    }
+}
+
+#[test]
+fn mounts_match_runc() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    // Mount point, per-mount options, fs type, per-superblock options:
+    // everything but ids, which differ per run.
+    let script = "awk '{ for (i = 7; $i != \"-\"; i++) ; print $5, $6, $(i+1), $(i+3) }' /proc/self/mountinfo";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+        "options": ["ro", "nosuid", "noexec", "nodev"]
+    }));
+    let data = tempfile::tempdir().unwrap();
+    std::fs::write(data.path().join("f"), "x").unwrap();
+    spec["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/data", "type": "bind", "source": data.path(),
+        "options": ["rbind", "ro", "nosuid"]
+    }));
+    let o = run("mounts", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert!(o.stdout.contains("/data ro,nosuid"), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("/sys/fs/cgroup ro,nosuid,nodev,noexec"),
+        "{}",
+        o.stdout
+    );
+    if let Some((code, out, err)) = run_runc("mounts", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        // On a host with cgroup v1 controllers runc mounts the v1 tree;
+        // the guest, like a v2 host, has only cgroup2.
+        let v2_host = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let strip = |s: &str| -> Vec<String> {
+            s.lines()
+                // The root's own superblock options name the host's disk.
+                .skip(1)
+                .filter(|l| v2_host || !l.starts_with("/sys/fs/cgroup"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(strip(&o.stdout), strip(&out), "mounts differ from runc's");
+    }
+}
+
+#[test]
+fn missing_binary_is_refused_at_create_in_runcs_words() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let spec = default_spec(rootfs.path(), &["nosuch"]);
+    let o = run("nosuch", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("exec: \"nosuch\": executable file not found in $PATH")
+    );
+    assert_ne!(o.status, Some(0));
+    let spec = default_spec(rootfs.path(), &["/bin/nosuch"]);
+    let o = run("nosuch2", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("exec: \"/bin/nosuch\": stat /bin/nosuch: no such file or directory")
+    );
+    assert!(mounts_under(rootfs.path()).is_empty());
+}
+
+#[test]
+fn unknown_mount_type_names_the_mount() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(rootfs.path(), &["true"]);
+    spec["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/x", "type": "nosuchfs", "source": "none"
+    }));
+    let o = run("badmount", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("mount \"/x\" (type \"nosuchfs\"): no such device")
+    );
+    assert_ne!(o.status, Some(0));
+    assert!(
+        mounts_under(rootfs.path()).is_empty(),
+        "a mount leaked into the host"
+    );
+}
+
+#[test]
+fn bad_uid_is_refused() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(rootfs.path(), &["true"]);
+    spec["process"]["user"] = json!({"uid": 4294967295u32, "gid": 0});
+    let o = run("baduid", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("setuid 4294967295: invalid argument")
+    );
+}
+
+#[test]
+fn seccomp_profile_blocks_mkdir() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &["sh", "-c", "mkdir /tmp/a; echo $?; touch /tmp/b; echo $?"],
+    );
+    spec["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    let o = run("seccomp", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "1\n0\n");
+    assert!(o.stderr.contains("Operation not permitted"), "{o:?}");
+}
+
+#[test]
+fn seccomp_allow_list_with_errno_default() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    // Everything busybox needs, but not mkdir: the default answers ENOSYS.
+    let allowed: Vec<&str> = [
+        "read",
+        "write",
+        "open",
+        "openat",
+        "close",
+        "stat",
+        "fstat",
+        "lstat",
+        "newfstatat",
+        "statx",
+        "mmap",
+        "munmap",
+        "mprotect",
+        "brk",
+        "rt_sigaction",
+        "rt_sigprocmask",
+        "rt_sigreturn",
+        "ioctl",
+        "access",
+        "execve",
+        "exit",
+        "exit_group",
+        "getpid",
+        "getppid",
+        "getuid",
+        "geteuid",
+        "getgid",
+        "getegid",
+        "wait4",
+        "fork",
+        "vfork",
+        "clone",
+        "clone3",
+        "fcntl",
+        "dup2",
+        "dup3",
+        "arch_prctl",
+        "set_tid_address",
+        "set_robust_list",
+        "getcwd",
+        "chdir",
+        "uname",
+        "prlimit64",
+        "getdents64",
+        "lseek",
+        "readlink",
+        "pipe",
+        "pipe2",
+        "getrandom",
+        "rseq",
+        "futex",
+        "umask",
+        "sigaltstack",
+        "getpgrp",
+        "setpgid",
+        "getpgid",
+        "kill",
+        "tgkill",
+        "gettid",
+        "writev",
+    ]
+    .to_vec();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &["sh", "-c", "mkdir /tmp/a; echo $?; echo ok"],
+    );
+    spec["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": 38,
+        "syscalls": [{"names": allowed, "action": "SCMP_ACT_ALLOW"}]
+    });
+    let o = run("seccomp-allow", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "1\nok\n");
+    assert!(o.stderr.contains("not implemented"), "{o:?}");
+}
+
+#[test]
+fn abort_before_start_runs_nothing() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let spec = default_spec(rootfs.path(), &["sh", "-c", "echo ran"]);
+    let cgroup = Cgroup::new("abort");
+    let mut stage = spawn_stage(&create_plan("abort", &spec, &cgroup, false), None);
+    assert!(matches!(stage.created(), Answer::Ready));
+    let pid = stage.pid.expect("Pid before Ready");
+    assert!(
+        cgroup.procs().contains(&pid),
+        "the container process is in its cgroup"
+    );
+    let o = stage.abort();
+    assert_eq!(o.stdout, "");
+    assert_ne!(o.status, Some(0));
+}
+
+#[test]
+fn exec_joins_the_running_container() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(rootfs.path(), &["sleep", "30"]);
+    spec["hostname"] = json!("execbox");
+    let cgroup = Cgroup::new("exec");
+    let mut init = spawn_stage(&create_plan("exec", &spec, &cgroup, false), None);
+    assert!(matches!(init.created(), Answer::Ready));
+    assert_eq!(init.start(), None);
+    let init_pid = init.pid.unwrap();
+
+    let mut process = spec["process"].clone();
+    process["args"] = json!(["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; pwd; id -u; cat /proc/self/status | grep CapEff"]);
+    process["cwd"] = json!("/tmp");
+    process["user"] = json!({"uid": 1000, "gid": 1000});
+    let mut exec = spawn_stage(&exec_plan("exec", init_pid, &spec, &process, &cgroup), None);
+    assert!(matches!(exec.created(), Answer::Ready));
+    let exec_pid = exec.pid.unwrap();
+    assert!(cgroup.procs().contains(&exec_pid));
+    let start_error = exec.start();
+    let o = exec.wait(start_error);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(
+        o.stdout,
+        "execbox\nsleep 30 \n/tmp\n1000\nCapEff:\t0000000000000000\n"
+    );
+
+    // A missing binary in an exec is refused at create too.
+    process["args"] = json!(["nosuch"]);
+    let mut exec = spawn_stage(&exec_plan("exec", init_pid, &spec, &process, &cgroup), None);
+    assert!(
+        matches!(exec.created(), Answer::Error(m) if m == "exec: \"nosuch\": executable file not found in $PATH")
+    );
+    exec.wait(None);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let o = init.wait(None);
+    assert_eq!(o.status, Some(137));
+}
+
+#[test]
+fn terminal_becomes_controlling_tty_and_console() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", "stat -c '%F %t' /dev/console; [ -t 0 ] && echo tty; ps -o pid,tty | tail -1 >/dev/null; echo done"]);
+    spec["process"]["terminal"] = json!(true);
+    let cgroup = Cgroup::new("tty");
+    let mut stage = spawn_stage(&create_plan("tty", &spec, &cgroup, true), Some(&pty.slave));
+    drop(pty.slave);
+    match stage.created() {
+        Answer::Ready => {}
+        Answer::Error(e) => panic!("{e}"),
+    }
+    assert_eq!(stage.start(), None);
+    let mut master = std::fs::File::from(pty.master);
+    let mut out = Vec::new();
+    // EIO once the last slave holder exits.
+    let _ = std::io::Read::read_to_end(&mut master, &mut out);
+    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    let o = stage.wait(None);
+    assert_eq!(o.status, Some(0), "{o:?} {out}");
+    assert_eq!(out, "character special file 88\ntty\ndone\n");
+}
+
+#[test]
+fn containerds_default_seccomp_profile_behaves_as_under_runc() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    // `ctr run --seccomp`'s profile (default ERRNO, an allow list, a few
+    // calls refused with their own errno), captured on this host.
+    let profile: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/containerd-default-seccomp.json")).unwrap();
+    let script = "rm -rf /tmp/x; mkdir /tmp/x && echo made; unshare -U true; echo unshare=$?; \
+                  grep '^Seccomp:' /proc/self/status; ls / >/dev/null && echo listed";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["linux"]["seccomp"] = profile;
+    let o = run("seccomp-default", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "made\nunshare=1\nSeccomp:\t2\nlisted\n");
+    if let Some((code, out, err)) = run_runc("seccomp-default", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        assert_eq!(o.stdout, out, "differs from runc: {err}");
+        assert_eq!(o.stderr, err, "stderr differs from runc");
+    }
+}
+
+#[test]
+fn execve_failure_after_start_is_reported() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let bad = rootfs.path().join("bin/bad");
+    std::fs::write(&bad, "not a program\n").unwrap();
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut spec = default_spec(rootfs.path(), &["bad"]);
+    spec["process"]["oomScoreAdj"] = json!(500);
+    let o = run("badexec", &spec);
+    assert_eq!(o.create_error, None);
+    assert_eq!(
+        o.start_error.as_deref(),
+        Some("exec /bin/bad: exec format error")
+    );
+    assert_ne!(o.status, Some(0));
+
+    let mut spec = default_spec(rootfs.path(), &["cat", "/proc/self/oom_score_adj"]);
+    spec["process"]["oomScoreAdj"] = json!(500);
+    let o = run("oomadj", &spec);
+    assert_eq!(o.stdout, "500\n", "{o:?}");
+}
+
+/// In the guest the root is the initramfs, which pivot_root refuses: the
+/// stage moves the rootfs onto / and chroots instead. Forced here, the view
+/// must be the same as after pivot_root, with none of the host's mounts.
+#[test]
+fn move_and_chroot_gives_the_same_view_as_pivot_root() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let script = "awk '{ for (i = 7; $i != \"-\"; i++) ; print $5, $6, $(i+1), $(i+3) }' /proc/self/mountinfo; ls /";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["root"]["readonly"] = json!(true);
+    let pivoted = run("pivot", &spec);
+    let moved = run_env("moved", &spec, &[("JEVM_NO_PIVOT", "1")]);
+    assert_eq!(pivoted.status, Some(0), "{pivoted:?}");
+    assert_eq!(moved.status, Some(0), "{moved:?}");
+    assert_eq!(moved.stdout, pivoted.stdout);
+    assert!(moved.stdout.contains("/ ro,"), "{}", moved.stdout);
+    assert!(!moved.stdout.contains("/sys/fs/cgroup"), "{}", moved.stdout);
+    assert!(mounts_under(rootfs.path()).is_empty());
+}
+
+#[test]
+fn sysctls_and_domainname() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &[
+            "sh",
+            "-c",
+            "cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/msgmax /proc/sys/kernel/domainname",
+        ],
+    );
+    spec["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1", "kernel.msgmax": "4242"});
+    spec["domainname"] = json!("jevm.example");
+    let o = run("sysctl", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, "1\n4242\njevm.example\n");
+}
+
+#[test]
+fn missing_rootfs_and_unsupported_namespaces_are_named() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let mut spec = default_spec(&rootfs.path().join("nope"), &["true"]);
+    let o = run("norootfs", &spec);
+    let want = format!(
+        "rootfs {:?}: no such file or directory",
+        rootfs.path().join("nope").display().to_string()
+    );
+    assert_eq!(o.create_error.as_deref(), Some(want.as_str()));
+    spec["root"]["path"] = json!(rootfs.path());
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    let o = run("userns", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("namespace \"user\": not supported by jevm")
+    );
+}
