@@ -492,3 +492,275 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_backend_rs::abi::fuse_abi::{
+        EntryOut, InHeader, InitIn, OpenIn, OpenOut, Opcode, OutHeader, ReadIn, ROOT_ID,
+    };
+    use std::time::Instant;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+    const REQ: u64 = 0x1_0000;
+    const REPLY: u64 = 0x2_0000;
+    const REPLY_LEN: u32 = 0x1000;
+    const TAG: &str = "jevm-share";
+
+    fn guest_memory() -> GuestMemory {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// One FUSE request through `backend`, as the guest would put it on the
+    /// request queue; returns the reply header and body.
+    fn call(
+        backend: &Backend,
+        mem: &GuestMemory,
+        opcode: Opcode,
+        nodeid: u64,
+        body: &[u8],
+    ) -> (OutHeader, Vec<u8>) {
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode: opcode as u32,
+            unique: 0x5eed,
+            nodeid,
+            ..Default::default()
+        };
+        let mut req = header.as_slice().to_vec();
+        req.extend_from_slice(body);
+        mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        mem.write_slice(&[0xee; REPLY_LEN as usize], GuestAddress(REPLY))
+            .unwrap();
+        let mock = MockSplitQueue::new(mem, 16);
+        let descs = [
+            SplitDescriptor::new(REQ, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+            SplitDescriptor::new(REPLY, REPLY_LEN, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let raw: Vec<RawDescriptor> = descs.iter().map(|d| RawDescriptor::from(*d)).collect();
+        mock.add_desc_chains(&raw, 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let chain = queue.pop_descriptor_chain(mem).unwrap();
+        let used = backend.handle(mem, chain) as usize;
+        let mut reply = vec![0u8; used];
+        mem.read_slice(&mut reply, GuestAddress(REPLY)).unwrap();
+        assert!(used >= 16, "no reply header, used length {used}");
+        let out = *OutHeader::from_slice(&reply[..16]).unwrap();
+        assert_eq!(out.unique, 0x5eed, "reply to the wrong request");
+        assert_eq!(out.len as usize, used, "header length vs used length");
+        (out, reply[16..].to_vec())
+    }
+
+    fn init(backend: &Backend, mem: &GuestMemory) -> OutHeader {
+        let body = InitIn {
+            major: 7,
+            minor: 33,
+            max_readahead: 0,
+            flags: 0,
+        };
+        call(backend, mem, Opcode::Init, 0, body.as_slice()).0
+    }
+
+    fn lookup(backend: &Backend, mem: &GuestMemory, parent: u64, name: &str) -> Result<EntryOut, i32> {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        let (out, reply) = call(backend, mem, Opcode::Lookup, parent, &body);
+        if out.error != 0 {
+            return Err(-out.error);
+        }
+        Ok(*EntryOut::from_slice(&reply[..std::mem::size_of::<EntryOut>()]).unwrap())
+    }
+
+    fn open(backend: &Backend, mem: &GuestMemory, node: u64, flags: i32) -> Result<u64, i32> {
+        let body = OpenIn {
+            flags: flags as u32,
+            fuse_flags: 0,
+        };
+        let (out, reply) = call(backend, mem, Opcode::Open, node, body.as_slice());
+        if out.error != 0 {
+            return Err(-out.error);
+        }
+        Ok(OpenOut::from_slice(&reply[..std::mem::size_of::<OpenOut>()])
+            .unwrap()
+            .fh)
+    }
+
+    /// A share directory `share` inside a scratch directory that also
+    /// holds `secret`, a file the guest must not reach.
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"host-only").unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("hello"), b"hello from the host").unwrap();
+        std::os::unix::fs::symlink("../secret", share.join("escape")).unwrap();
+        (dir, share)
+    }
+
+    fn backend_of(fs: &Fs) -> &Backend {
+        &fs.backend
+    }
+
+    #[test]
+    fn config_space_is_the_nul_padded_tag_and_one_request_queue() {
+        let fs = Fs::unattached(TAG).unwrap();
+        let mut tag = [0xffu8; TAG_LEN];
+        fs.read_config(0, &mut tag);
+        let mut want = [0u8; TAG_LEN];
+        want[..TAG.len()].copy_from_slice(TAG.as_bytes());
+        assert_eq!(tag, want);
+        let mut n = [0u8; 4];
+        fs.read_config(TAG_LEN as u64, &mut n);
+        assert_eq!(u32::from_le_bytes(n), 1);
+        let mut past = [0xffu8; 4];
+        fs.read_config(CONFIG_LEN as u64, &mut past);
+        assert_eq!(past, [0; 4]);
+        assert_eq!(fs.device_type(), 26);
+        assert_eq!(fs.queue_max_sizes().len(), 2);
+        assert!(Fs::unattached("").is_err());
+        assert!(Fs::unattached(&"x".repeat(37)).is_err());
+    }
+
+    #[test]
+    fn unattached_device_answers_init_with_enodev_and_other_requests_with_errors() {
+        let fs = Fs::unattached(TAG).unwrap();
+        let mem = guest_memory();
+        assert_eq!(init(backend_of(&fs), &mem).error, -libc::ENODEV);
+        assert!(lookup(backend_of(&fs), &mem, ROOT_ID, "x").is_err());
+    }
+
+    #[test]
+    fn share_serves_a_host_file_and_dot_dot_at_the_root_stays_at_the_root() {
+        let (_dir, share) = scratch();
+        let fs = Fs::with_share(TAG, &share).unwrap();
+        let b = backend_of(&fs);
+        let mem = guest_memory();
+        assert_eq!(init(b, &mem).error, 0);
+
+        let hello = lookup(b, &mem, ROOT_ID, "hello").unwrap();
+        let fh = open(b, &mem, hello.nodeid, libc::O_RDONLY).unwrap();
+        let read = ReadIn {
+            fh,
+            offset: 6,
+            size: 64,
+            ..Default::default()
+        };
+        let (out, data) = call(b, &mem, Opcode::Read, hello.nodeid, read.as_slice());
+        assert_eq!(out.error, 0);
+        assert_eq!(data, b"from the host");
+
+        let up = lookup(b, &mem, ROOT_ID, "..").unwrap();
+        assert_eq!(up.nodeid, ROOT_ID, "'..' of the root left the share");
+        assert_eq!(lookup(b, &mem, up.nodeid, "secret").err(), Some(libc::ENOENT));
+        assert_eq!(lookup(b, &mem, ROOT_ID, "../secret").err(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn symlinks_in_the_share_are_not_followed_on_the_host() {
+        let (_dir, share) = scratch();
+        let fs = Fs::with_share(TAG, &share).unwrap();
+        let b = backend_of(&fs);
+        let mem = guest_memory();
+        assert_eq!(init(b, &mem).error, 0);
+        let link = lookup(b, &mem, ROOT_ID, "escape").unwrap();
+        assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        // Opening the link itself must not reach ../secret.
+        assert!(open(b, &mem, link.nodeid, libc::O_RDONLY).is_err());
+        let (out, target) = call(b, &mem, Opcode::Readlink, link.nodeid, &[]);
+        assert_eq!(out.error, 0);
+        assert_eq!(target, b"../secret");
+    }
+
+    #[test]
+    fn share_must_be_an_existing_directory_and_errors_name_it() {
+        let (dir, share) = scratch();
+        let missing = dir.path().join("nope");
+        let msg = Fs::with_share(TAG, &missing).err().unwrap().to_string();
+        assert!(msg.contains(&*missing.to_string_lossy()), "{msg}");
+        let file = share.join("hello");
+        let msg = Fs::with_share(TAG, &file).err().unwrap().to_string();
+        assert!(msg.contains("not a directory"), "{msg}");
+    }
+
+    fn wait_for_interrupt(irq: &IrqLine) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while irq.evt.read().is_err() {
+            assert!(Instant::now() < deadline, "no interrupt from the worker");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn worker_serves_the_request_queue_and_pause_reports_queue_positions() {
+        let (_dir, share) = scratch();
+        let mut fs = Fs::with_share(TAG, &share).unwrap();
+        let mem = guest_memory();
+        // Rings of the two queues apart from each other and from the buffers.
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        let request = MockSplitQueue::create(&mem, GuestAddress(0x9_0000), 16);
+        let notify = [
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ];
+        let kick = notify[1].try_clone().unwrap();
+        let irq = Arc::new(IrqLine::new(5).unwrap());
+        let [n0, n1] = notify;
+        fs.activate(
+            mem.clone(),
+            irq.clone(),
+            vec![
+                ActiveQueue {
+                    queue: hiprio.create_queue().unwrap(),
+                    notify: n0,
+                },
+                ActiveQueue {
+                    queue: request.create_queue().unwrap(),
+                    notify: n1,
+                },
+            ],
+        )
+        .unwrap();
+
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + std::mem::size_of::<InitIn>()) as u32,
+            opcode: Opcode::Init as u32,
+            unique: 7,
+            ..Default::default()
+        };
+        let body = InitIn {
+            major: 7,
+            minor: 33,
+            ..Default::default()
+        };
+        let mut req = header.as_slice().to_vec();
+        req.extend_from_slice(body.as_slice());
+        mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let descs = [
+            SplitDescriptor::new(REQ, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+            SplitDescriptor::new(REPLY, REPLY_LEN, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let raw: Vec<RawDescriptor> = descs.iter().map(|d| RawDescriptor::from(*d)).collect();
+        request.add_desc_chains(&raw, 0).unwrap();
+        kick.write(1).unwrap();
+        wait_for_interrupt(&irq);
+        assert_eq!(request.used().idx().load(), 1);
+        let out: OutHeader = mem.read_obj(GuestAddress(REPLY)).unwrap();
+        assert_eq!((out.error, out.unique), (0, 7));
+
+        let positions = fs.pause().unwrap();
+        assert_eq!(
+            positions,
+            vec![
+                QueuePosition::default(),
+                QueuePosition {
+                    next_avail: 1,
+                    next_used: 1
+                }
+            ]
+        );
+        assert!(fs.worker.is_none());
+    }
+}
