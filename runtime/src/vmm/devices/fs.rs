@@ -113,7 +113,9 @@ impl Backend {
             path: dir.to_owned(),
             cause,
         };
-        let root = dir.to_str().ok_or_else(|| fail("path is not UTF-8".into()))?;
+        let root = dir
+            .to_str()
+            .ok_or_else(|| fail("path is not UTF-8".into()))?;
         let cfg = Config {
             root_dir: root.to_owned(),
             cache_policy: CachePolicy::Auto,
@@ -131,7 +133,8 @@ impl Backend {
             ..Default::default()
         };
         let fs = PassthroughFs::new(cfg).map_err(|e| fail(e.to_string()))?;
-        fs.import().map_err(|e| fail(format!("opening as root: {e}")))?;
+        fs.import()
+            .map_err(|e| fail(format!("opening as root: {e}")))?;
         Ok(Backend::Share(Server::new(Arc::new(fs))))
     }
 
@@ -497,7 +500,7 @@ impl Worker {
 mod tests {
     use super::*;
     use fuse_backend_rs::abi::fuse_abi::{
-        EntryOut, InHeader, InitIn, OpenIn, OpenOut, Opcode, OutHeader, ReadIn, ROOT_ID,
+        EntryOut, InHeader, InitIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ROOT_ID,
     };
     use std::time::Instant;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -564,7 +567,12 @@ mod tests {
         call(backend, mem, Opcode::Init, 0, body.as_slice()).0
     }
 
-    fn lookup(backend: &Backend, mem: &GuestMemory, parent: u64, name: &str) -> Result<EntryOut, i32> {
+    fn lookup(
+        backend: &Backend,
+        mem: &GuestMemory,
+        parent: u64,
+        name: &str,
+    ) -> Result<EntryOut, i32> {
         let mut body = name.as_bytes().to_vec();
         body.push(0);
         let (out, reply) = call(backend, mem, Opcode::Lookup, parent, &body);
@@ -583,9 +591,11 @@ mod tests {
         if out.error != 0 {
             return Err(-out.error);
         }
-        Ok(OpenOut::from_slice(&reply[..std::mem::size_of::<OpenOut>()])
-            .unwrap()
-            .fh)
+        Ok(
+            OpenOut::from_slice(&reply[..std::mem::size_of::<OpenOut>()])
+                .unwrap()
+                .fh,
+        )
     }
 
     /// A share directory `share` inside a scratch directory that also
@@ -654,8 +664,14 @@ mod tests {
 
         let up = lookup(b, &mem, ROOT_ID, "..").unwrap();
         assert_eq!(up.nodeid, ROOT_ID, "'..' of the root left the share");
-        assert_eq!(lookup(b, &mem, up.nodeid, "secret").err(), Some(libc::ENOENT));
-        assert_eq!(lookup(b, &mem, ROOT_ID, "../secret").err(), Some(libc::EINVAL));
+        assert_eq!(
+            lookup(b, &mem, up.nodeid, "secret").err(),
+            Some(libc::ENOENT)
+        );
+        assert_eq!(
+            lookup(b, &mem, ROOT_ID, "../secret").err(),
+            Some(libc::EINVAL)
+        );
     }
 
     #[test]
