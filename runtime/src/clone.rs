@@ -137,6 +137,7 @@ pub fn clone_from(
             )),
             vsock_uds: vsock_uds.clone(),
             console_log: Some(run_dir.join("console.log")),
+            share: opts.share.clone(),
         },
     )?;
     let vm_started = t0.elapsed();
@@ -148,7 +149,10 @@ pub fn clone_from(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64),
         hostname: hostname.to_string(),
-        mount_share: false,
+        // The device serves the share from the moment the clone resumes;
+        // the guest mounts it before it answers, so nothing that follows
+        // the identity can see an empty mount point.
+        mount_share: opts.share.is_some(),
     };
     let answer = AgentClient::connect(&vsock_uds, Duration::from_secs(30))
         .and_then(|mut a| a.call(&Request::Identity(identity)))

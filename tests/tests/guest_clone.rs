@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use jevm_protocol::{Diag, Request, Response};
+use jevm_protocol::{Diag, Request, Response, SHARE_MOUNT};
 use jevm_runtime::clone::{build_template, clone_from, CloneOptions};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{Template, TemplateSpec, TemplateStore};
@@ -93,6 +93,57 @@ fn read(vm: &MicroVm, path: &str, len: u32) -> Vec<u8> {
     {
         Response::Bytes(b) => b,
         other => panic!("reading {path} answered {other:?}"),
+    }
+}
+
+/// What the agent answered to a ReadFile (bytes or the guest's error).
+fn try_read(vm: &MicroVm, path: &str, len: u32) -> Response {
+    vm.agent()
+        .unwrap()
+        .call(&Request::Diag(Diag::ReadFile {
+            path: path.into(),
+            offset: 0,
+            len,
+        }))
+        .unwrap()
+}
+
+fn write(vm: &MicroVm, path: &str, data: &[u8]) -> Response {
+    vm.agent()
+        .unwrap()
+        .call(&Request::Diag(Diag::WriteFile {
+            path: path.into(),
+            offset: 0,
+            data: data.to_vec(),
+        }))
+        .unwrap()
+}
+
+/// A read-only bind mount of `dir` onto itself, undone on drop (also
+/// when the test fails).
+struct ReadOnlyBind(std::path::PathBuf);
+
+impl ReadOnlyBind {
+    fn new(dir: &Path) -> Self {
+        let run = |args: &[&str]| {
+            let st = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .status()
+                .expect("running mount");
+            assert!(st.success(), "mount {args:?} {}: {st}", dir.display());
+        };
+        run(&["--bind"]);
+        let bind = ReadOnlyBind(dir.to_owned());
+        run(&["-o", "remount,bind,ro"]);
+        bind
+    }
+}
+
+impl Drop for ReadOnlyBind {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
 
@@ -277,6 +328,116 @@ fn template_from_another_jevm_version_or_with_truncated_memory_is_refused_naming
     assert!(
         err.contains(&*manifest.to_string_lossy()) && err.contains("0.0.0-other"),
         "{err}"
+    );
+}
+
+#[test]
+fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_above_the_share() {
+    let _l = lock();
+    let f = fixture();
+    // <scratch>/secret is beside the share, not in it: the guest must not
+    // reach it by `..` or by a symlink the host left in the share.
+    let scratch = tempfile::Builder::new()
+        .prefix("jevm-test-share")
+        .tempdir()
+        .unwrap();
+    std::fs::write(scratch.path().join("secret"), b"host only").unwrap();
+    let share = scratch.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("from-host"), b"written by the host").unwrap();
+    // The agent's WriteFile only creates files under /tmp: the host
+    // provides the (empty) file the guest fills.
+    std::fs::write(share.join("to-host"), b"").unwrap();
+    std::os::unix::fs::symlink("../secret", share.join("escape")).unwrap();
+    let ro = share.join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::write(ro.join("file"), b"original").unwrap();
+    let _ro_bind = ReadOnlyBind::new(&ro);
+
+    let before = footprint();
+    let plain = clone_from(&f.template, f.run_root.path(), &named("no-share")).expect("clone");
+    let vm = clone_from(
+        &f.template,
+        f.run_root.path(),
+        &CloneOptions {
+            hostname: "with-share".into(),
+            share: Some(share.clone()),
+        },
+    )
+    .expect("clone with a share");
+    println!(
+        "clone-to-agent-ready: {:.1} ms without a share, {:.1} ms with the share mounted \
+         (VM restored in {:.1} / {:.1} ms)",
+        plain.times.agent_ready.as_secs_f64() * 1e3,
+        vm.times.agent_ready.as_secs_f64() * 1e3,
+        plain.times.vm_started.as_secs_f64() * 1e3,
+        vm.times.vm_started.as_secs_f64() * 1e3,
+    );
+    let at = |name: &str| format!("{SHARE_MOUNT}/{name}");
+
+    // Host → guest, and a host change seen at the guest's next open.
+    assert_eq!(read(&vm, &at("from-host"), 64), b"written by the host");
+    std::fs::write(share.join("from-host"), b"WRITTEN BY THE HOST").unwrap();
+    assert_eq!(read(&vm, &at("from-host"), 64), b"WRITTEN BY THE HOST");
+
+    // Guest → host, on the host once the write returned.
+    assert_eq!(
+        write(&vm, &at("to-host"), b"written by the guest"),
+        Response::Written { len: 20 }
+    );
+    assert_eq!(
+        std::fs::read(share.join("to-host")).unwrap(),
+        b"written by the guest"
+    );
+
+    // Cost of bulk data through the share next to the same write into the
+    // guest's own tmpfs (the agent request itself is most of the time):
+    // printed, not asserted.
+    std::fs::write(share.join("big"), b"").unwrap();
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut took = Vec::new();
+    for path in ["/tmp/big".to_string(), at("big")] {
+        let t = std::time::Instant::now();
+        assert_eq!(write(&vm, &path, &big), Response::Written { len: 1 << 20 });
+        took.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "1 MiB written (and fsynced) by the guest: {:.1} ms into its tmpfs, {:.1} ms into the share",
+        took[0], took[1]
+    );
+    assert_eq!(std::fs::read(share.join("big")).unwrap(), big);
+
+    // A read-only bind mount inside the share stays read-only.
+    assert_eq!(read(&vm, &at("ro/file"), 64), b"original");
+    match write(&vm, &at("ro/file"), b"changed!") {
+        Response::Error { message } => {
+            assert!(message.contains("Read-only"), "{message}")
+        }
+        other => panic!("write under the read-only bind answered {other:?}"),
+    }
+    assert_eq!(std::fs::read(ro.join("file")).unwrap(), b"original");
+
+    // Neither `..` from the share root nor the symlink reaches <scratch>.
+    for path in [format!("{SHARE_MOUNT}/../secret"), at("escape")] {
+        match try_read(&vm, &path, 64) {
+            Response::Error { .. } => {}
+            other => panic!("{path} answered {other:?}"),
+        }
+    }
+
+    // The clone without a share works as before and has nothing mounted.
+    plain.agent().unwrap().ping(7).unwrap();
+    match try_read(&plain, &at("from-host"), 64) {
+        Response::Error { .. } => {}
+        other => panic!("unshared clone read the share: {other:?}"),
+    }
+
+    vm.shutdown(Duration::from_secs(30));
+    plain.shutdown(Duration::from_secs(30));
+    assert_eq!(
+        leak_since(&before, Duration::from_secs(2)),
+        None,
+        "threads/fds after two clones, one with a share (before: {before:?})"
     );
 }
 

@@ -140,6 +140,7 @@ fn saved_vm_restores_into_independent_copy_on_write_clones() {
                 memory_file: None,
                 vsock_uds: dir.path().join(format!("{name}.vsock")),
                 console_log: None,
+                share: None,
             },
         )
         .expect("restore")

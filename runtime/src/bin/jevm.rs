@@ -76,6 +76,10 @@ enum Cmd {
         /// down (to look at its memory).
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// A host directory each clone's virtio-fs device serves; the agent
+        /// mounts it at /run/jevm/shared.
+        #[arg(long)]
+        share: Option<PathBuf>,
     },
 }
 
@@ -135,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_dir,
             count,
             hold_ms,
+            share,
         } => {
             let store = TemplateStore::new(&state_dir);
             let key = TemplateKey::parse(&template)?;
@@ -145,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &run_dir,
                     &CloneOptions {
                         hostname: format!("jevm-clone-{i}"),
-                        share: None,
+                        share: share.clone(),
                     },
                 )?;
                 println!(

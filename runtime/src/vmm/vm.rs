@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use jevm_protocol::SHARE_TAG;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -18,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::boot::{self, BootError};
 use super::bus::Bus;
 use super::devices::block::Block;
+use super::devices::fs::{Fs, VIRTIO_ID_FS};
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
 use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleSink, COM1_IRQ};
 use super::devices::vsock::Vsock;
@@ -122,6 +124,9 @@ pub struct RestoreConfig {
     pub memory_file: Option<Arc<File>>,
     pub vsock_uds: PathBuf,
     pub console_log: Option<PathBuf>,
+    /// The directory the clone's virtio-fs device serves (a pod's shared
+    /// directory). None leaves the device unattached, as in the template.
+    pub share: Option<PathBuf>,
 }
 
 /// Virtio device type IDs we know how to rebuild in a clone.
@@ -253,6 +258,10 @@ impl Vm {
                 Vsock::new(GUEST_CID, uds.clone()).map_err(|e| device_err(&name)(e.to_string()))?;
             virtio.push((name, Box::new(dev)));
         }
+        // Every VM carries one virtio-fs device, unattached at boot: a
+        // template's guest must have probed it for its clones to use it.
+        let fs = Fs::unattached(SHARE_TAG).map_err(|e| device_err("virtio-fs")(e.to_string()))?;
+        virtio.push(("virtio-fs (unattached)".into(), Box::new(fs)));
         for d in &cfg.disks {
             let name = format!("disk {}", d.path.display());
             let dev =
@@ -330,20 +339,45 @@ impl Vm {
             .set_clock(&clock)
             .map_err(kvm_err("restore the guest clock"))?;
 
+        let fs_devices = state
+            .devices
+            .iter()
+            .filter(|d| d.device_type == VIRTIO_ID_FS)
+            .count();
+        if fs_devices != 1 {
+            return Err(VmError::Restore(format!(
+                "the saved VM has {fs_devices} virtio-fs devices, expected exactly 1"
+            )));
+        }
         let mut mmio = Vec::with_capacity(state.devices.len());
         for (i, saved) in state.devices.iter().enumerate() {
-            if saved.device_type != VIRTIO_ID_VSOCK {
-                return Err(VmError::Restore(format!(
-                    "virtio device type {} in slot {i} cannot be part of a template",
-                    saved.device_type
-                )));
-            }
-            let name = format!("vsock {}", cfg.vsock_uds.display());
-            let dev = Vsock::new(GUEST_CID, cfg.vsock_uds.clone())
-                .map_err(|e| device_err(&name)(e.to_string()))?;
+            let (name, dev): (String, Box<dyn VirtioDevice>) = match saved.device_type {
+                VIRTIO_ID_VSOCK => {
+                    let name = format!("vsock {}", cfg.vsock_uds.display());
+                    let dev = Vsock::new(GUEST_CID, cfg.vsock_uds.clone())
+                        .map_err(|e| device_err(&name)(e.to_string()))?;
+                    (name, Box::new(dev))
+                }
+                VIRTIO_ID_FS => {
+                    let (name, dev) = match &cfg.share {
+                        Some(dir) => (
+                            format!("virtio-fs {}", dir.display()),
+                            Fs::with_share(SHARE_TAG, dir),
+                        ),
+                        None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
+                    };
+                    let dev = dev.map_err(|e| device_err(&name)(e.to_string()))?;
+                    (name, Box::new(dev))
+                }
+                other => {
+                    return Err(VmError::Restore(format!(
+                        "virtio device type {other} in slot {i} cannot be part of a template"
+                    )))
+                }
+            };
             let mem = ram.mem.clone();
             mmio.push(attach_mmio(&vm_fd, i, &name, |irq| {
-                MmioTransport::restore(Box::new(dev), mem, irq, saved).map_err(|e| e.to_string())
+                MmioTransport::restore(dev, mem, irq, saved).map_err(|e| e.to_string())
             })?);
         }
         let (console, log_file) = console(cfg.console_log.as_ref())?;

@@ -545,6 +545,7 @@ fn bench_tiny_clone(a: &Args) -> Result<()> {
                 memory_file: None,
                 vsock_uds: dir.path().join(format!("v{n}")),
                 console_log: None,
+                share: None,
             },
         )?;
         let restored = t.elapsed();

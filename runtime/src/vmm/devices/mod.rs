@@ -7,6 +7,7 @@
 //! queues to the device when the driver sets DRIVER_OK.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod serial;
 pub mod vsock;

@@ -1,0 +1,782 @@
+//! virtio-fs (device type 26): a host directory served to the guest over
+//! FUSE, by the `fuse-backend-rs` server inside the VMM process.
+//!
+//! Two queues: hiprio (FORGET, INTERRUPT; no replies) and one request
+//! queue. A "fs" worker thread that `activate` spawns sleeps in epoll on both
+//! queues' notify EventFds (the KVM ioeventfds) and a stop EventFd; each
+//! descriptor chain becomes a `Reader` (the request) and a `Writer` (room for
+//! the reply) over guest memory, the server writes the FUSE reply straight
+//! into the chain, and the used ring and irqfd tell the guest.
+//!
+//! Every VM carries the device. Without a share directory it is
+//! *unattached*: the guest kernel probes it at boot (a template does), but
+//! FUSE_INIT is answered with ENODEV and every other request with ENOSYS, so
+//! a mount attempt fails cleanly. A clone restores the device with the pod's
+//! share directory behind a fresh server: the template never mounted, so
+//! there is no FUSE session to carry over.
+//!
+//! What the guest may do with the share, and why (the guest is untrusted):
+//! - The root cannot be left. `PassthroughFs` resolves every name with
+//!   `openat(parent, name, O_NOFOLLOW)` relative to an fd it holds, refuses
+//!   names containing `/`, and maps a LOOKUP of `..` in the root to the root
+//!   itself; `..` of any other directory lands on a directory it already
+//!   knows, because the host side of the share is only reachable from the
+//!   root. Symlinks are never followed on the host: the guest gets the link
+//!   text and resolves it in its own namespace; only regular files and
+//!   directories are ever opened for I/O.
+//! - Cache policy `auto` with 1 s attribute and entry timeouts, no writeback
+//!   cache, no DAX (the transport offers no shared-memory region): guest
+//!   writes reach the host file before the write call returns; a host-side
+//!   change is seen by the guest at the next open of the file (its page
+//!   cache is dropped on every open) and in metadata and directory entries
+//!   within a second. `never` (no guest page cache at all) would make
+//!   `mmap(MAP_SHARED)` of share files fail in the guest with ENODEV (this
+//!   server does not negotiate FUSE_DIRECT_IO_ALLOW_MMAP), which programs in
+//!   a container rootfs rely on; `always` and writeback would let the guest
+//!   keep stale data or hold writes the host cannot see yet.
+//! - Writes are refused where the host made the tree read-only (e.g. a
+//!   read-only bind mount inside the share): the server's own `open` or
+//!   `create` gets EROFS and passes it on.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuse_backend_rs::api::filesystem::{FileSystem, FsOptions};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use log::{debug, error, warn};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
+    VIRTIO_MMIO_INT_VRING,
+};
+
+/// Virtio device ID of a file system device (virtio 1.2, 5.11).
+pub const VIRTIO_ID_FS: u32 = 26;
+/// hiprio, request.
+const QUEUE_SIZES: [u16; 2] = [128, 256];
+/// `struct virtio_fs_config`: tag[36] + le32 num_request_queues.
+const TAG_LEN: usize = 36;
+const CONFIG_LEN: usize = TAG_LEN + 4;
+/// How long the guest may trust attributes and directory entries.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(1);
+const DEVICE: &str = "virtio-fs";
+
+const TOKEN_STOP: u64 = 0;
+/// Queue i's notify fd is registered with token `TOKEN_QUEUE + i`.
+const TOKEN_QUEUE: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("virtio-fs share {}: {cause}", path.display())]
+    Share { path: PathBuf, cause: String },
+    #[error("virtio-fs tag {0:?} is empty or longer than {TAG_LEN} bytes")]
+    Tag(String),
+}
+
+/// The FUSE file system behind an unattached device: INIT fails, so the
+/// guest kernel gives up on the mount; anything a guest sends without INIT
+/// gets the trait's default ENOSYS.
+struct Unattached;
+
+impl FileSystem for Unattached {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, _capable: FsOptions) -> io::Result<FsOptions> {
+        Err(io::Error::from_raw_os_error(libc::ENODEV))
+    }
+}
+
+/// Who answers the guest's FUSE requests.
+enum Backend {
+    Unattached(Server<Unattached>),
+    Share(Server<Arc<PassthroughFs>>),
+}
+
+impl Backend {
+    fn for_share(share: Option<&Path>) -> Result<Backend, FsError> {
+        let Some(dir) = share else {
+            return Ok(Backend::Unattached(Server::new(Unattached)));
+        };
+        let fail = |cause: String| FsError::Share {
+            path: dir.to_owned(),
+            cause,
+        };
+        let root = dir
+            .to_str()
+            .ok_or_else(|| fail("path is not UTF-8".into()))?;
+        let cfg = Config {
+            root_dir: root.to_owned(),
+            cache_policy: CachePolicy::Auto,
+            attr_timeout: METADATA_TIMEOUT,
+            entry_timeout: METADATA_TIMEOUT,
+            writeback: false,
+            dax_file_size: None,
+            no_open: false,
+            no_opendir: false,
+            xattr: false,
+            // The server resolves every request below the root fd itself
+            // (INIT imports it again; doing it now reports a bad directory
+            // before the clone runs, not at the guest's mount).
+            do_import: true,
+            ..Default::default()
+        };
+        let fs = PassthroughFs::new(cfg).map_err(|e| fail(e.to_string()))?;
+        fs.import()
+            .map_err(|e| fail(format!("opening as root: {e}")))?;
+        Ok(Backend::Share(Server::new(Arc::new(fs))))
+    }
+
+    /// Serves one request chain; returns the number of reply bytes written.
+    fn handle(&self, mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> u32 {
+        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                debug!("{DEVICE}: unreadable request: {e}");
+                return 0;
+            }
+        };
+        let writer: Writer<'_, ()> = match VirtioFsWriter::new(mem, chain) {
+            Ok(w) => w.into(),
+            Err(e) => {
+                debug!("{DEVICE}: unwritable reply buffers: {e}");
+                return 0;
+            }
+        };
+        let res = match self {
+            Backend::Unattached(s) => s.handle_message(reader, writer, None, None),
+            Backend::Share(s) => s.handle_message(reader, writer, None, None),
+        };
+        match res {
+            // A reply is at most the chain's writable length, itself < 4 GiB.
+            Ok(n) => u32::try_from(n).unwrap_or(u32::MAX),
+            Err(e) => {
+                debug!("{DEVICE}: request not served: {e}");
+                0
+            }
+        }
+    }
+}
+
+struct WorkerHandle {
+    stop: EventFd,
+    /// The worker hands itself back when it stops, so `pause` can read the
+    /// queue positions.
+    thread: JoinHandle<Worker>,
+}
+
+/// The virtio-fs device.
+pub struct Fs {
+    share: Option<PathBuf>,
+    config: [u8; CONFIG_LEN],
+    backend: Arc<Backend>,
+    acked_features: u64,
+    worker: Option<WorkerHandle>,
+}
+
+impl Fs {
+    /// A device with no directory behind it (every boot and template VM).
+    pub fn unattached(tag: &str) -> Result<Fs, FsError> {
+        Self::build(tag, None)
+    }
+
+    /// A device serving `share` (a directory; symlinks in the path are
+    /// resolved once, here, by the host).
+    pub fn with_share(tag: &str, share: &Path) -> Result<Fs, FsError> {
+        let fail = |cause: String| FsError::Share {
+            path: share.to_owned(),
+            cause,
+        };
+        let dir = share.canonicalize().map_err(|e| fail(e.to_string()))?;
+        let meta = std::fs::metadata(&dir).map_err(|e| fail(e.to_string()))?;
+        if !meta.is_dir() {
+            return Err(fail("not a directory".into()));
+        }
+        Self::build(tag, Some(dir))
+    }
+
+    fn build(tag: &str, share: Option<PathBuf>) -> Result<Fs, FsError> {
+        if tag.is_empty() || tag.len() > TAG_LEN {
+            return Err(FsError::Tag(tag.to_owned()));
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
+        Ok(Fs {
+            backend: Arc::new(Backend::for_share(share.as_deref())?),
+            share,
+            config,
+            acked_features: 0,
+            worker: None,
+        })
+    }
+
+    /// The directory served, None if unattached.
+    pub fn share(&self) -> Option<&Path> {
+        self.share.as_deref()
+    }
+
+    fn name(&self) -> String {
+        match &self.share {
+            Some(p) => format!("{DEVICE} {}", p.display()),
+            None => format!("{DEVICE} (unattached)"),
+        }
+    }
+
+    fn stop_worker(&mut self) -> Option<Worker> {
+        let worker = self.worker.take()?;
+        if let Err(e) = worker.stop.write(1) {
+            // Without the signal the join would hang; a leaked thread beats
+            // a hung VMM.
+            error!("{}: cannot stop the worker thread: {e}", self.name());
+            return None;
+        }
+        match worker.thread.join() {
+            Ok(w) => Some(w),
+            Err(_) => {
+                error!("{}: the worker thread panicked", self.name());
+                None
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        debug!(
+            "{DEVICE}: ignoring {}-byte write to read-only config space at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        irq: Arc<IrqLine>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), DeviceError> {
+        if self.worker.is_some() {
+            return Err(DeviceError::Activate {
+                device: DEVICE,
+                cause: "already active".into(),
+            });
+        }
+        let queues: [ActiveQueue; 2] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<ActiveQueue>| DeviceError::Activate {
+                    device: DEVICE,
+                    cause: format!("expected 2 queues, got {}", q.len()),
+                })?;
+        let io_err = |source| DeviceError::Io {
+            device: DEVICE,
+            source,
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err)?;
+        let worker_stop = stop.try_clone().map_err(io_err)?;
+        // Set up here rather than in the thread so failures reach the
+        // transport (and the driver sees NEEDS_RESET).
+        let epoll = Epoll::new().map_err(io_err)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                worker_stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_STOP),
+            )
+            .map_err(io_err)?;
+        for (i, q) in queues.iter().enumerate() {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    q.notify.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, TOKEN_QUEUE + i as u64),
+                )
+                .map_err(io_err)?;
+        }
+        let worker = Worker {
+            name: self.name(),
+            mem,
+            irq,
+            queues,
+            backend: self.backend.clone(),
+            epoll,
+            stop: worker_stop,
+        };
+        let thread = std::thread::Builder::new()
+            .name("fs".into())
+            .spawn(move || worker.run())
+            .map_err(io_err)?;
+        self.worker = Some(WorkerHandle { stop, thread });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop_worker();
+        self.acked_features = 0;
+        // A driver that starts over starts a new FUSE session: the old
+        // session's inodes and open files must not outlive it.
+        self.backend = Arc::new(
+            Backend::for_share(self.share.as_deref()).unwrap_or_else(|e| {
+                warn!("{e}; the device is unattached from now on");
+                Backend::Unattached(Server::new(Unattached))
+            }),
+        );
+        true
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueuePosition>, DeviceError> {
+        let worker = self.stop_worker().ok_or_else(|| DeviceError::NotQuiet {
+            device: DEVICE,
+            cause: "the device is not active".into(),
+        })?;
+        Ok(worker
+            .queues
+            .iter()
+            .map(|q| QueuePosition::of(&q.queue))
+            .collect())
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+/// Everything the worker thread owns.
+struct Worker {
+    name: String,
+    mem: GuestMemory,
+    irq: Arc<IrqLine>,
+    /// hiprio, request.
+    queues: [ActiveQueue; 2],
+    backend: Arc<Backend>,
+    epoll: Epoll,
+    stop: EventFd,
+}
+
+impl Worker {
+    fn run(mut self) -> Worker {
+        // Requests may already be waiting (a kick that raced with
+        // activation, or a restored clone); do not wait for the next one.
+        for i in 0..self.queues.len() {
+            self.process_queue(i);
+        }
+        let mut events = [EpollEvent::default(); 3];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!("{}: epoll: {e}; worker exits", self.name);
+                    return self;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_STOP => {
+                        let _ = self.stop.read();
+                        return self;
+                    }
+                    token => {
+                        let Some(i) = token
+                            .checked_sub(TOKEN_QUEUE)
+                            .and_then(|i| usize::try_from(i).ok())
+                            .filter(|&i| i < self.queues.len())
+                        else {
+                            debug!("{}: unexpected epoll token {token}", self.name);
+                            continue;
+                        };
+                        // Drain before processing so a kick arriving during
+                        // processing wakes us again.
+                        let _ = self.queues[i].notify.read();
+                        self.process_queue(i);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves every available request of queue `index`, then interrupts the
+    /// driver if it asked for it.
+    fn process_queue(&mut self, index: usize) {
+        let Worker {
+            name,
+            mem,
+            irq,
+            queues,
+            backend,
+            ..
+        } = self;
+        let queue: &mut Queue = &mut queues[index].queue;
+        if !queue.ready() {
+            return;
+        }
+        let mut used_any = false;
+        let mut empty_passes = 0;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                error!("{name}: queue {index}: {e}");
+                break;
+            }
+            let mut popped = false;
+            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+                popped = true;
+                let head = chain.head_index();
+                let len = backend.handle(mem, chain);
+                if let Err(e) = queue.add_used(&*mem, head, len) {
+                    error!("{name}: queue {index}: used ring: {e}");
+                }
+                used_any = true;
+            }
+            empty_passes = if popped { 0 } else { empty_passes + 1 };
+            match queue.enable_notification(&*mem) {
+                // One empty pass is a buffer published just before
+                // notifications came back on; a second means the available
+                // index is bogus and retrying would spin forever.
+                Ok(true) if empty_passes < 2 => continue,
+                Ok(true) => {
+                    debug!("{name}: queue {index}: available ring cannot be consumed");
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    error!("{name}: queue {index}: {e}");
+                    break;
+                }
+            }
+        }
+        // If the check itself fails, an extra interrupt is harmless and a
+        // missing one would stall the driver.
+        if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
+            if let Err(e) = irq.trigger(VIRTIO_MMIO_INT_VRING) {
+                warn!("{name}: interrupt: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_backend_rs::abi::fuse_abi::{
+        EntryOut, InHeader, InitIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ROOT_ID,
+    };
+    use std::time::Instant;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+
+    const REQ: u64 = 0x1_0000;
+    const REPLY: u64 = 0x2_0000;
+    const REPLY_LEN: u32 = 0x1000;
+    const TAG: &str = "jevm-share";
+
+    fn guest_memory() -> GuestMemory {
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    /// One FUSE request through `backend`, as the guest would put it on the
+    /// request queue; returns the reply header and body.
+    fn call(
+        backend: &Backend,
+        mem: &GuestMemory,
+        opcode: Opcode,
+        nodeid: u64,
+        body: &[u8],
+    ) -> (OutHeader, Vec<u8>) {
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + body.len()) as u32,
+            opcode: opcode as u32,
+            unique: 0x5eed,
+            nodeid,
+            ..Default::default()
+        };
+        let mut req = header.as_slice().to_vec();
+        req.extend_from_slice(body);
+        mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        mem.write_slice(&[0xee; REPLY_LEN as usize], GuestAddress(REPLY))
+            .unwrap();
+        let mock = MockSplitQueue::new(mem, 16);
+        let descs = [
+            SplitDescriptor::new(REQ, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+            SplitDescriptor::new(REPLY, REPLY_LEN, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let raw: Vec<RawDescriptor> = descs.iter().map(|d| RawDescriptor::from(*d)).collect();
+        mock.add_desc_chains(&raw, 0).unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let chain = queue.pop_descriptor_chain(mem).unwrap();
+        let used = backend.handle(mem, chain) as usize;
+        let mut reply = vec![0u8; used];
+        mem.read_slice(&mut reply, GuestAddress(REPLY)).unwrap();
+        assert!(used >= 16, "no reply header, used length {used}");
+        let out = *OutHeader::from_slice(&reply[..16]).unwrap();
+        assert_eq!(out.unique, 0x5eed, "reply to the wrong request");
+        assert_eq!(out.len as usize, used, "header length vs used length");
+        (out, reply[16..].to_vec())
+    }
+
+    fn init(backend: &Backend, mem: &GuestMemory) -> OutHeader {
+        let body = InitIn {
+            major: 7,
+            minor: 33,
+            max_readahead: 0,
+            flags: 0,
+        };
+        call(backend, mem, Opcode::Init, 0, body.as_slice()).0
+    }
+
+    fn lookup(
+        backend: &Backend,
+        mem: &GuestMemory,
+        parent: u64,
+        name: &str,
+    ) -> Result<EntryOut, i32> {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        let (out, reply) = call(backend, mem, Opcode::Lookup, parent, &body);
+        if out.error != 0 {
+            return Err(-out.error);
+        }
+        Ok(*EntryOut::from_slice(&reply[..std::mem::size_of::<EntryOut>()]).unwrap())
+    }
+
+    fn open(backend: &Backend, mem: &GuestMemory, node: u64, flags: i32) -> Result<u64, i32> {
+        let body = OpenIn {
+            flags: flags as u32,
+            fuse_flags: 0,
+        };
+        let (out, reply) = call(backend, mem, Opcode::Open, node, body.as_slice());
+        if out.error != 0 {
+            return Err(-out.error);
+        }
+        Ok(
+            OpenOut::from_slice(&reply[..std::mem::size_of::<OpenOut>()])
+                .unwrap()
+                .fh,
+        )
+    }
+
+    /// A share directory `share` inside a scratch directory that also
+    /// holds `secret`, a file the guest must not reach.
+    fn scratch() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"host-only").unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("hello"), b"hello from the host").unwrap();
+        std::os::unix::fs::symlink("../secret", share.join("escape")).unwrap();
+        (dir, share)
+    }
+
+    fn backend_of(fs: &Fs) -> &Backend {
+        &fs.backend
+    }
+
+    #[test]
+    fn config_space_is_the_nul_padded_tag_and_one_request_queue() {
+        let fs = Fs::unattached(TAG).unwrap();
+        let mut tag = [0xffu8; TAG_LEN];
+        fs.read_config(0, &mut tag);
+        let mut want = [0u8; TAG_LEN];
+        want[..TAG.len()].copy_from_slice(TAG.as_bytes());
+        assert_eq!(tag, want);
+        let mut n = [0u8; 4];
+        fs.read_config(TAG_LEN as u64, &mut n);
+        assert_eq!(u32::from_le_bytes(n), 1);
+        let mut past = [0xffu8; 4];
+        fs.read_config(CONFIG_LEN as u64, &mut past);
+        assert_eq!(past, [0; 4]);
+        assert_eq!(fs.device_type(), 26);
+        assert_eq!(fs.queue_max_sizes().len(), 2);
+        assert!(Fs::unattached("").is_err());
+        assert!(Fs::unattached(&"x".repeat(37)).is_err());
+    }
+
+    #[test]
+    fn unattached_device_answers_init_with_enodev_and_other_requests_with_errors() {
+        let fs = Fs::unattached(TAG).unwrap();
+        let mem = guest_memory();
+        assert_eq!(init(backend_of(&fs), &mem).error, -libc::ENODEV);
+        assert!(lookup(backend_of(&fs), &mem, ROOT_ID, "x").is_err());
+    }
+
+    #[test]
+    fn share_serves_a_host_file_and_dot_dot_at_the_root_stays_at_the_root() {
+        let (_dir, share) = scratch();
+        let fs = Fs::with_share(TAG, &share).unwrap();
+        let b = backend_of(&fs);
+        let mem = guest_memory();
+        assert_eq!(init(b, &mem).error, 0);
+
+        let hello = lookup(b, &mem, ROOT_ID, "hello").unwrap();
+        let fh = open(b, &mem, hello.nodeid, libc::O_RDONLY).unwrap();
+        let read = ReadIn {
+            fh,
+            offset: 6,
+            size: 64,
+            ..Default::default()
+        };
+        let (out, data) = call(b, &mem, Opcode::Read, hello.nodeid, read.as_slice());
+        assert_eq!(out.error, 0);
+        assert_eq!(data, b"from the host");
+
+        let up = lookup(b, &mem, ROOT_ID, "..").unwrap();
+        assert_eq!(up.nodeid, ROOT_ID, "'..' of the root left the share");
+        assert_eq!(
+            lookup(b, &mem, up.nodeid, "secret").err(),
+            Some(libc::ENOENT)
+        );
+        assert_eq!(
+            lookup(b, &mem, ROOT_ID, "../secret").err(),
+            Some(libc::EINVAL)
+        );
+    }
+
+    #[test]
+    fn symlinks_in_the_share_are_not_followed_on_the_host() {
+        let (_dir, share) = scratch();
+        let fs = Fs::with_share(TAG, &share).unwrap();
+        let b = backend_of(&fs);
+        let mem = guest_memory();
+        assert_eq!(init(b, &mem).error, 0);
+        let link = lookup(b, &mem, ROOT_ID, "escape").unwrap();
+        assert_eq!(link.attr.mode & libc::S_IFMT, libc::S_IFLNK);
+        // Opening the link itself must not reach ../secret.
+        assert!(open(b, &mem, link.nodeid, libc::O_RDONLY).is_err());
+        let (out, target) = call(b, &mem, Opcode::Readlink, link.nodeid, &[]);
+        assert_eq!(out.error, 0);
+        assert_eq!(target, b"../secret");
+    }
+
+    #[test]
+    fn share_must_be_an_existing_directory_and_errors_name_it() {
+        let (dir, share) = scratch();
+        let missing = dir.path().join("nope");
+        let msg = Fs::with_share(TAG, &missing).err().unwrap().to_string();
+        assert!(msg.contains(&*missing.to_string_lossy()), "{msg}");
+        let file = share.join("hello");
+        let msg = Fs::with_share(TAG, &file).err().unwrap().to_string();
+        assert!(msg.contains("not a directory"), "{msg}");
+    }
+
+    fn wait_for_interrupt(irq: &IrqLine) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while irq.evt.read().is_err() {
+            assert!(Instant::now() < deadline, "no interrupt from the worker");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn worker_serves_the_request_queue_and_pause_reports_queue_positions() {
+        let (_dir, share) = scratch();
+        let mut fs = Fs::with_share(TAG, &share).unwrap();
+        let mem = guest_memory();
+        // Rings of the two queues apart from each other and from the buffers.
+        let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        let request = MockSplitQueue::create(&mem, GuestAddress(0x9_0000), 16);
+        let notify = [
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ];
+        let kick = notify[1].try_clone().unwrap();
+        let irq = Arc::new(IrqLine::new(5).unwrap());
+        let [n0, n1] = notify;
+        fs.activate(
+            mem.clone(),
+            irq.clone(),
+            vec![
+                ActiveQueue {
+                    queue: hiprio.create_queue().unwrap(),
+                    notify: n0,
+                },
+                ActiveQueue {
+                    queue: request.create_queue().unwrap(),
+                    notify: n1,
+                },
+            ],
+        )
+        .unwrap();
+
+        let header = InHeader {
+            len: (std::mem::size_of::<InHeader>() + std::mem::size_of::<InitIn>()) as u32,
+            opcode: Opcode::Init as u32,
+            unique: 7,
+            ..Default::default()
+        };
+        let body = InitIn {
+            major: 7,
+            minor: 33,
+            ..Default::default()
+        };
+        let mut req = header.as_slice().to_vec();
+        req.extend_from_slice(body.as_slice());
+        mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+        let descs = [
+            SplitDescriptor::new(REQ, req.len() as u32, VRING_DESC_F_NEXT as u16, 1),
+            SplitDescriptor::new(REPLY, REPLY_LEN, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        let raw: Vec<RawDescriptor> = descs.iter().map(|d| RawDescriptor::from(*d)).collect();
+        request.add_desc_chains(&raw, 0).unwrap();
+        kick.write(1).unwrap();
+        wait_for_interrupt(&irq);
+        assert_eq!(request.used().idx().load(), 1);
+        let out: OutHeader = mem.read_obj(GuestAddress(REPLY)).unwrap();
+        assert_eq!((out.error, out.unique), (0, 7));
+
+        let positions = fs.pause().unwrap();
+        assert_eq!(
+            positions,
+            vec![
+                QueuePosition::default(),
+                QueuePosition {
+                    next_avail: 1,
+                    next_used: 1
+                }
+            ]
+        );
+        assert!(fs.worker.is_none());
+    }
+}
