@@ -1,8 +1,9 @@
 # jevm developer entry points. The two a new user needs are in README.md:
 #   sudo hack/setup     set up a fresh Debian 12 machine and boot a microVM
 #   make test           the whole test suite (what .ci/run runs)
+#   sudo make install   install jevm and register it with containerd
 
-.PHONY: all build guest test bench check clean
+.PHONY: all build guest test e2e test-image install bench check clean
 
 all: build guest
 
@@ -15,6 +16,21 @@ guest:
 
 test:
 	hack/test
+
+# containerd end to end: every ctr command under runc and jevm, compared.
+e2e:
+	hack/e2e
+
+# The busybox OCI image the containerd tests import (no registry needed).
+test-image:
+	hack/test-image
+
+# Binaries to $(PREFIX)/bin, guest to /usr/share/jevm, /etc/jevm/config.toml
+# (kept if present), the jevm runtime added to /etc/containerd/config.toml.
+# DESTDIR=/some/scratch/root installs there instead (no containerd restart).
+PREFIX ?= /usr/local
+install:
+	PREFIX="$(PREFIX)" DESTDIR="$(DESTDIR)" hack/install
 
 bench:
 	hack/bench

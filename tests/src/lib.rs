@@ -152,3 +152,6 @@ pub fn leak_since(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// Running the same `ctr` commands under runc and jevm (containerd tests).
+pub mod ctr;

@@ -1,0 +1,935 @@
+//! containerd end to end: every test runs the same `ctr` command under runc
+//! (`io.containerd.runc.v2`) and jevm (`io.containerd.jevm.v2`), checks
+//! runc's result against what the test expects, then requires jevm's to be
+//! the same. Needs the private containerd of `hack/containerd-env` (run
+//! through `hack/e2e`); tests are independent and may run in parallel.
+
+use jevm_tests::ctr::{
+    assert_same, default_spec, id, metric_names, short, Env, Outcome, CTR_TIMEOUT, JEVM, RUNC,
+    RUNTIMES,
+};
+use jevm_tests::ctr_env_or_skip;
+use std::time::Duration;
+
+/// Runs `f` under runc then jevm; returns both results (runc, jevm).
+/// JEVM_E2E_RUNC_ONLY=1 (for working on the tests themselves, never in CI)
+/// runs runc twice instead, which also shows the test is deterministic.
+fn both<T>(mut f: impl FnMut(&str) -> T) -> (T, T) {
+    let second = if runc_only() { RUNC } else { JEVM };
+    (f(RUNC), f(second))
+}
+
+fn runc_only() -> bool {
+    let on = std::env::var_os("JEVM_E2E_RUNC_ONLY").is_some_and(|v| v == "1");
+    if on {
+        eprintln!("!!! JEVM_E2E_RUNC_ONLY=1: jevm is NOT tested, runc runs twice");
+    }
+    on
+}
+
+/// `ctr run --rm` of `cmd` under both runtimes with `flags`; asserts that
+/// nothing of either container is left and returns (runc, jevm).
+fn run_both(env: &Env, name: &str, flags: &[&str], cmd: &[&str]) -> (Outcome, Outcome) {
+    both(|rt| {
+        let id = id(name, rt);
+        let o = env.run(rt, &id, flags, cmd);
+        env.assert_gone(&id);
+        o
+    })
+}
+
+fn sh(script: &str) -> Vec<&str> {
+    vec!["sh", "-c", script]
+}
+
+#[test]
+fn exit_codes_and_events() {
+    let env = ctr_env_or_skip!();
+    for code in [0, 1, 42] {
+        let (r, j) = both(|rt| {
+            let events = env.events();
+            let id = id("exit", rt);
+            let o = env.run(rt, &id, &[], &sh(&format!("echo bye; exit {code}")));
+            assert!(events.wait_for(&id, "/containers/delete", CTR_TIMEOUT));
+            env.assert_gone(&id);
+            let exit = events
+                .for_id(&id)
+                .into_iter()
+                .find(|(t, _)| t == "/tasks/exit")
+                .map(|(_, json)| json.contains(&format!("\"exit_status\":{code}")) || code == 0);
+            (o, events.topics_for(&id), exit)
+        });
+        assert_eq!(r.0.code, code, "runc: {:?}", r.0);
+        assert_eq!(r.0.stdout, "bye\n");
+        assert_eq!(
+            r.2,
+            Some(true),
+            "runc /tasks/exit carries exit_status {code}"
+        );
+        assert_same(&format!("exit {code}: outcome"), &r.0, &j.0);
+        assert_same(&format!("exit {code}: events"), &r.1, &j.1);
+        assert_same(&format!("exit {code}: exit event"), &r.2, &j.2);
+    }
+}
+
+#[test]
+fn env_and_cwd_from_image() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = run_both(&env, "imgenv", &[], &sh("echo $IMAGE_VAR; pwd; env | sort"));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("from-image\n/work\n"), "{r:?}");
+    assert_same("env and cwd from the image", &r, &j);
+}
+
+#[test]
+fn env_and_cwd_from_flags() {
+    let env = ctr_env_or_skip!();
+    let flags = [
+        "--env",
+        "FOO=bar",
+        "--env",
+        "IMAGE_VAR=override",
+        "--cwd",
+        "/tmp",
+    ];
+    let (r, j) = run_both(
+        &env,
+        "flagenv",
+        &flags,
+        &sh("echo $FOO $IMAGE_VAR; pwd; env | sort"),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("bar override\n/tmp\n"), "{r:?}");
+    assert_same("env and cwd from flags", &r, &j);
+}
+
+#[test]
+fn stdin_piped_then_closed() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let id = id("stdin", rt);
+        // Input is written only once the task runs: ctr closes the task's
+        // stdin on EOF only after its task exists (ctr 1.6 races otherwise).
+        let mut run = env.spawn_run(rt, &id, &[], &sh("echo ready; cat; echo done $?"), true);
+        assert!(
+            run.wait_stdout("ready", CTR_TIMEOUT),
+            "{rt}: never ready: {}",
+            run.stderr()
+        );
+        run.write_stdin(b"hello\nworld\n");
+        run.close_stdin();
+        let o = run.wait(CTR_TIMEOUT);
+        env.assert_gone(&id);
+        o
+    });
+    assert_eq!(r.stdout, "ready\nhello\nworld\ndone 0\n", "{r:?}");
+    assert_eq!(r.code, 0);
+    assert_same("stdin", &r, &j);
+}
+
+#[test]
+fn stdout_and_stderr_apart() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = run_both(
+        &env,
+        "streams",
+        &[],
+        &sh("echo out1; echo err1 >&2; echo out2; echo err2 >&2; exit 3"),
+    );
+    assert_eq!(
+        (r.stdout.as_str(), r.stderr.as_str(), r.code),
+        ("out1\nout2\n", "err1\nerr2\n", 3)
+    );
+    assert_same("stdout/stderr", &r, &j);
+}
+
+#[test]
+fn eight_mib_of_stdout() {
+    let env = ctr_env_or_skip!();
+    const LEN: usize = 8 << 20;
+    let mut want: Vec<u8> = (1..=1_200_000u32)
+        .flat_map(|n| format!("{n}\n").into_bytes())
+        .collect();
+    want.truncate(LEN);
+    let (r, j) = run_both(
+        &env,
+        "bigout",
+        &[],
+        &sh(&format!("seq 1 1200000 | head -c {LEN}")),
+    );
+    for (rt, o) in [(RUNC, &r), (JEVM, &j)] {
+        let got = &o.stdout_bytes;
+        let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(
+            o.code == 0 && got.len() == LEN && first_diff.is_none(),
+            "{}: exit {}, {} bytes of {LEN}, first difference at {first_diff:?}, stderr {:?}",
+            short(rt),
+            o.code,
+            got.len(),
+            o.stderr
+        );
+    }
+}
+
+#[test]
+fn run_with_tty() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let id = id("tty", rt);
+        let o = env.under_tty(&[
+            "run", "--rm", "-t", "--runtime", rt, &env.image, &id, "sh", "-c",
+            "tty; test -t 0 && echo stdin-tty; test -t 1 && echo stdout-tty; echo to-stderr >&2; exit 5",
+        ]);
+        env.assert_gone(&id);
+        (o.code, o.tty_text())
+    });
+    assert_eq!(r.0, 5, "{r:?}");
+    assert_eq!(r.1, "/dev/pts/0\nstdin-tty\nstdout-tty\nto-stderr\n");
+    assert_same("ctr run -t", &r, &j);
+}
+
+#[test]
+fn kill_sigterm_trapped() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let events = env.events();
+        let id = id("trap", rt);
+        let run = env.spawn_run(
+            rt,
+            &id,
+            &[],
+            &sh("trap 'echo got TERM; exit 3' TERM; echo ready; while true; do sleep 0.1; done"),
+            false,
+        );
+        assert!(
+            run.wait_stdout("ready", CTR_TIMEOUT),
+            "{rt}: {}",
+            run.stderr()
+        );
+        let k = env.ctr_out(&["task", "kill", "-s", "SIGTERM", &id]);
+        let o = run.wait(CTR_TIMEOUT);
+        events.wait_for(&id, "/containers/delete", CTR_TIMEOUT);
+        env.assert_gone(&id);
+        (k, o, events.topics_for(&id))
+    });
+    assert_eq!(r.0.code, 0, "{:?}", r.0);
+    assert_eq!(
+        (r.1.code, r.1.stdout.as_str()),
+        (3, "ready\ngot TERM\n"),
+        "{:?}",
+        r.1
+    );
+    assert_same("SIGTERM to a trapping process", &r, &j);
+}
+
+#[test]
+fn kill_sigterm_ignored_by_pid1_then_sigkill() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let events = env.events();
+        let id = id("pid1", rt);
+        // PID 1 without a handler: the kernel drops SIGTERM sent from outside.
+        let run = env.spawn_run(
+            rt,
+            &id,
+            &[],
+            &sh("echo ready; while true; do sleep 0.1; done"),
+            false,
+        );
+        assert!(
+            run.wait_stdout("ready", CTR_TIMEOUT),
+            "{rt}: {}",
+            run.stderr()
+        );
+        let term = env.ctr_out(&["task", "kill", "-s", "SIGTERM", &id]);
+        std::thread::sleep(Duration::from_secs(2));
+        let status_after_term = env.task_status(&id);
+        let kill = env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
+        let o = run.wait(CTR_TIMEOUT);
+        events.wait_for(&id, "/containers/delete", CTR_TIMEOUT);
+        env.assert_gone(&id);
+        let exit_137 = events
+            .for_id(&id)
+            .iter()
+            .any(|(t, json)| t == "/tasks/exit" && json.contains("\"exit_status\":137"));
+        (
+            term.code,
+            status_after_term,
+            kill.code,
+            o.code,
+            o.stdout,
+            exit_137,
+            events.topics_for(&id),
+        )
+    });
+    assert_eq!(r.1.as_deref(), Some("RUNNING"), "{r:?}");
+    assert_eq!(r.3, 137, "{r:?}");
+    assert!(r.5, "runc: /tasks/exit with 137: {r:?}");
+    assert_same("SIGTERM to PID 1 then SIGKILL", &r, &j);
+}
+
+#[test]
+fn exec_with_and_without_tty() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let events = env.events();
+        let id = id("exec", rt);
+        env.run_detached(rt, &id, &[], &sh("while true; do sleep 0.1; done"));
+        let plain = env.ctr_out(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "x1",
+            &id,
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 7",
+        ]);
+        let tty = env.under_tty(&[
+            "task",
+            "exec",
+            "-t",
+            "--exec-id",
+            "x2",
+            &id,
+            "sh",
+            "-c",
+            "tty; exit 6",
+        ]);
+        let missing = env.ctr_out(&["task", "exec", "--exec-id", "x3", &id, "/no/such/binary"]);
+        env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
+        env.wait_status(&id, "STOPPED", CTR_TIMEOUT);
+        env.ctr_out(&["task", "delete", &id]);
+        env.ctr_out(&["containers", "delete", &id]);
+        env.assert_gone(&id);
+        let topics: Vec<String> = events.topics_for(&id);
+        (
+            (plain.code, plain.stdout, plain.stderr),
+            (tty.code, tty.tty_text()),
+            (
+                missing.code != 0,
+                missing.stderr.contains("/no/such/binary"),
+            ),
+            topics,
+        )
+    });
+    assert_eq!(r.0, (7, "out\n".into(), "err\n".into()));
+    assert_eq!(r.1, (6, "/dev/pts/0\n".into()));
+    assert_eq!(r.2, (true, true), "{r:?}");
+    assert!(
+        r.3.iter().any(|t| t == "/tasks/exec-added")
+            && r.3.iter().any(|t| t == "/tasks/exec-started"),
+        "{r:?}"
+    );
+    assert_same("ctr task exec", &r, &j);
+}
+
+#[test]
+fn pause_resume_ps_metrics() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let events = env.events();
+        let id = id("pause", rt);
+        env.run_detached(rt, &id, &[], &sh("sleep 1000 & sleep 1000 & wait"));
+        // Three processes: sh and its two sleeps.
+        let deadline = std::time::Instant::now() + CTR_TIMEOUT;
+        let ps = loop {
+            let ps = env.ctr_out(&["task", "ps", &id]);
+            if ps.stdout.lines().count() == 4 || std::time::Instant::now() > deadline {
+                break ps;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let ps_shape: Vec<String> = ps
+            .stdout
+            .lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .enumerate()
+                    .map(|(i, w)| if i == 0 && w != "PID" { "N" } else { w })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        let metrics = env.ctr_out(&["task", "metrics", &id]);
+        let names = metric_names(&metrics.stdout);
+        let pause = env.ctr_out(&["task", "pause", &id]);
+        let paused = env.task_status(&id);
+        let resume = env.ctr_out(&["task", "resume", &id]);
+        let resumed = env.task_status(&id);
+        env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
+        env.wait_status(&id, "STOPPED", CTR_TIMEOUT);
+        env.ctr_out(&["task", "delete", &id]);
+        env.ctr_out(&["containers", "delete", &id]);
+        env.assert_gone(&id);
+        (
+            ps_shape,
+            (metrics.code, names),
+            (pause.code, paused, resume.code, resumed),
+            events.topics_for(&id),
+        )
+    });
+    assert_eq!(r.0, vec!["PID INFO", "N -", "N -", "N -"], "{r:?}");
+    assert!(r.1 .0 == 0 && r.1 .1.contains("pids.current"), "{r:?}");
+    assert_eq!(r.2, (0, Some("PAUSED".into()), 0, Some("RUNNING".into())));
+    assert!(
+        r.3.iter().any(|t| t == "/tasks/paused") && r.3.iter().any(|t| t == "/tasks/resumed"),
+        "{r:?}"
+    );
+    assert_same("ctr task ps (shape)", &r.0, &j.0);
+    assert_same("ctr task metrics (names)", &r.1, &j.1);
+    assert_same("pause/resume", &r.2, &j.2);
+    assert_same("events", &r.3, &j.3);
+}
+
+#[test]
+fn capabilities_default_privileged_and_dropped() {
+    let env = ctr_env_or_skip!();
+    let caps = sh("grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status");
+    for flags in [
+        &[][..],
+        &["--privileged"][..],
+        &["--cap-drop", "CAP_NET_RAW", "--cap-drop", "CAP_CHOWN"][..],
+    ] {
+        let (r, j) = run_both(&env, "caps", flags, &caps);
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(r.stdout.contains("CapEff:"), "{r:?}");
+        assert_same(&format!("capabilities with {flags:?}"), &r, &j);
+    }
+}
+
+#[test]
+fn rlimits_default_and_from_spec() {
+    let env = ctr_env_or_skip!();
+    // ctr's default spec sets only RLIMIT_NOFILE; the others are inherited
+    // from whatever starts the container, which no VM can copy. So: the
+    // default nofile, and a spec that sets every limit `ulimit -a` shows.
+    let (r, j) = run_both(&env, "rlim", &[], &sh("ulimit -n; ulimit -Hn"));
+    assert_eq!(r.stdout, "1024\n1024\n", "{r:?}");
+    assert_same("default RLIMIT_NOFILE", &r, &j);
+
+    let limits = [
+        ("RLIMIT_CPU", 1000u64, 2000u64),
+        ("RLIMIT_FSIZE", 1 << 30, 1 << 31),
+        ("RLIMIT_DATA", 1 << 30, 1 << 31),
+        ("RLIMIT_STACK", 8 << 20, 16 << 20),
+        ("RLIMIT_CORE", 0, 0),
+        ("RLIMIT_RSS", 1 << 30, 1 << 30),
+        ("RLIMIT_NPROC", 500, 600),
+        ("RLIMIT_NOFILE", 300, 400),
+        ("RLIMIT_MEMLOCK", 65536, 65536),
+        ("RLIMIT_AS", 1 << 32, 1 << 33),
+        ("RLIMIT_LOCKS", 100, 100),
+        ("RLIMIT_SIGPENDING", 700, 800),
+        ("RLIMIT_MSGQUEUE", 819200, 819200),
+        ("RLIMIT_NICE", 0, 0),
+        ("RLIMIT_RTPRIO", 0, 0),
+    ];
+    let rl: Vec<String> = limits
+        .iter()
+        .map(|(t, s, h)| format!("{{\"type\":\"{t}\",\"soft\":{s},\"hard\":{h}}}"))
+        .collect();
+    let (r, j) = both(|rt| {
+        let id = id("rlspec", rt);
+        let spec = spec_file(
+            &env,
+            &id,
+            &["/bin/sh", "-c", "ulimit -a; echo hard; ulimit -Ha"],
+            Some(&format!("[{}]", rl.join(","))),
+        );
+        let o = env.ctr_out(&["run", "--rm", "--runtime", rt, "--config", &spec, &id]);
+        env.assert_gone(&id);
+        o
+    });
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("300"), "{r:?}");
+    assert_same("rlimits from the spec", &r, &j);
+}
+
+/// A spec from `ctr oci spec` whose root is the image's rootfs directory
+/// (read-only: it is shared), with `args` and optionally rlimits / user.
+fn spec_file(env: &Env, id: &str, args: &[&str], rlimits: Option<&str>) -> String {
+    spec_file_with(env, id, args, rlimits, None)
+}
+
+fn spec_file_with(
+    env: &Env,
+    id: &str,
+    args: &[&str],
+    rlimits: Option<&str>,
+    uid: Option<u64>,
+) -> String {
+    let mut spec = default_spec(env);
+    let args_json = format!(
+        "[{}]",
+        args.iter()
+            .map(|a| format!("{a:?}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    // Textual edits of ctr's own JSON keep this crate free of a JSON parser.
+    // ctr's default spec has no process.args.
+    let at = spec
+        .find("\"process\": {")
+        .expect("default spec has a process")
+        + "\"process\": {".len();
+    spec.insert_str(at, &format!("\"args\": {args_json},"));
+    spec = spec.replacen(
+        "\"path\": \"rootfs\"",
+        &format!(
+            "\"path\": {:?}, \"readonly\": true",
+            env.rootfs.display().to_string()
+        ),
+        1,
+    );
+    if let Some(rl) = rlimits {
+        let start = spec
+            .find("\"rlimits\": [")
+            .expect("default spec has rlimits");
+        let end = start + spec[start..].find(']').unwrap() + 1;
+        spec.replace_range(start..end, &format!("\"rlimits\": {rl}"));
+    }
+    if let Some(uid) = uid {
+        let start = spec.find("\"user\": {").expect("default spec has a user");
+        let end = start + spec[start..].find('}').unwrap() + 1;
+        spec.replace_range(
+            start..end,
+            &format!("\"user\": {{\"uid\": {uid}, \"gid\": 0}}"),
+        );
+    }
+    let path = env.base.join(format!("{id}.spec.json"));
+    std::fs::write(&path, spec).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn masked_and_readonly_paths() {
+    let env = ctr_env_or_skip!();
+    // Which of these exist depends on the kernel (host vs guest), so an
+    // absent path counts as masked; a readable one fails either runtime.
+    let script = r#"
+for p in /proc/acpi /proc/asound /proc/kcore /proc/keys /proc/latency_stats /proc/timer_list /proc/timer_stats /proc/sched_debug /sys/firmware /proc/scsi; do
+  if [ ! -e $p ]; then echo "$p masked"
+  elif [ -d $p ]; then [ -z "$(ls -A $p)" ] && echo "$p masked" || echo "$p VISIBLE"
+  else [ "$(head -c 64 $p 2>/dev/null | wc -c)" = 0 ] && echo "$p masked" || echo "$p VISIBLE"; fi
+done
+for p in /proc/bus /proc/fs /proc/irq /proc/sys /proc/sysrq-trigger; do
+  [ -e $p ] || { echo "$p readonly"; continue; }
+  grep -q " $p [^ ]* ro," /proc/self/mounts && echo "$p readonly" || echo "$p WRITABLE"
+done"#;
+    let (r, j) = run_both(&env, "masked", &[], &sh(script));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        !r.stdout.contains("VISIBLE") && !r.stdout.contains("WRITABLE"),
+        "{r:?}"
+    );
+    assert_same("masked and read-only paths", &r, &j);
+}
+
+#[test]
+fn dev_listing() {
+    let env = ctr_env_or_skip!();
+    let script = "find /dev | sort | while read f; do echo \"$(stat -c '%n %A %u %g %t:%T' $f) $(readlink $f)\"; done; grep ' /dev' /proc/self/mounts | cut -d' ' -f2,3";
+    let (r, j) = run_both(&env, "dev", &[], &sh(script));
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("/dev/null crw-rw-rw- 0 0 1:3"), "{r:?}");
+    assert_same("/dev", &r, &j);
+}
+
+#[test]
+fn default_network() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = run_both(
+        &env,
+        "net",
+        &[],
+        &sh("ip -o link; ip -o addr; awk 'NR>2{print $1}' /proc/net/dev"),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains(": lo:") && !r.stdout.contains("eth"),
+        "{r:?}"
+    );
+    assert_same("network seen by default", &r, &j);
+}
+
+#[test]
+fn read_only_rootfs_refuses_writes() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = run_both(
+        &env,
+        "ro",
+        &["--read-only"],
+        &sh("touch /work/x; echo rc=$?; touch /dev/shm/y; echo shm=$?"),
+    );
+    assert_eq!(r.stdout, "rc=1\nshm=0\n", "{r:?}");
+    assert!(r.stderr.contains("Read-only file system"), "{r:?}");
+    assert_same("--read-only", &r, &j);
+}
+
+#[test]
+fn written_file_is_in_the_snapshot() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let id = id("snap", rt);
+        // Without --rm the container and its snapshot stay after the task.
+        let mut c = env.ctr();
+        c.args([
+            "run",
+            "--runtime",
+            rt,
+            &env.image,
+            &id,
+            "sh",
+            "-c",
+            &format!("echo payload-{id} > /work/written; sync"),
+        ]);
+        let o = jevm_tests::ctr::Running::spawn(c, false).wait(CTR_TIMEOUT);
+        let mounts = env.ctr_out(&["snapshots", "mounts", "/mnt", &id]);
+        let upper = mounts
+            .stdout
+            .split([',', ' '])
+            .find_map(|w| w.strip_prefix("upperdir="))
+            .map(str::to_string);
+        let content = upper
+            .as_ref()
+            .and_then(|u| std::fs::read_to_string(format!("{u}/work/written")).ok())
+            .map(|s| s.replace(&id, "ID"));
+        let task_left = env.tasks().contains(&id);
+        env.ctr_out(&["containers", "delete", &id]);
+        env.assert_gone(&id);
+        (o.code, content, task_left)
+    });
+    assert_eq!(r, (0, Some("payload-ID\n".into()), false));
+    assert_same("file written into the snapshot", &r, &j);
+}
+
+#[test]
+fn bind_mounts_ro_and_rw() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let dir = tempfile::tempdir_in(&env.base).unwrap();
+        std::fs::write(dir.path().join("from-host"), "host data\n").unwrap();
+        let src = dir.path().display().to_string();
+        let ro_id = id("bindro", rt);
+        let ro = env.run(
+            rt,
+            &ro_id,
+            &[
+                "--mount",
+                &format!("type=bind,src={src},dst=/data,options=rbind:ro"),
+            ],
+            &sh("cat /data/from-host; echo x > /data/new; echo rc=$?; ls /data"),
+        );
+        env.assert_gone(&ro_id);
+        let rw_id = id("bindrw", rt);
+        let rw = env.run(
+            rt,
+            &rw_id,
+            &["--mount", &format!("type=bind,src={src},dst=/data,options=rbind:rw")],
+            &sh("cat /data/from-host; echo from container > /data/new; echo rc=$?; mkdir /data/d; ls /data"),
+        );
+        env.assert_gone(&rw_id);
+        use std::os::unix::fs::MetadataExt;
+        let new = dir.path().join("new");
+        let host_view = (
+            std::fs::read_to_string(&new).ok(),
+            std::fs::metadata(&new).ok().map(|m| (m.uid(), m.gid())),
+            dir.path().join("d").is_dir(),
+        );
+        (ro, rw, host_view)
+    });
+    assert_eq!(r.0.stdout, "host data\nrc=1\nfrom-host\n", "{:?}", r.0);
+    assert!(r.0.stderr.contains("Read-only file system"), "{:?}", r.0);
+    assert_eq!(
+        r.1.stdout, "host data\nrc=0\nd\nfrom-host\nnew\n",
+        "{:?}",
+        r.1
+    );
+    assert_eq!(r.2, (Some("from container\n".into()), Some((0, 0)), true));
+    assert_same("bind mounts", &r, &j);
+}
+
+#[test]
+fn memory_limit_exceeded_is_oom_137() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let events = env.events();
+        let id = id("oom", rt);
+        let o = env.run(
+            rt,
+            &id,
+            &["--memory-limit", "33554432"],
+            &sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}"),
+        );
+        events.wait_for(&id, "/containers/delete", CTR_TIMEOUT);
+        env.assert_gone(&id);
+        let topics = events.topics_for(&id);
+        (o.code, o.stdout, topics.iter().any(|t| t == "/tasks/oom"))
+    });
+    assert_eq!(r, (137, String::new(), true), "runc");
+    assert_same("memory limit exceeded", &r, &j);
+}
+
+#[test]
+fn ten_containers_at_once() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let handles: Vec<_> = (0..10)
+            .map(|n| {
+                let env = env.clone();
+                let rt = rt.to_string();
+                std::thread::spawn(move || {
+                    let id = id(&format!("ten{n}"), &rt);
+                    let o = env.run(&rt, &id, &[], &sh(&format!("echo started {n}; exit {n}")));
+                    env.assert_gone(&id);
+                    (o.code, o.stdout)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let want: Vec<_> = (0..10).map(|n| (n, format!("started {n}\n"))).collect();
+    assert_eq!(r, want);
+    assert_same("10 containers at once", &r, &j);
+}
+
+#[test]
+fn jevm_has_its_own_kernel_and_entropy() {
+    let env = ctr_env_or_skip!();
+    if runc_only() {
+        return;
+    }
+    let host_boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let probe =
+        sh("cat /proc/sys/kernel/random/boot_id; head -c 16 /dev/urandom | od -x | head -1");
+    let runc = run_both(&env, "bootid", &[], &probe).0;
+    assert_eq!(
+        runc.stdout.lines().next(),
+        Some(host_boot_id.trim()),
+        "runc shares the host kernel: {runc:?}"
+    );
+    let jevm: Vec<Outcome> = (0..2)
+        .map(|_| {
+            let id = id("bootid", JEVM);
+            let o = env.run(JEVM, &id, &[], &probe);
+            env.assert_gone(&id);
+            o
+        })
+        .collect();
+    for o in &jevm {
+        assert_eq!(o.code, 0, "jevm: {o:?}");
+        assert_ne!(
+            o.stdout.lines().next(),
+            Some(host_boot_id.trim()),
+            "jevm boot_id is the host's: {o:?}"
+        );
+    }
+    let lines = |o: &Outcome| o.stdout.lines().map(str::to_string).collect::<Vec<_>>();
+    let (a, b) = (lines(&jevm[0]), lines(&jevm[1]));
+    assert_ne!(a.first(), b.first(), "two jevm containers share a boot_id");
+    assert_ne!(
+        a.get(1),
+        b.get(1),
+        "two jevm containers read the same first random bytes"
+    );
+}
+
+#[test]
+fn shim_killed_mid_run() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let events = env.events();
+        let id = id("shimkill", rt);
+        // The id in the script makes the container's processes findable.
+        env.run_detached(
+            rt,
+            &id,
+            &[],
+            &sh(&format!(": {id}; while true; do sleep 0.1; done")),
+        );
+        let shims = env.shims(Some(&id));
+        assert_eq!(shims.len(), 1, "{rt}: one shim for {id}: {shims:?}");
+        // SAFETY: kill(2) on a PID we just found serving our own container.
+        unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
+        // containerd notices the dead shim, reports the exit and cleans up
+        // the task itself (Debian's 1.6 with runc: the task is gone).
+        let deadline = std::time::Instant::now() + CTR_TIMEOUT;
+        let status = loop {
+            let s = env.task_status(&id);
+            if s.as_deref() != Some("RUNNING") || std::time::Instant::now() > deadline {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        events.wait_for(&id, "/tasks/delete", Duration::from_secs(30));
+        let delete = env.ctr_out(&["task", "delete", &id]);
+        let cdel = env.ctr_out(&["containers", "delete", &id]);
+        env.assert_gone(&id);
+        (
+            status,
+            delete.code,
+            delete.user_stderr().replace(&id, "ID"),
+            cdel.code,
+            events.topics_for(&id),
+        )
+    });
+    assert_ne!(r.0.as_deref(), Some("RUNNING"), "{r:?}");
+    assert!(
+        r.4.iter().any(|t| t == "/tasks/exit"),
+        "runc: an exit was reported: {r:?}"
+    );
+    assert_eq!(r.3, 0, "{r:?}");
+    assert_same("shim killed", &r, &j);
+}
+
+/// The error a failed `ctr run` prints and what must be left: nothing.
+fn failing_run(env: &Env, rt: &str, name: &str, args: Vec<String>) -> Outcome {
+    let id = id(name, rt);
+    let args: Vec<String> = args.into_iter().map(|a| a.replace("{ID}", &id)).collect();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = env.ctr_out(&argv);
+    env.assert_gone(&id);
+    assert_ne!(o.code, 0, "{}: {argv:?} succeeded: {o:?}", short(rt));
+    o
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn bad_input_is_refused_with_the_cause() {
+    let env = ctr_env_or_skip!();
+    let image = env.image.clone();
+    let runtimes = if runc_only() {
+        &RUNTIMES[..1]
+    } else {
+        &RUNTIMES[..]
+    };
+    for &rt in runtimes {
+        let who = short(rt);
+        let o = failing_run(
+            &env,
+            rt,
+            "nobin",
+            strs(&[
+                "run",
+                "--rm",
+                "--runtime",
+                rt,
+                &image,
+                "{ID}",
+                "/no/such/binary",
+            ]),
+        );
+        assert!(
+            o.stderr.contains("/no/such/binary") && o.stderr.contains("no such file or directory"),
+            "{who}: {o:?}"
+        );
+
+        let o = failing_run(
+            &env,
+            rt,
+            "nofs",
+            strs(&[
+                "run",
+                "--rm",
+                "--runtime",
+                rt,
+                "--mount",
+                "type=nosuchfs,src=none,dst=/x",
+                &image,
+                "{ID}",
+                "true",
+            ]),
+        );
+        assert!(
+            o.stderr.contains("/x") && o.stderr.contains("no such device"),
+            "{who}: {o:?}"
+        );
+
+        let o = failing_run(
+            &env,
+            rt,
+            "noroot",
+            strs(&[
+                "run",
+                "--rm",
+                "--runtime",
+                rt,
+                "--rootfs",
+                "/no/such/rootfs",
+                "{ID}",
+                "true",
+            ]),
+        );
+        assert!(
+            o.stderr.contains("/no/such/rootfs") && o.stderr.contains("no such file or directory"),
+            "{who}: {o:?}"
+        );
+
+        let id_hint = id("baduid-spec", rt);
+        let spec = spec_file_with(&env, &id_hint, &["/bin/id"], None, Some(4294967295));
+        let o = failing_run(
+            &env,
+            rt,
+            "baduid",
+            strs(&["run", "--rm", "--runtime", rt, "--config", &spec, "{ID}"]),
+        );
+        assert!(o.stderr.contains("uid"), "{who}: {o:?}");
+    }
+}
+
+#[test]
+fn jevm_missing_kernel_names_the_file() {
+    let env = ctr_env_or_skip!();
+    if runc_only() {
+        return;
+    }
+    let image = env.image.clone();
+    // The jevm shim started with JEVM_CONFIG = a config whose kernel is absent.
+    let o = failing_run(
+        &env,
+        JEVM,
+        "nokernel",
+        strs(&[
+            "run",
+            "--rm",
+            "--runtime",
+            &env.bad_runtime,
+            &image,
+            "{ID}",
+            "true",
+        ]),
+    );
+    assert!(
+        o.stderr.contains("no-such-kernel"),
+        "the error names the kernel file: {o:?}"
+    );
+    // The same config given as the runtime's options (what CRI passes).
+    let bad = env.bad_config.display().to_string();
+    let o = failing_run(
+        &env,
+        JEVM,
+        "nokernel-opt",
+        strs(&[
+            "run",
+            "--rm",
+            "--runtime",
+            JEVM,
+            "--runtime-config-path",
+            &bad,
+            &image,
+            "{ID}",
+            "true",
+        ]),
+    );
+    assert!(
+        o.stderr.contains("no-such-kernel"),
+        "the error names the kernel file: {o:?}"
+    );
+}
