@@ -354,6 +354,28 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
     std::fs::write(ro.join("file"), b"original").unwrap();
     let _ro_bind = ReadOnlyBind::new(&ro);
 
+    // A share that is not there is refused before any VM exists.
+    let missing = scratch.path().join("no-such-share");
+    let refused = clone_from(
+        &f.template,
+        f.run_root.path(),
+        &CloneOptions {
+            hostname: "bad-share".into(),
+            share: Some(missing.clone()),
+        },
+    );
+    match refused {
+        Err(e) => assert!(
+            e.to_string().contains(&*missing.to_string_lossy()),
+            "error does not name the share: {e}"
+        ),
+        Ok(_) => panic!("a clone started with a missing share directory"),
+    }
+    assert!(
+        is_empty_dir(f.run_root.path()),
+        "files left after the refusal"
+    );
+
     let before = footprint();
     let plain = clone_from(&f.template, f.run_root.path(), &named("no-share")).expect("clone");
     let vm = clone_from(

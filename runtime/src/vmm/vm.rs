@@ -315,6 +315,25 @@ impl Vm {
     /// Builds a VM from a template's saved state and memory file and starts
     /// its vCPUs where the template's stopped.
     pub fn restore(state: &VmState, cfg: &RestoreConfig) -> Result<Vm, VmError> {
+        // Cheap checks first: a bad share directory must not cost a VM.
+        let fs_devices = state
+            .devices
+            .iter()
+            .filter(|d| d.device_type == VIRTIO_ID_FS)
+            .count();
+        if fs_devices != 1 {
+            return Err(VmError::Restore(format!(
+                "the saved VM has {fs_devices} virtio-fs devices, expected exactly 1"
+            )));
+        }
+        let (fs_name, fs) = match &cfg.share {
+            Some(dir) => (
+                format!("virtio-fs {}", dir.display()),
+                Fs::with_share(SHARE_TAG, dir),
+            ),
+            None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
+        };
+        let mut fs = Some(fs.map_err(|e| device_err(&fs_name)(e.to_string()))?);
         vcpu::install_kick_handler();
         let Base { kvm, vm_fd, ram } = base(memory::map_template(
             &cfg.memory,
@@ -339,16 +358,6 @@ impl Vm {
             .set_clock(&clock)
             .map_err(kvm_err("restore the guest clock"))?;
 
-        let fs_devices = state
-            .devices
-            .iter()
-            .filter(|d| d.device_type == VIRTIO_ID_FS)
-            .count();
-        if fs_devices != 1 {
-            return Err(VmError::Restore(format!(
-                "the saved VM has {fs_devices} virtio-fs devices, expected exactly 1"
-            )));
-        }
         let mut mmio = Vec::with_capacity(state.devices.len());
         for (i, saved) in state.devices.iter().enumerate() {
             let (name, dev): (String, Box<dyn VirtioDevice>) = match saved.device_type {
@@ -358,17 +367,14 @@ impl Vm {
                         .map_err(|e| device_err(&name)(e.to_string()))?;
                     (name, Box::new(dev))
                 }
-                VIRTIO_ID_FS => {
-                    let (name, dev) = match &cfg.share {
-                        Some(dir) => (
-                            format!("virtio-fs {}", dir.display()),
-                            Fs::with_share(SHARE_TAG, dir),
-                        ),
-                        None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
-                    };
-                    let dev = dev.map_err(|e| device_err(&name)(e.to_string()))?;
-                    (name, Box::new(dev))
-                }
+                VIRTIO_ID_FS => match fs.take() {
+                    Some(dev) => (fs_name.clone(), Box::new(dev)),
+                    None => {
+                        return Err(VmError::Restore(format!(
+                            "a second virtio-fs device in slot {i}"
+                        )))
+                    }
+                },
                 other => {
                     return Err(VmError::Restore(format!(
                         "virtio device type {other} in slot {i} cannot be part of a template"
