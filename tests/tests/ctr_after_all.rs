@@ -48,6 +48,9 @@ fn nothing_is_left_after_all_tests() {
         left.extend(
             walk(&env.run_dir)
                 .into_iter()
+                // The shim's top-level directories stay, like containerd's
+                // own under /run/containerd; anything inside them is a leak.
+                .filter(|f| !["pods", "vms"].iter().any(|d| *f == env.run_dir.join(d)))
                 .map(|f| format!("file in run_dir: {}", f.display())),
         );
         left.extend(
