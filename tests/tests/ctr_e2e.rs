@@ -482,6 +482,16 @@ fn spec_file_with(
         ),
         1,
     );
+    // `ctr oci spec` puts every container in the namespace's cgroup; `ctr
+    // run` without --config gives each its own, and so must we (cgroup v2
+    // refuses processes in a cgroup whose children have controllers).
+    let ns_cgroup = format!("\"cgroupsPath\": \"/{}\"", env.namespace);
+    assert!(spec.contains(&ns_cgroup), "ctr oci spec: no {ns_cgroup}");
+    spec = spec.replacen(
+        &ns_cgroup,
+        &format!("\"cgroupsPath\": \"/{}/{id}\"", env.namespace),
+        1,
+    );
     if let Some(rl) = rlimits {
         let start = spec
             .find("\"rlimits\": [")
@@ -769,12 +779,35 @@ fn shim_killed_mid_run() {
         let delete = env.ctr_out(&["task", "delete", &id]);
         let cdel = env.ctr_out(&["containers", "delete", &id]);
         env.assert_gone(&id);
+        // `ctr run -d` made the task's FIFOs and only a successful `ctr task
+        // delete` removes them: with containerd 1.6 and runc they stay. They
+        // are ctr's, not the runtime's: compare, then remove them.
+        let fifos: Vec<std::path::PathBuf> =
+            jevm_tests::ctr::walk(std::path::Path::new("/run/containerd/fifo"))
+                .into_iter()
+                .filter(|f| {
+                    f.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id}-")))
+                })
+                .collect();
+        let mut fifo_names: Vec<String> = fifos
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().replace(&id, "ID"))
+            .collect();
+        fifo_names.sort();
+        for f in &fifos {
+            let _ = std::fs::remove_file(f);
+            if let Some(dir) = f.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
         (
             status,
             delete.code,
             delete.user_stderr().replace(&id, "ID"),
             cdel.code,
             events.topics_for(&id),
+            fifo_names,
         )
     });
     assert_ne!(r.0.as_deref(), Some("RUNNING"), "{r:?}");
