@@ -21,7 +21,14 @@ pub const RUNTIMES: [&str; 2] = [RUNC, JEVM];
 
 /// How long one `ctr` command may take. Generous: inside the KVM test host
 /// (TCG) the first jevm container also builds the template.
-pub const CTR_TIMEOUT: Duration = Duration::from_secs(300);
+/// `JEVM_E2E_CTR_TIMEOUT` (seconds) overrides it, for hunting a hang.
+pub static CTR_TIMEOUT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new(|| {
+    let secs = std::env::var("JEVM_E2E_CTR_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+});
 
 /// Where the private containerd is (see `hack/containerd-env`).
 #[derive(Debug, Clone)]
@@ -70,12 +77,12 @@ impl Env {
     pub fn ctr_out(&self, args: &[&str]) -> Outcome {
         let mut c = self.ctr();
         c.args(args);
-        Running::spawn(c, false).wait(CTR_TIMEOUT)
+        Running::spawn(c, false).wait(*CTR_TIMEOUT)
     }
 
     /// `ctr run --rm --runtime RT FLAGS IMAGE ID CMD...`
     pub fn run(&self, rt: &str, id: &str, flags: &[&str], cmd: &[&str]) -> Outcome {
-        self.spawn_run(rt, id, flags, cmd, false).wait(CTR_TIMEOUT)
+        self.spawn_run(rt, id, flags, cmd, false).wait(*CTR_TIMEOUT)
     }
 
     /// Starts `ctr run --rm ...` (attached) and returns at once.
@@ -102,7 +109,7 @@ impl Env {
         args.extend_from_slice(cmd);
         let o = self.ctr_out(&args);
         assert_eq!(o.code, 0, "{rt}: ctr run -d {id}: {o:?}");
-        self.wait_status(id, "RUNNING", CTR_TIMEOUT);
+        self.wait_status(id, "RUNNING", *CTR_TIMEOUT);
     }
 
     /// Runs a ctr command line under a pseudo-terminal (`script`), as a
@@ -119,7 +126,7 @@ impl Env {
             .env("CONTAINERD_NAMESPACE", &self.namespace);
         // stdin stays an open, silent pipe: EOF on it would end the session.
         let r = Running::spawn(c, true);
-        r.wait(CTR_TIMEOUT)
+        r.wait(*CTR_TIMEOUT)
     }
 
     /// The status column of `ctr task ls` for `id` (None: no such task).

@@ -50,7 +50,7 @@ fn exit_codes_and_events() {
             let events = env.events();
             let id = id("exit", rt);
             let o = env.run(rt, &id, &[], &sh(&format!("echo bye; exit {code}")));
-            assert!(events.wait_for(&id, "/containers/delete", CTR_TIMEOUT));
+            assert!(events.wait_for(&id, "/containers/delete", *CTR_TIMEOUT));
             env.assert_gone(&id);
             let exit = events
                 .for_id(&id)
@@ -112,13 +112,13 @@ fn stdin_piped_then_closed() {
         // stdin on EOF only after its task exists (ctr 1.6 races otherwise).
         let mut run = env.spawn_run(rt, &id, &[], &sh("echo ready; cat; echo done $?"), true);
         assert!(
-            run.wait_stdout("ready", CTR_TIMEOUT),
+            run.wait_stdout("ready", *CTR_TIMEOUT),
             "{rt}: never ready: {}",
             run.stderr()
         );
         run.write_stdin(b"hello\nworld\n");
         run.close_stdin();
-        let o = run.wait(CTR_TIMEOUT);
+        let o = run.wait(*CTR_TIMEOUT);
         env.assert_gone(&id);
         o
     });
@@ -202,13 +202,13 @@ fn kill_sigterm_trapped() {
             false,
         );
         assert!(
-            run.wait_stdout("ready", CTR_TIMEOUT),
+            run.wait_stdout("ready", *CTR_TIMEOUT),
             "{rt}: {}",
             run.stderr()
         );
         let k = env.ctr_out(&["task", "kill", "-s", "SIGTERM", &id]);
-        let o = run.wait(CTR_TIMEOUT);
-        events.wait_for(&id, "/containers/delete", CTR_TIMEOUT);
+        let o = run.wait(*CTR_TIMEOUT);
+        events.wait_for(&id, "/containers/delete", *CTR_TIMEOUT);
         env.assert_gone(&id);
         (k, o, events.topics_for(&id))
     });
@@ -237,7 +237,7 @@ fn kill_sigterm_ignored_by_pid1_then_sigkill() {
             false,
         );
         assert!(
-            run.wait_stdout("ready", CTR_TIMEOUT),
+            run.wait_stdout("ready", *CTR_TIMEOUT),
             "{rt}: {}",
             run.stderr()
         );
@@ -245,8 +245,8 @@ fn kill_sigterm_ignored_by_pid1_then_sigkill() {
         std::thread::sleep(Duration::from_secs(2));
         let status_after_term = env.task_status(&id);
         let kill = env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-        let o = run.wait(CTR_TIMEOUT);
-        events.wait_for(&id, "/containers/delete", CTR_TIMEOUT);
+        let o = run.wait(*CTR_TIMEOUT);
+        events.wait_for(&id, "/containers/delete", *CTR_TIMEOUT);
         env.assert_gone(&id);
         let exit_137 = events
             .for_id(&id)
@@ -298,7 +298,7 @@ fn exec_with_and_without_tty() {
         ]);
         let missing = env.ctr_out(&["task", "exec", "--exec-id", "x3", &id, "/no/such/binary"]);
         env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-        env.wait_status(&id, "STOPPED", CTR_TIMEOUT);
+        env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
         env.ctr_out(&["task", "delete", &id]);
         env.ctr_out(&["containers", "delete", &id]);
         env.assert_gone(&id);
@@ -332,7 +332,7 @@ fn pause_resume_ps_metrics() {
         let id = id("pause", rt);
         env.run_detached(rt, &id, &[], &sh("sleep 1000 & sleep 1000 & wait"));
         // Three processes: sh and its two sleeps.
-        let deadline = std::time::Instant::now() + CTR_TIMEOUT;
+        let deadline = std::time::Instant::now() + *CTR_TIMEOUT;
         let ps = loop {
             let ps = env.ctr_out(&["task", "ps", &id]);
             if ps.stdout.lines().count() == 4 || std::time::Instant::now() > deadline {
@@ -358,7 +358,7 @@ fn pause_resume_ps_metrics() {
         let resume = env.ctr_out(&["task", "resume", &id]);
         let resumed = env.task_status(&id);
         env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-        env.wait_status(&id, "STOPPED", CTR_TIMEOUT);
+        env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
         env.ctr_out(&["task", "delete", &id]);
         env.ctr_out(&["containers", "delete", &id]);
         env.assert_gone(&id);
@@ -594,7 +594,7 @@ fn written_file_is_in_the_snapshot() {
             "-c",
             &format!("echo payload-{id} > /work/written; sync"),
         ]);
-        let o = jevm_tests::ctr::Running::spawn(c, false).wait(CTR_TIMEOUT);
+        let o = jevm_tests::ctr::Running::spawn(c, false).wait(*CTR_TIMEOUT);
         let mounts = env.ctr_out(&["snapshots", "mounts", "/mnt", &id]);
         let upper = mounts
             .stdout
@@ -672,7 +672,7 @@ fn memory_limit_exceeded_is_oom_137() {
             &["--memory-limit", "33554432"],
             &sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived ${#x}"),
         );
-        events.wait_for(&id, "/containers/delete", CTR_TIMEOUT);
+        events.wait_for(&id, "/containers/delete", *CTR_TIMEOUT);
         env.assert_gone(&id);
         let topics = events.topics_for(&id);
         (o.code, o.stdout, topics.iter().any(|t| t == "/tasks/oom"))
@@ -767,7 +767,7 @@ fn shim_killed_mid_run() {
         unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
         // containerd notices the dead shim, reports the exit and cleans up
         // the task itself (Debian's 1.6 with runc: the task is gone).
-        let deadline = std::time::Instant::now() + CTR_TIMEOUT;
+        let deadline = std::time::Instant::now() + *CTR_TIMEOUT;
         let status = loop {
             let s = env.task_status(&id);
             if s.as_deref() != Some("RUNNING") || std::time::Instant::now() > deadline {

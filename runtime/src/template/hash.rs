@@ -156,9 +156,64 @@ fn cache() -> &'static Cache {
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// SHA-256 of a (kernel or initramfs) file's bytes, cached per path in this
-/// process while the file's device, inode, length, mtime and ctime stay the
-/// same (any write or replacement changes ctime or the inode).
+static DISK_CACHE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Also keeps digests in `dir` (the template store's `.digests`), so a new
+/// process (every shim is one) does not hash a 10 MiB kernel again just to
+/// find its template: that was a third of a container start. The first
+/// store opened in a process decides.
+pub(crate) fn set_disk_cache(dir: PathBuf) {
+    let _ = DISK_CACHE.set(dir);
+}
+
+/// Name of the on-disk entry for `path` in the state `stamp`: any change of
+/// the stamp is another name, so a stale entry is never read.
+fn disk_entry(dir: &Path, path: &Path, stamp: &Stamp) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let mut key = path.as_os_str().as_bytes().to_vec();
+    key.extend(format!("\0{stamp:?}").as_bytes());
+    dir.join(sha256_hex(&key))
+}
+
+fn disk_lookup(path: &Path, stamp: &Stamp) -> Option<[u8; 32]> {
+    disk_lookup_in(DISK_CACHE.get()?, path, stamp)
+}
+
+fn disk_lookup_in(dir: &Path, path: &Path, stamp: &Stamp) -> Option<[u8; 32]> {
+    let text = std::fs::read_to_string(disk_entry(dir, path, stamp)).ok()?;
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut d = [0u8; 32];
+    for (i, b) in d.iter_mut().enumerate() {
+        *b = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(d)
+}
+
+/// Best effort: a cache that cannot be written only costs time.
+fn disk_store(path: &Path, stamp: &Stamp, digest: &[u8; 32]) {
+    if let Some(dir) = DISK_CACHE.get() {
+        disk_store_in(dir, path, stamp, digest);
+    }
+}
+
+fn disk_store_in(dir: &Path, path: &Path, stamp: &Stamp, digest: &[u8; 32]) {
+    let entry = disk_entry(dir, path, stamp);
+    let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
+    let ok = std::fs::create_dir_all(dir).is_ok()
+        && std::fs::write(&tmp, to_hex(digest)).is_ok()
+        && std::fs::rename(&tmp, &entry).is_ok();
+    if !ok {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// SHA-256 of a (kernel or initramfs) file's bytes, cached per path (in this
+/// process, and on disk once a store set [`set_disk_cache`]) while the
+/// file's device, inode, length, mtime and ctime stay the same (any write
+/// or replacement changes ctime or the inode).
 pub(crate) fn file_sha256_cached(path: &Path) -> io::Result<[u8; 32]> {
     let file = File::open(path)?;
     let meta = file.metadata()?;
@@ -174,9 +229,17 @@ pub(crate) fn file_sha256_cached(path: &Path) -> io::Result<[u8; 32]> {
             return Ok(*d);
         }
     }
+    if let Some(d) = disk_lookup(path, &stamp) {
+        cache()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_owned(), (stamp, d));
+        return Ok(d);
+    }
     let digest = sha256_reader(&file)?;
     // If the file changed while it was read, do not cache what may be a mix.
     if Stamp::of(&file.metadata()?) == stamp {
+        disk_store(path, &stamp, &digest);
         cache()
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -188,6 +251,24 @@ pub(crate) fn file_sha256_cached(path: &Path) -> io::Result<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_cache_answers_only_for_the_same_file_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kernel");
+        std::fs::write(&f, b"one").unwrap();
+        let cache = dir.path().join(".digests");
+        let stamp = Stamp::of(&std::fs::metadata(&f).unwrap());
+        assert_eq!(disk_lookup_in(&cache, &f, &stamp), None);
+        let digest = sha256_reader(File::open(&f).unwrap()).unwrap();
+        disk_store_in(&cache, &f, &stamp, &digest);
+        assert_eq!(disk_lookup_in(&cache, &f, &stamp), Some(digest));
+        // Rewritten: another length (and ctime), so the entry is not used.
+        std::fs::write(&f, b"other").unwrap();
+        let stamp2 = Stamp::of(&std::fs::metadata(&f).unwrap());
+        assert_ne!(stamp, stamp2);
+        assert_eq!(disk_lookup_in(&cache, &f, &stamp2), None);
+    }
     use std::io::{Seek, SeekFrom, Write};
 
     #[test]

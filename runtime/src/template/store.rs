@@ -191,7 +191,9 @@ impl Template {
 impl TemplateStore {
     /// A store rooted at `root` (created on the first build).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        TemplateStore { root: root.into() }
+        let root = root.into();
+        super::hash::set_disk_cache(root.join(".digests"));
+        TemplateStore { root }
     }
 
     pub fn root(&self) -> &Path {
