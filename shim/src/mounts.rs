@@ -75,7 +75,7 @@ pub fn bind_rootfs_dir(cid: &str, source: &Path, target: &Path) -> Result<(), St
         format!(
             "container {cid:?}: binding rootfs {}: {}",
             source.display(),
-            e.desc()
+            errno_text(e)
         )
     })
 }
@@ -101,12 +101,16 @@ pub fn bind(cid: &str, b: &HostBind, target: &Path) -> Result<(), String> {
         flags |= MsFlags::MS_REC;
     }
     mount(Some(&b.source), target, None::<&str>, flags, None::<&str>)
-        .map_err(|e| format!("{}: {}", what(), e.desc()))?;
+        .map_err(|e| format!("{}: {}", what(), errno_text(e)))?;
     if b.readonly {
         let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
         if let Err(e) = mount(None::<&str>, target, None::<&str>, ro, None::<&str>) {
             let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(format!("{}: remounting read-only: {}", what(), e.desc()));
+            return Err(format!(
+                "{}: remounting read-only: {}",
+                what(),
+                errno_text(e)
+            ));
         }
     }
     Ok(())
@@ -114,8 +118,19 @@ pub fn bind(cid: &str, b: &HostBind, target: &Path) -> Result<(), String> {
 
 fn cause(e: &std::io::Error) -> String {
     match e.raw_os_error() {
-        Some(n) => Errno::from_raw(n).desc().to_string(),
+        Some(n) => errno_text(Errno::from_raw(n)),
         None => e.to_string(),
+    }
+}
+
+/// An errno's text the way runc (Go) prints it, lower-case first: users
+/// and scripts see the same words from either runtime.
+pub fn errno_text(e: Errno) -> String {
+    let desc = e.desc();
+    let mut chars = desc.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => format!("errno {}", e as i32),
     }
 }
 
@@ -169,10 +184,10 @@ pub fn unmount_all(prefix: &Path) -> Result<(), String> {
                 Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
                 Err(Errno::EBUSY) => {
                     if let Err(e) = umount2(&p, MntFlags::MNT_DETACH) {
-                        log::warn!("unmounting {} (detached): {}", p.display(), e.desc());
+                        log::warn!("unmounting {} (detached): {}", p.display(), errno_text(e));
                     }
                 }
-                Err(e) => log::warn!("unmounting {}: {}", p.display(), e.desc()),
+                Err(e) => log::warn!("unmounting {}: {}", p.display(), errno_text(e)),
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The shim's lifecycle as containerd drives it: `start` (launch or reuse
 //! the pod's shim), `delete` (clean up after a dead shim), and serving.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,8 +92,14 @@ impl Shim for Service {
             .and_then(|v| v.parse::<u64>().ok())
             .map(|ns| Duration::from_nanos(epoch_ns(SystemTime::now()).saturating_sub(ns)));
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(forward(publisher, self.namespace.clone(), rx));
-        TaskService::new(Arc::clone(&self.exit), tx, shim_start)
+        let unpublished = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(forward(
+            publisher,
+            self.namespace.clone(),
+            rx,
+            Arc::clone(&unpublished),
+        ));
+        TaskService::new(Arc::clone(&self.exit), tx, unpublished, shim_start)
     }
 }
 
@@ -101,6 +108,7 @@ async fn forward(
     publisher: RemotePublisher,
     ns: String,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    unpublished: Arc<AtomicUsize>,
 ) {
     while let Some((topic, e)) = rx.recv().await {
         if let Err(err) = publisher
@@ -109,5 +117,6 @@ async fn forward(
         {
             log::warn!("publishing {topic}: {err}");
         }
+        unpublished.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,11 @@ struct Proc {
     exit_tx: watch::Sender<Option<ExitInfo>>,
     stdio: StdioPaths,
     copies: Option<Copies>,
+    /// Why the guest could not create this exec'd process. runc creates an
+    /// exec'd process only at start, so containerd sees TaskExecAdded and
+    /// then the error from `start`; jevm's agent finds the error earlier
+    /// and it is kept here to be answered at start, in the same order.
+    start_error: Option<String>,
 }
 
 impl Proc {
@@ -125,6 +131,22 @@ impl Proc {
             exit_tx: watch::channel(None).0,
             stdio,
             copies: Some(copies),
+            start_error: None,
+        }
+    }
+
+    /// An exec'd process the guest refused to create (see `start_error`).
+    fn failed(stdio: StdioPaths, why: String) -> Proc {
+        Proc {
+            pid: 0,
+            started: false,
+            start_returned: false,
+            exit: None,
+            exit_published: false,
+            exit_tx: watch::channel(None).0,
+            stdio,
+            copies: None,
+            start_error: Some(why),
         }
     }
 
@@ -187,6 +209,9 @@ struct State {
 struct Inner {
     exit: Arc<ExitSignal>,
     events: mpsc::UnboundedSender<Outgoing>,
+    /// Events sent but not yet published: shutdown waits for them, or the
+    /// last ones (TaskDelete) would die with the process.
+    unpublished: Arc<AtomicUsize>,
     pod_events: mpsc::UnboundedSender<PodEvent>,
     state: Mutex<State>,
     create_lock: tokio::sync::Mutex<()>,
@@ -205,12 +230,14 @@ impl TaskService {
     pub fn new(
         exit: Arc<ExitSignal>,
         events: mpsc::UnboundedSender<Outgoing>,
+        unpublished: Arc<AtomicUsize>,
         shim_start: Option<Duration>,
     ) -> TaskService {
         let (pod_tx, mut pod_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             exit,
             events,
+            unpublished,
             pod_events: pod_tx,
             state: Mutex::new(State::default()),
             create_lock: tokio::sync::Mutex::new(()),
@@ -231,7 +258,20 @@ impl TaskService {
     }
 
     fn publish(&self, o: Outgoing) {
-        let _ = self.inner.events.send(o);
+        self.inner.unpublished.fetch_add(1, Ordering::SeqCst);
+        if self.inner.events.send(o).is_err() {
+            self.inner.unpublished.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits (bounded) until every event sent so far reached containerd.
+    async fn flush_events(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.inner.unpublished.load(Ordering::SeqCst) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     fn on_pod_event(&self, ev: PodEvent) {
@@ -704,6 +744,10 @@ impl Task for TaskService {
                         "container {cid:?} {exec}: already started"
                     )))
                 }
+                Some(Proc {
+                    start_error: Some(e),
+                    ..
+                }) => return Err(status(Code::UNKNOWN, e.clone())),
                 _ => {}
             }
         }
@@ -939,7 +983,7 @@ impl Task for TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        let pid = pod
+        let created = pod
             .agent
             .pid(
                 "Exec",
@@ -950,8 +994,25 @@ impl Task for TaskService {
                     stdio: stdio.protocol(),
                 }),
             )
-            .await
-            .map_err(agent_err)?;
+            .await;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(CallError::Guest(why)) => {
+                let mut st = self.state();
+                let Some(c) = st.containers.get_mut(cid) else {
+                    return Err(status(Code::UNKNOWN, why));
+                };
+                c.execs.insert(exec.to_string(), Proc::failed(stdio, why));
+                drop(st);
+                self.publish(outgoing(TaskExecAdded {
+                    container_id: cid.to_string(),
+                    exec_id: exec.to_string(),
+                    ..Default::default()
+                }));
+                return Ok(Empty::default());
+            }
+            Err(e) => return Err(agent_err(e)),
+        };
         let copies = match stdio::attach(&pod.agent, cid, Some(exec), &stdio).await {
             Ok(c) => c,
             Err(e) => {
@@ -1212,6 +1273,7 @@ impl Task for TaskService {
         for p in pods {
             destroy_pod(&p).await;
         }
+        self.flush_events().await;
         log::info!("shutdown: no task left, exiting");
         self.inner.exit.signal();
         Ok(Empty::default())

@@ -65,9 +65,10 @@ pub fn populate(rootfs: &Path, spec_devices: &[LinuxDevice]) -> Result<()> {
     ] {
         symlink(rootfs, target, link)?;
     }
-    if Path::new("/proc/kcore").exists() {
-        symlink(rootfs, "/proc/kcore", "/dev/core")?;
-    }
+    // runc adds this link when *its* /proc has kcore, which a host kernel
+    // has; the guest kernel is built without it, so the link is made
+    // regardless to give containers the /dev they get under runc.
+    symlink(rootfs, "/proc/kcore", "/dev/core")?;
     // The container's own devpts instance serves its ptys.
     let ptmx = secure_join(rootfs, Path::new("/dev/ptmx"))?;
     match std::fs::remove_file(&ptmx) {

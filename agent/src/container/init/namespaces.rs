@@ -11,7 +11,7 @@ use nix::unistd::{fork, pipe2, ForkResult};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 
 /// Which process continues after [`fork_child`] (or that there was none).
@@ -118,8 +118,43 @@ impl Plan {
             setns(j.file.as_fd(), j.flag)
                 .map_err(|e| os_err(format!("join namespace {:?} ({})", j.name, j.path), e))?;
         }
-        unshare(self.create).map_err(|e| os_err("create namespaces", e))
+        unshare(self.create).map_err(|e| os_err("create namespaces", e))?;
+        if self.create.contains(CloneFlags::CLONE_NEWNET) {
+            // runc brings the loopback interface of a new network namespace
+            // up, so a container can reach 127.0.0.1 without CNI.
+            loopback_up().map_err(|e| io_err("bring up the loopback interface lo", &e))?;
+        }
+        Ok(())
     }
+}
+
+/// `ip link set lo up` in the current network namespace.
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the interface named in `req` and writes
+    // its flags into `req`, which lives for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: after SIOCGIFFLAGS the union holds the flags.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: as above; SIOCSIFFLAGS only reads `req`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Joins the namespaces of the running container whose init is `init_pid`.
