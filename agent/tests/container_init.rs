@@ -456,7 +456,7 @@ fn abort_before_start_runs_nothing() {
     let rootfs = Rootfs::new();
     let spec = default_spec(rootfs.path(), &["sh", "-c", "echo ran"]);
     let cgroup = Cgroup::new("abort");
-    let mut stage = spawn_stage(&create_plan("abort", &spec, &cgroup, false), None);
+    let mut stage = spawn_stage(&create_plan("abort", &spec, &cgroup, false));
     assert!(matches!(stage.created(), Answer::Ready));
     let pid = stage.pid.expect("Pid before Ready");
     assert!(
@@ -475,7 +475,7 @@ fn exec_joins_the_running_container() {
     let mut spec = default_spec(rootfs.path(), &["sleep", "30"]);
     spec["hostname"] = json!("execbox");
     let cgroup = Cgroup::new("exec");
-    let mut init = spawn_stage(&create_plan("exec", &spec, &cgroup, false), None);
+    let mut init = spawn_stage(&create_plan("exec", &spec, &cgroup, false));
     assert!(matches!(init.created(), Answer::Ready));
     assert_eq!(init.start(), None);
     let init_pid = init.pid.unwrap();
@@ -484,7 +484,7 @@ fn exec_joins_the_running_container() {
     process["args"] = json!(["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; pwd; id -u; cat /proc/self/status | grep CapEff"]);
     process["cwd"] = json!("/tmp");
     process["user"] = json!({"uid": 1000, "gid": 1000});
-    let mut exec = spawn_stage(&exec_plan("exec", init_pid, &spec, &process, &cgroup), None);
+    let mut exec = spawn_stage(&exec_plan("exec", init_pid, &spec, &process, &cgroup));
     assert!(matches!(exec.created(), Answer::Ready));
     let exec_pid = exec.pid.unwrap();
     assert!(cgroup.procs().contains(&exec_pid));
@@ -498,7 +498,7 @@ fn exec_joins_the_running_container() {
 
     // A missing binary in an exec is refused at create too.
     process["args"] = json!(["nosuch"]);
-    let mut exec = spawn_stage(&exec_plan("exec", init_pid, &spec, &process, &cgroup), None);
+    let mut exec = spawn_stage(&exec_plan("exec", init_pid, &spec, &process, &cgroup));
     assert!(
         matches!(exec.created(), Answer::Error(m) if m == "exec: \"nosuch\": executable file not found in $PATH")
     );
@@ -513,29 +513,93 @@ fn exec_joins_the_running_container() {
     assert_eq!(o.status, Some(137));
 }
 
+/// Everything the process wrote on its terminal, until the last slave
+/// holder exits (EIO on the master), with the terminal's CRs dropped.
+fn read_terminal(master: std::os::fd::OwnedFd) -> String {
+    let mut master = std::fs::File::from(master);
+    let mut out = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut master, &mut out);
+    String::from_utf8_lossy(&out).replace('\r', "")
+}
+
 #[test]
-fn terminal_becomes_controlling_tty_and_console() {
+fn terminal_is_allocated_in_the_container_and_bound_on_console() {
     require_host!();
     let rootfs = Rootfs::new();
-    let pty = nix::pty::openpty(None, None).unwrap();
-    let mut spec = default_spec(rootfs.path(), &["sh", "-c", "stat -c '%F %t' /dev/console; [ -t 0 ] && echo tty; ps -o pid,tty | tail -1 >/dev/null; echo done"]);
+    let script =
+        "tty; stat -c '%F %t:%T' /dev/console /dev/pts/0; [ -t 0 ] && [ -t 2 ] && echo tty; \
+                  echo ctty >/dev/tty; ls -1 /dev/pts";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
     spec["process"]["terminal"] = json!(true);
     let cgroup = Cgroup::new("tty");
-    let mut stage = spawn_stage(&create_plan("tty", &spec, &cgroup, true), Some(&pty.slave));
-    drop(pty.slave);
+    let mut stage = spawn_stage(&create_plan("tty", &spec, &cgroup, true));
     match stage.created() {
         Answer::Ready => {}
         Answer::Error(e) => panic!("{e}"),
     }
+    let master = stage.take_console().expect("the stage sent no terminal");
     assert_eq!(stage.start(), None);
-    let mut master = std::fs::File::from(pty.master);
-    let mut out = Vec::new();
-    // EIO once the last slave holder exits.
-    let _ = std::io::Read::read_to_end(&mut master, &mut out);
-    let out = String::from_utf8_lossy(&out).replace('\r', "");
+    let out = read_terminal(master);
     let o = stage.wait(None);
     assert_eq!(o.status, Some(0), "{o:?} {out}");
-    assert_eq!(out, "character special file 88\ntty\ndone\n");
+    // As under runc: the container's own devpts, whose first pty it is.
+    assert_eq!(
+        out,
+        "/dev/pts/0\ncharacter special file 88:0\ncharacter special file 88:0\ntty\nctty\n0\nptmx\n"
+    );
+    assert_eq!((o.stdout.as_str(), o.stderr.as_str()), ("", ""));
+}
+
+#[test]
+fn exec_with_a_terminal_gets_its_own_in_the_container() {
+    require_host!();
+    let rootfs = Rootfs::new();
+    let spec = default_spec(rootfs.path(), &["sleep", "30"]);
+    let cgroup = Cgroup::new("exec-tty");
+    let mut init = spawn_stage(&create_plan("exec-tty", &spec, &cgroup, false));
+    assert!(matches!(init.created(), Answer::Ready));
+    assert_eq!(init.start(), None);
+    let init_pid = init.pid.unwrap();
+
+    let mut process = spec["process"].clone();
+    process["args"] = json!(["sh", "-c", "tty; echo ctty >/dev/tty; stty size"]);
+    process["terminal"] = json!(true);
+    let mut plan = exec_plan("exec-tty", init_pid, &spec, &process, &cgroup);
+    plan["terminal"] = json!(true);
+    let mut exec = spawn_stage(&plan);
+    match exec.created() {
+        Answer::Ready => {}
+        Answer::Error(e) => panic!("{e}"),
+    }
+    let master = exec.take_console().expect("the stage sent no terminal");
+    let size = nix::pty::Winsize {
+        ws_row: 30,
+        ws_col: 100,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which outlives
+    // the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&master),
+            libc::TIOCSWINSZ,
+            &size,
+        )
+    };
+    assert_eq!(rc, 0);
+    assert_eq!(exec.start(), None);
+    let out = read_terminal(master);
+    let o = exec.wait(None);
+    assert_eq!(o.status, Some(0), "{o:?} {out}");
+    assert_eq!(out, "/dev/pts/0\nctty\n30 100\n");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(init.wait(None).status, Some(137));
 }
 
 #[test]

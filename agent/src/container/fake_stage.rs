@@ -10,12 +10,15 @@
 //! - container id starting with `fork-`: forks, the stage exits at once and
 //!   the child (reparented to the test process, a subreaper) goes on, like a
 //!   stage with an intermediate process.
+//! - `terminal`: allocates a pseudo-terminal (the host's devpts), makes its
+//!   slave fds 0-2 and the controlling terminal, and sends the master, as
+//!   the real stage does with the container's devpts.
 
-use super::plan::{AgentMsg, InitPlan, PlanKind, StageMsg, INIT_ARG, SYNC_FD};
+use super::plan::{self, AgentMsg, InitPlan, PlanKind, StageMsg, INIT_ARG, SYNC_FD};
 use jevm_protocol::{read_frame, write_frame};
 use std::ffi::{CStr, CString};
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
 #[used]
 #[link_section = ".init_array"]
@@ -76,9 +79,13 @@ fn run() -> ! {
         }
     }
     let pid = std::process::id();
-    if write_frame(&mut sync, &StageMsg::Pid { pid }).is_err()
-        || write_frame(&mut sync, &StageMsg::Ready).is_err()
-    {
+    if write_frame(&mut sync, &StageMsg::Pid { pid }).is_err() {
+        exit(4);
+    }
+    if plan.terminal {
+        terminal(&mut sync);
+    }
+    if write_frame(&mut sync, &StageMsg::Ready).is_err() {
         exit(4);
     }
     match read_frame::<_, AgentMsg>(&mut sync) {
@@ -104,6 +111,27 @@ fn run() -> ! {
     );
     let _ = write_frame(&mut sync, &StageMsg::Error { message });
     exit(127)
+}
+
+fn terminal(sync: &mut File) {
+    let Ok(pty) = nix::pty::openpty(None, None) else {
+        exit(6)
+    };
+    for target in 0..3 {
+        // SAFETY: dup2 on fds this process owns.
+        if unsafe { libc::dup2(pty.slave.as_raw_fd(), target) } < 0 {
+            exit(6);
+        }
+    }
+    // SAFETY: setsid and TIOCSCTTY take no pointers; fd 0 is the slave.
+    if unsafe { libc::setsid() } < 0 || unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+        exit(6);
+    }
+    if write_frame(&mut *sync, &StageMsg::Console).is_err()
+        || plan::send_console(sync.as_fd(), pty.master.as_fd()).is_err()
+    {
+        exit(6);
+    }
 }
 
 fn exit(code: i32) -> ! {

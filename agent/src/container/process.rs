@@ -67,10 +67,15 @@ impl Process {
         container_id: &str,
         exec_id: Option<&str>,
         pid: i32,
-        stage: Stage,
+        mut stage: Stage,
         wanted: jevm_protocol::Stdio,
         ends: AgentStdio,
     ) -> Arc<Process> {
+        // With a terminal the ends are the master the stage allocated.
+        let ends = match stage.take_terminal() {
+            Some(terminal) => terminal.ends(&wanted),
+            None => ends,
+        };
         let outputs_pending = if wanted.terminal {
             u32::from(wanted.stdout)
         } else {

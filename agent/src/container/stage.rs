@@ -7,11 +7,12 @@
 //! resets signals and `execve`s.
 
 use super::exits::{self, Since};
-use super::plan::{AgentMsg, InitPlan, StageMsg, INIT_ARG, SYNC_FD};
+use super::plan::{self, AgentMsg, InitPlan, StageMsg, INIT_ARG, SYNC_FD};
+use super::stdio::Terminal;
 use jevm_protocol::{read_frame, write_frame, FrameError};
 use std::ffi::{CString, OsString};
 use std::io::{self, ErrorKind};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -62,6 +63,8 @@ pub struct Stage {
     since: Since,
     /// The container process, once the stage reported it.
     process_pid: Option<i32>,
+    /// The process's terminal, once the stage sent it.
+    terminal: Option<Terminal>,
 }
 
 impl Stage {
@@ -109,11 +112,17 @@ impl Stage {
             sync,
             since,
             process_pid: None,
+            terminal: None,
         })
     }
 
     pub fn since(&self) -> Since {
         self.since
+    }
+
+    /// The terminal the stage allocated (with `terminal`), once.
+    pub fn take_terminal(&mut self) -> Option<Terminal> {
+        self.terminal.take()
     }
 
     /// Sends the plan and waits until the process is ready to `execve`.
@@ -131,6 +140,26 @@ impl Stage {
                         .filter(|&p| p > 0)
                         .ok_or_else(|| format!("container-init reported a bad pid {pid}"))?;
                     self.process_pid = Some(pid);
+                }
+                StageMsg::Console if plan.terminal && self.terminal.is_none() => {
+                    let master = plan::recv_console(self.sync.as_fd())
+                        .map_err(|e| format!("container-init: receiving the terminal: {e}"))?;
+                    let terminal = Terminal::new(master)
+                        .map_err(|e| format!("container-init: taking the terminal: {e}"))?;
+                    self.terminal = Some(terminal);
+                }
+                StageMsg::Console => {
+                    return Err(format!(
+                        "container-init sent a terminal that was {}",
+                        if plan.terminal {
+                            "already sent"
+                        } else {
+                            "not asked for"
+                        }
+                    ))
+                }
+                StageMsg::Ready if plan.terminal && self.terminal.is_none() => {
+                    return Err("container-init was ready without sending the terminal".into())
                 }
                 StageMsg::Ready => {
                     return self

@@ -6,10 +6,10 @@
 //! thread while it is attached, and no stream is ever polled.
 
 use jevm_protocol::Stdio;
-use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
+use nix::fcntl::OFlag;
 use std::fs::{File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 const PUMP_BUFFER: usize = 64 << 10;
@@ -45,7 +45,7 @@ pub struct AgentStdio {
 /// Builds the streams `stdio` asks for; the others are `/dev/null`.
 pub fn make(stdio: &Stdio) -> io::Result<(ChildStdio, AgentStdio)> {
     if stdio.terminal {
-        return make_terminal(stdio);
+        return make_terminal();
     }
     let (child_in, agent_in) = if stdio.stdin {
         let (r, w) = pipe()?;
@@ -77,36 +77,53 @@ fn output(wanted: bool) -> io::Result<(OwnedFd, Option<File>)> {
     }
 }
 
-fn make_terminal(stdio: &Stdio) -> io::Result<(ChildStdio, AgentStdio)> {
-    let pty = nix::pty::openpty(None, None)?;
-    // openpty cannot open them close-on-exec; until this is done a stage
-    // forked by another thread may inherit them, which its own fd cleanup
-    // after the fork undoes.
-    for fd in [&pty.master, &pty.slave] {
-        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
-    }
-    let slave = pty.slave;
-    let master = pty.master;
-    let dup = |fd: &OwnedFd| fd.as_fd().try_clone_to_owned();
+/// With a terminal the stage allocates it in the container; until then its
+/// fds 0-2 are `/dev/null` and the agent has no ends (see [`Terminal`]).
+fn make_terminal() -> io::Result<(ChildStdio, AgentStdio)> {
     Ok((
         ChildStdio {
-            fds: [dup(&slave)?, dup(&slave)?, slave],
+            fds: [dev_null()?, dev_null()?, dev_null()?],
         },
         AgentStdio {
-            stdin: if stdio.stdin {
-                Some(File::from(dup(&master)?))
-            } else {
-                None
-            },
-            stdout: if stdio.stdout {
-                Some(File::from(dup(&master)?))
-            } else {
-                None
-            },
+            stdin: None,
+            stdout: None,
             stderr: None,
-            master: Some(master),
+            master: None,
         },
     ))
+}
+
+/// The master of the pseudo-terminal the stage allocated in the container,
+/// with the copies the pumps take, made as soon as it arrives so that
+/// running out of fds fails the create, not a later attach.
+pub struct Terminal {
+    master: OwnedFd,
+    input: File,
+    output: File,
+}
+
+impl Terminal {
+    pub fn new(master: OwnedFd) -> io::Result<Terminal> {
+        // try_clone dups close-on-exec: no later stage inherits them.
+        let input = File::from(master.try_clone()?);
+        let output = File::from(master.try_clone()?);
+        Ok(Terminal {
+            master,
+            input,
+            output,
+        })
+    }
+
+    /// The agent's ends: one output stream (the terminal merges stderr
+    /// into it), stdin if asked for, and the master for resizing.
+    pub fn ends(self, wanted: &Stdio) -> AgentStdio {
+        AgentStdio {
+            stdin: wanted.stdin.then_some(self.input),
+            stdout: wanted.stdout.then_some(self.output),
+            stderr: None,
+            master: Some(self.master),
+        }
+    }
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -273,30 +290,38 @@ mod tests {
     }
 
     #[test]
-    fn terminal_output_ends_with_the_last_slave_and_resize_is_seen_by_the_slave() {
+    fn a_terminal_leaves_the_stage_dev_null_until_it_allocates_one() {
         let (child, agent) = make(&stdio(true, true, false, true)).unwrap();
-        assert!(agent.stderr.is_none());
+        assert!(agent.stdin.is_none() && agent.stdout.is_none() && agent.master.is_none());
+        for fd in child.raw() {
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+            assert_eq!(link, std::path::Path::new("/dev/null"));
+        }
+    }
+
+    #[test]
+    fn terminal_output_ends_with_the_last_slave_and_resize_is_seen_by_the_slave() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let terminal = Terminal::new(pty.master).unwrap();
+        let agent = terminal.ends(&stdio(false, true, true, true));
+        assert!(agent.stdin.is_none() && agent.stderr.is_none());
         let master = agent.master.as_ref().unwrap();
         resize(master, 120, 40).unwrap();
-        let ws = nix::pty::Winsize {
+        let mut ws = nix::pty::Winsize {
             ws_row: 0,
             ws_col: 0,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        let mut ws = ws;
         // SAFETY: TIOCGWINSZ writes one winsize into `ws`, which outlives the call.
-        let rc = unsafe { libc::ioctl(child.raw()[1], libc::TIOCGWINSZ, &mut ws) };
+        let rc = unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
         assert_eq!(rc, 0);
         assert_eq!((ws.ws_col, ws.ws_row), (120, 40));
 
         let (host, agent_conn) = UnixStream::pair().unwrap();
         let out = agent.stdout.unwrap();
         let pump = std::thread::spawn(move || pump_output(out, agent_conn));
-        File::from(child.fds[1].try_clone().unwrap())
-            .write_all(b"tty")
-            .unwrap();
-        drop(child);
+        File::from(pty.slave).write_all(b"tty").unwrap();
         let mut got = Vec::new();
         (&host).read_to_end(&mut got).unwrap();
         pump.join().unwrap();

@@ -171,6 +171,8 @@ pub struct Stage {
     out: std::thread::JoinHandle<String>,
     err: std::thread::JoinHandle<String>,
     pub pid: Option<u32>,
+    /// The terminal's master, sent by a stage with `terminal`.
+    console: Option<OwnedFd>,
 }
 
 pub enum Answer {
@@ -186,14 +188,14 @@ fn reader(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> 
     })
 }
 
-/// `stdin`: what fd 0 is (None: /dev/null). With `terminal`, fds 0-2 are
-/// the given pty slave.
-pub fn spawn_stage(plan: &Value, tty: Option<&OwnedFd>) -> Stage {
-    spawn_stage_env(plan, tty, &[])
+/// fd 0 is /dev/null, fds 1 and 2 pipes to readers (with `terminal` the
+/// stage replaces them with its pty, see [`Stage::take_console`]).
+pub fn spawn_stage(plan: &Value) -> Stage {
+    spawn_stage_env(plan, &[])
 }
 
 /// [`spawn_stage`] with extra environment variables for the stage.
-pub fn spawn_stage_env(plan: &Value, tty: Option<&OwnedFd>, env: &[(&str, &str)]) -> Stage {
+pub fn spawn_stage_env(plan: &Value, env: &[(&str, &str)]) -> Stage {
     become_subreaper();
     let (ours, theirs) = UnixStream::pair().unwrap();
     let theirs_fd = theirs.as_raw_fd();
@@ -203,20 +205,9 @@ pub fn spawn_stage_env(plan: &Value, tty: Option<&OwnedFd>, env: &[(&str, &str)]
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_jevm-agent").into());
     let mut cmd = Command::new(bin);
     cmd.arg("container-init").envs(env.iter().copied());
-    let (out, err);
-    match tty {
-        Some(slave) => {
-            let f = std::fs::File::from(slave.try_clone().unwrap());
-            cmd.stdin(Stdio::from(f.try_clone().unwrap()))
-                .stdout(Stdio::from(f.try_clone().unwrap()))
-                .stderr(Stdio::from(f));
-        }
-        None => {
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-        }
-    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -228,16 +219,8 @@ pub fn spawn_stage_env(plan: &Value, tty: Option<&OwnedFd>, env: &[(&str, &str)]
     }
     let mut child = cmd.spawn().unwrap();
     drop(theirs);
-    match tty {
-        Some(_) => {
-            out = std::thread::spawn(String::new);
-            err = std::thread::spawn(String::new);
-        }
-        None => {
-            out = reader(child.stdout.take().unwrap());
-            err = reader(child.stderr.take().unwrap());
-        }
-    }
+    let out = reader(child.stdout.take().unwrap());
+    let err = reader(child.stderr.take().unwrap());
     let mut sock = ours;
     jevm_protocol::write_frame(&mut sock, plan).unwrap();
     Stage {
@@ -246,6 +229,7 @@ pub fn spawn_stage_env(plan: &Value, tty: Option<&OwnedFd>, env: &[(&str, &str)]
         out,
         err,
         pid: None,
+        console: None,
     }
 }
 
@@ -261,6 +245,11 @@ impl Stage {
                 self.pid = Some(pid.as_u64().unwrap() as u32);
                 continue;
             }
+            if msg == json!("Console") {
+                assert!(self.console.is_none(), "a second terminal");
+                self.console = Some(recv_fd(&self.sock));
+                continue;
+            }
             if msg == json!("Ready") {
                 return Answer::Ready;
             }
@@ -269,6 +258,11 @@ impl Stage {
             }
             panic!("unexpected stage message {msg}");
         }
+    }
+
+    /// The terminal's master, once the stage sent it.
+    pub fn take_console(&mut self) -> Option<OwnedFd> {
+        self.console.take()
     }
 
     /// Sends `Start`; None on EOF (execve happened), else the error.
@@ -293,6 +287,7 @@ impl Stage {
             out,
             err,
             pid,
+            ..
         } = self;
         drop(sock);
         finish(child, out, err, pid, None, None)
@@ -305,10 +300,38 @@ impl Stage {
             out,
             err,
             pid,
+            ..
         } = self;
         drop(sock);
         finish(child, out, err, pid, None, start_error)
     }
+}
+
+/// The one fd sent as SCM_RIGHTS on the byte after a `Console` frame.
+fn recv_fd(sock: &UnixStream) -> OwnedFd {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .unwrap();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for cmsg in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these fds for this message.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    assert_eq!(fds.len(), 1, "the terminal's master");
+    fds.pop().unwrap()
 }
 
 fn finish(
@@ -374,7 +397,7 @@ pub fn run(name: &str, spec: &Value) -> Outcome {
 
 pub fn run_env(name: &str, spec: &Value, env: &[(&str, &str)]) -> Outcome {
     let cgroup = Cgroup::new(name);
-    let mut stage = spawn_stage_env(&create_plan(name, spec, &cgroup, false), None, env);
+    let mut stage = spawn_stage_env(&create_plan(name, spec, &cgroup, false), env);
     match stage.created() {
         Answer::Ready => {
             let start_error = stage.start();

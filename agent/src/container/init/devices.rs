@@ -1,11 +1,11 @@
 //! `/dev` as runc makes it: the default character devices, the spec's
 //! devices, the `/dev/fd` family of symlinks, `ptmx` pointing into the
-//! container's devpts, and `/dev/console` bound to the terminal.
+//! container's devpts (`/dev/console` is bound to the terminal by
+//! `console`).
 
 use super::errors::{io_err, os_err};
 use super::mounts::secure_join;
 use anyhow::{bail, Result};
-use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType};
 use std::path::Path;
@@ -115,25 +115,4 @@ fn symlink(rootfs: &Path, target: &str, link: &str) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(io_err(format!("symlink {link}"), &e)),
     }
-}
-
-/// Binds the terminal the agent allocated (fd 0, a pty slave of the guest's
-/// devpts) onto `/dev/console`, as runc binds its pty slave.
-pub fn bind_console(rootfs: &Path) -> Result<()> {
-    let slave = std::fs::read_link("/proc/self/fd/0").map_err(|e| io_err("terminal (fd 0)", &e))?;
-    let dest = secure_join(rootfs, Path::new("/dev/console"))?;
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&dest)
-        .map_err(|e| io_err("create /dev/console", &e))?;
-    mount(
-        Some(&slave),
-        &dest,
-        Some("bind"),
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| os_err(format!("bind {} to /dev/console", slave.display()), e))
 }

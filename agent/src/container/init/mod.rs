@@ -6,6 +6,7 @@
 //! namespaces and credentials freely; everything it mounts lives in a mount
 //! namespace of its own, which dies with it when anything fails.
 
+mod console;
 mod devices;
 mod errors;
 mod mounts;
@@ -83,7 +84,12 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     };
     report_pid(sync, &forked)?;
 
-    mounts::prepare_rootfs(spec, terminal)?;
+    mounts::prepare_rootfs(spec)?;
+    // With the container's mounts in place (its devpts) but before any is
+    // made read-only: /dev/console may have to be created.
+    if terminal {
+        console::set_up(sync, true)?;
+    }
     namespaces::set_hostname(spec, &plan)?;
     mounts::finish_rootfs(spec)?;
     let prepared = process::prepare(process, spec, terminal)?;
@@ -105,6 +111,9 @@ fn exec(
     namespaces::join_container(init_pid)?;
     let forked = namespaces::fork_child(sync)?;
     report_pid(sync, &forked)?;
+    if terminal {
+        console::set_up(sync, false)?;
+    }
     let prepared = process::prepare(process, spec, terminal)?;
     sync.send(&StageMsg::Ready)?;
     sync.wait_start()?;

@@ -182,7 +182,7 @@ fn mount_err(dest: &Path, typ: &str, e: Errno) -> anyhow::Error {
 }
 
 /// Builds the container's mounts under its rootfs and pivots into it.
-pub fn prepare_rootfs(spec: &Spec, terminal: bool) -> Result<()> {
+pub fn prepare_rootfs(spec: &Spec) -> Result<()> {
     let root = spec
         .root()
         .as_ref()
@@ -231,9 +231,6 @@ pub fn prepare_rootfs(spec: &Spec, terminal: bool) -> Result<()> {
                 .and_then(|l| l.devices().as_deref())
                 .unwrap_or_default(),
         )?;
-    }
-    if terminal {
-        devices::bind_console(&rootfs)?;
     }
     if let Some(process) = spec.process() {
         let cwd = secure_join(&rootfs, process.cwd())?;

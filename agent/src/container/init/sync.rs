@@ -1,12 +1,12 @@
-//! The sync socket (fd 3): the plan in, `Pid`/`Ready`/`Error` out, `Start`
-//! in.
+//! The sync socket (fd 3): the plan in, `Pid`/`Console`/`Ready`/`Error`
+//! out, `Start` in.
 
-use super::super::plan::{AgentMsg, InitPlan, StageMsg, SYNC_FD};
+use super::super::plan::{self, AgentMsg, InitPlan, StageMsg, SYNC_FD};
 use anyhow::{anyhow, bail, Context, Result};
 use jevm_protocol::{read_frame, write_frame, FrameError};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd};
 
 pub struct Sync {
     socket: File,
@@ -30,6 +30,12 @@ impl Sync {
 
     pub fn send(&mut self, msg: &StageMsg) -> Result<()> {
         write_frame(&mut self.socket, msg).context("writing to the agent")
+    }
+
+    /// Hands the terminal's master to the agent.
+    pub fn send_console(&mut self, master: BorrowedFd<'_>) -> Result<()> {
+        self.send(&StageMsg::Console)?;
+        plan::send_console(self.socket.as_fd(), master).context("sending the terminal to the agent")
     }
 
     /// Waits for `Start`; EOF means the agent aborted the container.
