@@ -27,7 +27,7 @@ use log::{debug, warn};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
+use vm_memory::{ReadVolatile, VolatileMemoryError};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::conn::{pending, ConnKey, ConnState, Connection, CONN_BUF_ALLOC};
@@ -107,8 +107,8 @@ pub struct Muxer {
     ctrl_q: VecDeque<Header>,
     /// Set when tx processing stopped because `ctrl_q` was full.
     tx_stalled: bool,
-    /// Guest payload is copied here before going to the socket, so that the
-    /// socket write can use MSG_NOSIGNAL.
+    /// A guest packet's payload, gathered from its descriptors, on its way
+    /// to the socket (a plain buffer, so the write can use MSG_NOSIGNAL).
     scratch: Vec<u8>,
     request_timeout: Duration,
     close_timeout: Duration,
@@ -228,8 +228,8 @@ impl Muxer {
                 break;
             };
             let head = chain.head_index();
-            match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                Ok(pkt) => self.guest_packet(&pkt),
+            match read_tx_chain(mem, &mut chain, &mut self.scratch) {
+                Ok(hdr) => self.guest_packet(&hdr),
                 Err(e) => warn!("vsock: dropping malformed packet from the guest: {e}"),
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
@@ -281,8 +281,8 @@ impl Muxer {
 
     // ---- guest -> host ----------------------------------------------------
 
-    fn guest_packet<B: BitmapSlice>(&mut self, pkt: &VsockPacket<'_, B>) {
-        let hdr = Header::from_packet(pkt);
+    /// A packet from the guest; its payload is `scratch[..hdr.len]`.
+    fn guest_packet(&mut self, hdr: &Header) {
         if hdr.src_cid != self.guest_cid {
             warn!(
                 "vsock: dropping packet with source CID {} (the guest's CID is {})",
@@ -306,7 +306,7 @@ impl Muxer {
         };
         let Some(conn) = self.conns.get_mut(&key) else {
             match hdr.op {
-                OP_REQUEST => self.guest_connect(key, &hdr),
+                OP_REQUEST => self.guest_connect(key, hdr),
                 OP_RST => {}
                 OP_RESPONSE | OP_RW | OP_SHUTDOWN | OP_CREDIT_UPDATE | OP_CREDIT_REQUEST => {
                     debug!(
@@ -319,13 +319,10 @@ impl Muxer {
             }
             return;
         };
-        conn.update_peer_credit(&hdr);
+        conn.update_peer_credit(hdr);
         match hdr.op {
-            OP_RW => {
-                if let Some(data) = pkt.data_slice() {
-                    self.guest_data(key, data);
-                }
-            }
+            OP_RW if hdr.len > 0 => self.guest_data(key, hdr.len as usize),
+            OP_RW => {}
             OP_RESPONSE => self.guest_response(key),
             OP_SHUTDOWN => match conn.state {
                 ConnState::Established => conn.guest_shut |= hdr.flags & SHUTDOWN_BOTH,
@@ -350,7 +347,8 @@ impl Muxer {
         self.refresh(key);
     }
 
-    fn guest_data<B: BitmapSlice>(&mut self, key: ConnKey, data: &VolatileSlice<'_, B>) {
+    /// Guest payload `scratch[..len]` for the Unix peer of `key`.
+    fn guest_data(&mut self, key: ConnKey, len: usize) {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
@@ -369,15 +367,13 @@ impl Muxer {
             self.kill(key, true);
             return;
         }
-        // from_tx_virtq_chain bounds the payload by MAX_PKT_DATA.
-        let len = data.len().min(self.scratch.len());
         if conn.tx_buffered() + len > CONN_BUF_ALLOC as usize {
             warn!("vsock: guest overran its credit on connection {key:?}, resetting it");
             self.kill(key, true);
             return;
         }
-        let n = data.copy_to(&mut self.scratch[..len]);
-        if let Err(e) = conn.write_to_unix(&self.scratch[..n], true) {
+        // read_tx_chain bounds the payload by the scratch buffer's size.
+        if let Err(e) = conn.write_to_unix(&self.scratch[..len], true) {
             debug!("vsock: writing to the host side of {key:?} failed: {e}");
             self.kill(key, true);
         }
@@ -1251,6 +1247,65 @@ mod tests {
         let (h, data) = t.next();
         assert_eq!((h.op, data.len()), (OP_RW, 8));
         t.assert_quiet();
+    }
+
+    #[test]
+    fn guest_payload_spread_over_several_descriptors_arrives_whole() {
+        let mut t = T::new();
+        let mut s = t.guest_established(1234, ghdr(0, GUEST_PORT, 0));
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Payload in pages, header sharing a descriptor with payload, the
+        // header itself cut in two, a zero-length descriptor in between.
+        let layouts: [&[usize]; 4] = [
+            &[HEADER_SIZE, 4096, 61440],
+            &[HEADER_SIZE + 100, 65436],
+            &[10, HEADER_SIZE - 10 + 5000, 0, 60536],
+            &[HEADER_SIZE, 1, 1, 65534],
+        ];
+        t.g.tx_used(); // the connection request
+        let mut want = Vec::new();
+        for pieces in layouts {
+            t.g.send_pieces(ghdr(OP_RW, GUEST_PORT, 1234), &data, pieces);
+            want.extend_from_slice(&data);
+            t.pump(0);
+            // The host reads as it goes, so the window never fills.
+            assert_eq!(read_n(&mut s, data.len()), data, "layout {pieces:?}");
+        }
+        assert_eq!(t.g.tx_used(), layouts.len());
+        assert_eq!(
+            t.mux.conn(1234, GUEST_PORT).unwrap().fwd_cnt as usize,
+            want.len()
+        );
+    }
+
+    #[test]
+    fn guest_payload_shorter_than_its_header_says_is_dropped() {
+        let mut t = T::new();
+        let mut s = t.guest_established(1234, ghdr(0, GUEST_PORT, 0));
+        s.set_nonblocking(true).unwrap();
+        t.g.tx_used(); // the connection request
+        let mut h = ghdr(OP_RW, GUEST_PORT, 1234);
+        h.len = 300;
+        let a = t.g.alloc(400);
+        t.g.mem
+            .write_slice(&h.to_bytes(), vm_memory::GuestAddress(a))
+            .unwrap();
+        // 44 + 100 + 100 bytes: 100 short of the header's length.
+        t.g.tx_ring.push(
+            &t.g.mem,
+            &[
+                (a, HEADER_SIZE as u32, false),
+                (a + 64, 100, false),
+                (a + 200, 100, false),
+            ],
+        );
+        t.pump(0);
+        assert_eq!(t.g.tx_used(), 1, "tx buffer not returned");
+        let mut b = [0u8; 16];
+        assert!(
+            matches!(s.read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "a truncated packet reached the host"
+        );
     }
 
     #[test]

@@ -1,13 +1,22 @@
 //! The virtio-vsock packet header (virtio 1.2, section 5.10.6) as a plain
-//! value.
+//! value, and the reading of guest tx packets.
 //!
-//! `virtio_vsock::packet::VsockPacket` locates headers and payloads in guest
-//! memory; this type is what the muxer reasons about, so that a header is read
-//! from guest memory exactly once (the guest may rewrite it behind our back)
-//! and so that tests can build and decode packets without a descriptor chain.
+//! [`Header`] is what the muxer reasons about, so that a header is read from
+//! guest memory exactly once (the guest may rewrite it behind our back) and
+//! so that tests can build and decode packets without a descriptor chain.
+//!
+//! Tx packets are read here rather than with
+//! `virtio_vsock::packet::VsockPacket::from_tx_virtq_chain`, which insists on
+//! the whole payload sitting in one descriptor. The virtio spec leaves the
+//! layout of a chain to the driver, and Linux guests do split a payload
+//! over several descriptors; refusing such a packet silently drops bytes of
+//! a stream whose sender has already been told they were sent.
 
-use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::bitmap::BitmapSlice;
+use virtio_queue::desc::split::Descriptor;
+use virtio_vsock::packet::PKT_HEADER_SIZE;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+
+use crate::vmm::devices::GuestMemory;
 
 /// The host's well-known context id.
 pub const HOST_CID: u64 = 2;
@@ -64,7 +73,6 @@ impl Header {
         b
     }
 
-    #[cfg(test)]
     pub fn from_bytes(b: &[u8; HEADER_SIZE]) -> Self {
         let u64_at = |o: usize| {
             let mut a = [0u8; 8];
@@ -91,23 +99,6 @@ impl Header {
         }
     }
 
-    /// The header `VsockPacket` captured when it parsed the chain (a copy,
-    /// not a re-read of guest memory).
-    pub fn from_packet<B: BitmapSlice>(pkt: &VsockPacket<'_, B>) -> Self {
-        Header {
-            src_cid: pkt.src_cid(),
-            dst_cid: pkt.dst_cid(),
-            src_port: pkt.src_port(),
-            dst_port: pkt.dst_port(),
-            len: pkt.len(),
-            type_: pkt.type_(),
-            op: pkt.op(),
-            flags: pkt.flags(),
-            buf_alloc: pkt.buf_alloc(),
-            fwd_cnt: pkt.fwd_cnt(),
-        }
-    }
-
     /// The reset a peer expects in answer to `self` when there is no
     /// connection to deliver it to: addresses swapped, nothing else.
     pub fn rst_reply(&self) -> Header {
@@ -121,6 +112,79 @@ impl Header {
             ..Header::default()
         }
     }
+}
+
+/// Why a tx descriptor chain was not taken as a packet.
+#[derive(Debug, thiserror::Error)]
+pub enum TxChainError {
+    #[error("a device-writable descriptor in a tx chain")]
+    WriteOnly,
+    #[error("the chain holds {0} bytes, less than a {HEADER_SIZE}-byte header")]
+    ShortHeader(usize),
+    #[error("the header announces {0} bytes of payload, more than the {1} allowed")]
+    TooLong(u32, usize),
+    #[error("the header announces {want} bytes of payload, the chain holds {got}")]
+    ShortPayload { want: u32, got: usize },
+    #[error("{0}")]
+    Memory(#[from] GuestMemoryError),
+}
+
+/// Reads one guest tx packet from the descriptors of its chain: the header
+/// from the first bytes, then `hdr.len` bytes of payload into `payload`,
+/// wherever the descriptor boundaries fall. Returns the header; the payload
+/// is `payload[..hdr.len]`. Bytes past the payload are ignored.
+pub fn read_tx_chain(
+    mem: &GuestMemory,
+    descs: impl Iterator<Item = Descriptor>,
+    payload: &mut [u8],
+) -> Result<Header, TxChainError> {
+    let mut raw = [0u8; HEADER_SIZE];
+    let mut hdr_got = 0;
+    let mut hdr: Option<Header> = None;
+    let mut got = 0;
+    for desc in descs {
+        if desc.is_write_only() {
+            return Err(TxChainError::WriteOnly);
+        }
+        let mut addr = desc.addr();
+        let mut left = desc.len() as usize;
+        let h = match hdr {
+            Some(h) => h,
+            None => {
+                let n = left.min(HEADER_SIZE - hdr_got);
+                mem.read_slice(&mut raw[hdr_got..hdr_got + n], addr)?;
+                hdr_got += n;
+                if hdr_got < HEADER_SIZE {
+                    continue;
+                }
+                left -= n;
+                addr = offset(addr, n)?;
+                let h = Header::from_bytes(&raw);
+                if h.len as usize > payload.len() {
+                    return Err(TxChainError::TooLong(h.len, payload.len()));
+                }
+                hdr = Some(h);
+                h
+            }
+        };
+        let n = left.min(h.len as usize - got);
+        mem.read_slice(&mut payload[got..got + n], addr)?;
+        got += n;
+        if got == h.len as usize {
+            return Ok(h);
+        }
+    }
+    Err(match hdr {
+        None => TxChainError::ShortHeader(hdr_got),
+        Some(h) => TxChainError::ShortPayload { want: h.len, got },
+    })
+}
+
+fn offset(addr: GuestAddress, n: usize) -> Result<GuestAddress, GuestMemoryError> {
+    addr.0
+        .checked_add(n as u64)
+        .map(GuestAddress)
+        .ok_or(GuestMemoryError::InvalidGuestAddress(addr))
 }
 
 #[cfg(test)]

@@ -187,6 +187,29 @@ impl Guest {
         }
     }
 
+    /// Puts a packet on the tx queue with its wire bytes (header, then
+    /// payload) cut into one descriptor per entry of `pieces`, as a driver
+    /// may lay out a chain: the header may share a descriptor with payload,
+    /// the payload may span several. `hdr.len` is set from `data`; the
+    /// pieces must add up to the whole packet.
+    pub fn send_pieces(&mut self, mut hdr: Header, data: &[u8], pieces: &[usize]) {
+        hdr.len = data.len() as u32;
+        let mut wire = hdr.to_bytes().to_vec();
+        wire.extend_from_slice(data);
+        assert_eq!(pieces.iter().sum::<usize>(), wire.len(), "pieces != packet");
+        let mut descs = Vec::new();
+        let mut at = 0;
+        for &n in pieces {
+            let a = self.alloc(n as u32);
+            self.mem
+                .write_slice(&wire[at..at + n], GuestAddress(a))
+                .unwrap();
+            descs.push((a, n as u32, false));
+            at += n;
+        }
+        self.tx_ring.push(&self.mem, &descs);
+    }
+
     /// Decodes whatever the device put in the rx used ring.
     pub fn collect(&mut self) {
         for (head, len) in self.rx_ring.used(&self.mem) {
