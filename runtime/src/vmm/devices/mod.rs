@@ -151,3 +151,16 @@ pub enum DeviceError {
         source: std::io::Error,
     },
 }
+
+/// Copies `config[offset..]` into `data`; bytes past the end of the config
+/// space read as 0 (the driver may probe beyond what a device offers).
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
