@@ -14,11 +14,21 @@ use jevm_protocol::ContainerStats;
 /// SIGKILL (what runc's shim reports for a task it lost).
 pub const LOST_EXIT_STATUS: u32 = 128 + libc::SIGKILL as u32;
 
-/// An event ready for the publisher: its topic and message.
-pub type Outgoing = (String, Box<dyn MessageDyn>);
+/// An event ready for the publisher: its topic, message, and the time it
+/// happened (the envelope's timestamp: taken here, not when containerd is
+/// reachable again, so the order of times is the order of events).
+pub struct Outgoing {
+    pub topic: String,
+    pub message: Box<dyn MessageDyn>,
+    pub at: Timestamp,
+}
 
 pub fn outgoing<E: Event + 'static>(e: E) -> Outgoing {
-    (e.topic(), Box::new(e))
+    Outgoing {
+        topic: e.topic(),
+        message: Box::new(e),
+        at: now(),
+    }
 }
 
 pub fn timestamp_from_ns(ns: u64) -> Timestamp {
@@ -150,7 +160,7 @@ mod tests {
 
     #[test]
     fn topics_are_the_ones_containerd_subscribes_to() {
-        let t = |o: Outgoing| o.0;
+        let t = |o: Outgoing| o.topic;
         assert_eq!(t(outgoing(TaskCreate::default())), "/tasks/create");
         assert_eq!(t(outgoing(TaskStart::default())), "/tasks/start");
         assert_eq!(t(outgoing(TaskExecAdded::default())), "/tasks/exec-added");
@@ -167,7 +177,7 @@ mod tests {
         assert_eq!(t(outgoing(TaskDelete::default())), "/tasks/delete");
         assert_eq!(t(outgoing(task_oom("c"))), "/tasks/oom");
         assert_eq!(
-            outgoing(task_oom("c")).1.descriptor_dyn().full_name(),
+            outgoing(task_oom("c")).message.descriptor_dyn().full_name(),
             "containerd.events.TaskOOM"
         );
     }

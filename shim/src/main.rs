@@ -7,6 +7,7 @@ mod events;
 mod layout;
 mod mounts;
 mod pod;
+mod publisher;
 mod record;
 mod runtime_options;
 mod service;
@@ -46,6 +47,21 @@ fn print_info() -> std::io::Result<()> {
     std::io::stdout().write_all(&bytes)
 }
 
+/// `start` gets containerd's bootstrap data on stdin: runc's `Options`
+/// from 1.6 (never jevm's, whose options arrive with Create), a
+/// `BootstrapParams` from 2.3. The shim crate would parse it as runc's
+/// options and refuse the 2.3 message; jevm needs none of it, so it is
+/// read (containerd waits for that) and stdin becomes /dev/null.
+fn discard_start_stdin() -> std::io::Result<()> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut sink = Vec::new();
+    std::io::stdin().read_to_end(&mut sink)?;
+    let null = std::fs::File::open("/dev/null")?;
+    nix::unistd::dup2(null.as_raw_fd(), libc::STDIN_FILENO).map_err(std::io::Error::from)?;
+    Ok(())
+}
+
 /// The log level from the jevm config file, if it sets one; the runtime
 /// options (read at create) may still change it.
 fn configured_log_level() -> Option<String> {
@@ -71,6 +87,12 @@ async fn main() {
             std::process::exit(1);
         }
         return;
+    }
+    if args.last().map(String::as_str) == Some("start") {
+        if let Err(e) = discard_start_stdin() {
+            eprintln!("containerd-shim-jevm-v2: start: stdin: {e}");
+            std::process::exit(1);
+        }
     }
     let mut cfg = containerd_shim::Config::default();
     if let Some(level) = configured_log_level() {

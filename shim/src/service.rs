@@ -1,19 +1,18 @@
 //! The shim's lifecycle as containerd drives it: `start` (launch or reuse
 //! the pod's shim), `delete` (clean up after a dead shim), and serving.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
-use containerd_shim::protos::ttrpc::context::with_duration;
 use containerd_shim::util::write_str_to_file;
 use containerd_shim::{Config, DeleteResponse, Error, Flags, StartOpts};
 use tokio::sync::mpsc;
 
-use crate::events::{self, Outgoing, LOST_EXIT_STATUS};
+use crate::events::{self, LOST_EXIT_STATUS};
 use crate::record;
 use crate::spec;
 use crate::task::TaskService;
@@ -93,30 +92,16 @@ impl Shim for Service {
             .map(|ns| Duration::from_nanos(epoch_ns(SystemTime::now()).saturating_sub(ns)));
         let (tx, rx) = mpsc::unbounded_channel();
         let unpublished = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(forward(
-            publisher,
+        // The crate's publisher gives up on an event after ~20 s of
+        // containerd being away; ours does not (see `publisher`).
+        let address = publisher.address.clone();
+        drop(publisher);
+        tokio::spawn(crate::publisher::run(
+            address,
             self.namespace.clone(),
             rx,
             Arc::clone(&unpublished),
         ));
         TaskService::new(Arc::clone(&self.exit), tx, unpublished, shim_start)
-    }
-}
-
-/// Publishes events in the order they were produced.
-async fn forward(
-    publisher: RemotePublisher,
-    ns: String,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    unpublished: Arc<AtomicUsize>,
-) {
-    while let Some((topic, e)) = rx.recv().await {
-        if let Err(err) = publisher
-            .publish(with_duration(Duration::from_secs(5)), &topic, &ns, e)
-            .await
-        {
-            log::warn!("publishing {topic}: {err}");
-        }
-        unpublished.fetch_sub(1, Ordering::SeqCst);
     }
 }
