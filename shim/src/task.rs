@@ -111,6 +111,9 @@ struct Proc {
     exit: Option<ExitInfo>,
     exit_published: bool,
     exit_tx: watch::Sender<Option<ExitInfo>>,
+    /// A `start` is waiting for the guest: an exit seen meanwhile is
+    /// given to waiters only once that start has returned.
+    starting: bool,
     stdio: StdioPaths,
     copies: Option<Copies>,
     /// Why the guest could not create this exec'd process. runc creates an
@@ -129,6 +132,7 @@ impl Proc {
             exit: None,
             exit_published: false,
             exit_tx: watch::channel(None).0,
+            starting: false,
             stdio,
             copies: Some(copies),
             start_error: None,
@@ -144,6 +148,7 @@ impl Proc {
             exit: None,
             exit_published: false,
             exit_tx: watch::channel(None).0,
+            starting: false,
             stdio,
             copies: None,
             start_error: Some(why),
@@ -165,7 +170,9 @@ impl Proc {
             return false;
         }
         self.exit = Some(e);
-        self.exit_tx.send_replace(Some(e));
+        if !self.starting {
+            self.exit_tx.send_replace(Some(e));
+        }
         if let Some(c) = &mut self.copies {
             c.close_stdin();
         }
@@ -298,11 +305,17 @@ impl TaskService {
                     log::debug!("exit of unknown process {container_id}/{exec} ignored");
                     return;
                 };
+                // The host's clock, not the guest's: a clone's clock is only
+                // as good as its last sync, and containerd compares this time
+                // with times it took itself (the task's start).
                 let e = ExitInfo {
                     status: exit_status,
-                    at_ns: exited_at_ns,
+                    at_ns: now_ns(),
                 };
-                log::info!("container {container_id} {exec}: pid {pid} exited with {exit_status}");
+                log::info!(
+                    "container {container_id} {exec}: pid {pid} exited with {exit_status} \
+                     (guest clock {exited_at_ns})"
+                );
                 if p.set_exit(e) {
                     p.exit_published = true;
                     out.push(outgoing(events::task_exit(
@@ -360,6 +373,20 @@ impl TaskService {
         drop(st);
         for o in out {
             self.publish(o);
+        }
+    }
+
+    /// Marks a start in flight (see `Proc::starting`); when it ends
+    /// without success, an exit seen meanwhile goes to the waiters.
+    fn set_starting(&self, cid: &str, exec: &str, on: bool) {
+        let mut st = self.state();
+        if let Some(p) = st.containers.get_mut(cid).and_then(|c| c.proc_mut(exec)) {
+            p.starting = on;
+            if !on {
+                if let Some(e) = p.exit {
+                    p.exit_tx.send_replace(Some(e));
+                }
+            }
         }
     }
 
@@ -751,6 +778,7 @@ impl Task for TaskService {
                 _ => {}
             }
         }
+        self.set_starting(cid, exec, true);
         let t = Instant::now();
         let r = if exec.is_empty() {
             Request::StartContainer {
@@ -762,10 +790,17 @@ impl Task for TaskService {
                 exec_id: exec.to_string(),
             }
         };
-        let pid = pod.agent.pid("Start", r).await.map_err(agent_err)?;
+        let pid = match pod.agent.pid("Start", r).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.set_starting(cid, exec, false);
+                return Err(agent_err(e));
+            }
+        };
         let running = t.elapsed();
 
-        let mut out = vec![if exec.is_empty() {
+        let mut exited_early = false;
+        let out = vec![if exec.is_empty() {
             outgoing(TaskStart {
                 container_id: cid.to_string(),
                 pid,
@@ -793,21 +828,42 @@ impl Task for TaskService {
             if let Some(p) = c.proc_mut(exec) {
                 p.started = true;
                 p.start_returned = true;
-                // It may have exited before its start was answered.
-                if let (Some(e), false) = (p.exit, p.exit_published) {
+                p.starting = false;
+                exited_early = p.exit.is_some() && !p.exit_published;
+                if exited_early {
                     p.exit_published = true;
-                    out.push(outgoing(events::task_exit(
-                        cid,
-                        Some(exec).filter(|e| !e.is_empty()),
-                        p.pid,
-                        e.status,
-                        e.timestamp(),
-                    )));
                 }
             }
         }
         for o in out {
             self.publish(o);
+        }
+        if exited_early {
+            // It exited before its start was answered. Its exit is
+            // published after TaskStart and dated after it (TaskStart was
+            // stamped when it was queued): a client must see the start first.
+            let exit = {
+                let mut st = self.state();
+                st.containers
+                    .get_mut(cid)
+                    .and_then(|c| c.proc_mut(exec))
+                    .and_then(|p| {
+                        let mut e = p.exit?;
+                        e.at_ns = e.at_ns.max(now_ns());
+                        p.exit = Some(e);
+                        p.exit_tx.send_replace(Some(e));
+                        Some((p.pid, e))
+                    })
+            };
+            if let Some((pid, e)) = exit {
+                self.publish(outgoing(events::task_exit(
+                    cid,
+                    Some(exec).filter(|e| !e.is_empty()),
+                    pid,
+                    e.status,
+                    e.timestamp(),
+                )));
+            }
         }
         Ok(StartResponse {
             pid,
@@ -820,7 +876,7 @@ impl Task for TaskService {
         log::info!("delete {cid} {exec}");
         let pod = self.pod_of_proc(cid, exec)?;
         // Take the process's stdio copies out; check it may be deleted.
-        let (pid, exit, copies, exec_copies) = {
+        let (pid, exit, copies, exec_copies, never_started) = {
             let mut st = self.state();
             let c = st
                 .containers
@@ -835,6 +891,7 @@ impl Task for TaskService {
                     "container {cid:?} {exec}: cannot delete a running process"
                 )));
             }
+            let never_started = !p.started && p.exit.is_none();
             let (pid, exit, copies) = (p.pid, p.exit, p.copies.take());
             let exec_copies: Vec<Copies> = if exec.is_empty() {
                 c.execs
@@ -844,7 +901,7 @@ impl Task for TaskService {
             } else {
                 Vec::new()
             };
-            (pid, exit, copies, exec_copies)
+            (pid, exit, copies, exec_copies, never_started)
         };
         if let Some(c) = copies {
             c.finish(STDIO_DRAIN).await;
@@ -852,10 +909,19 @@ impl Task for TaskService {
         for c in exec_copies {
             c.finish(Duration::from_secs(1)).await;
         }
-        let exit = exit.unwrap_or(ExitInfo {
-            status: LOST_EXIT_STATUS,
-            at_ns: now_ns(),
-        });
+        let exit = match exit {
+            Some(e) => e,
+            // runc's shim: an exec'd process that was created and never
+            // started ends with status 0 when it is deleted.
+            None if never_started && !exec.is_empty() => ExitInfo {
+                status: 0,
+                at_ns: now_ns(),
+            },
+            None => ExitInfo {
+                status: LOST_EXIT_STATUS,
+                at_ns: now_ns(),
+            },
+        };
         let vm_alive = !pod.closing();
         if exec.is_empty() {
             if vm_alive {
@@ -1132,6 +1198,17 @@ impl Task for TaskService {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         let pod = self.pod_of_proc(&req.id, &req.exec_id)?;
+        let terminal = self
+            .state()
+            .containers
+            .get(&req.id)
+            .and_then(|c| c.proc(&req.exec_id))
+            .is_some_and(|p| p.stdio.terminal);
+        if !terminal {
+            // runc's shim answers success and does nothing: clients resize
+            // every process of a session without asking which has a TTY.
+            return Ok(Empty::default());
+        }
         pod.agent
             .done(
                 "ResizePty",
