@@ -337,7 +337,13 @@ fn mkfifo(p: &Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
     let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-    assert_eq!(rc, 0, "mkfifo {}: {}", p.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "mkfifo {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Stdio {
@@ -384,7 +390,10 @@ impl Stdio {
     /// when it did not close within `timeout`.
     pub fn stdout(&mut self, timeout: Duration) -> Option<Vec<u8>> {
         let deadline = std::time::Instant::now() + timeout;
-        let i = self.readers.iter().position(|(p, _)| p.ends_with("stdout"))?;
+        let i = self
+            .readers
+            .iter()
+            .position(|(p, _)| p.ends_with("stdout"))?;
         while !self.readers[i].1.is_finished() {
             if std::time::Instant::now() >= deadline {
                 return None;

@@ -154,4 +154,5 @@ pub fn leak_since(
 }
 
 /// Running the same `ctr` commands under runc and jevm (containerd tests).
+pub mod api;
 pub mod ctr;
