@@ -701,10 +701,486 @@ fn missing_rootfs_and_unsupported_namespaces_are_named() {
     spec["linux"]["namespaces"]
         .as_array_mut()
         .unwrap()
-        .push(json!({"type": "user"}));
-    let o = run("userns", &spec);
+        .push(json!({"type": "time"}));
+    let o = run("timens", &spec);
     assert_eq!(
         o.create_error.as_deref(),
-        Some("namespace \"user\": not supported by jevm")
+        Some("namespace \"time\": not supported by jevm")
+    );
+}
+
+// ---- User namespaces ----------------------------------------------------
+
+/// The host ids container ids 0..65536 map to in these tests (what
+/// Kubernetes gives a `hostUsers: false` pod).
+const MAP_BASE: u32 = 100_000;
+const MAP_SIZE: u32 = 65_536;
+
+/// `spec` with a new user namespace mapping container ids 0.. to
+/// `MAP_BASE`.., uids and gids alike.
+fn with_user_namespace(spec: &mut serde_json::Value) {
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "user"}));
+    let map = json!([{"containerID": 0, "hostID": MAP_BASE, "size": MAP_SIZE}]);
+    spec["linux"]["uidMappings"] = map.clone();
+    spec["linux"]["gidMappings"] = map;
+}
+
+/// A rootfs as containerd prepares it for `--uidmap`/`--gidmap` (a remapped
+/// snapshot): every file owned by the mapped ids, the directory holding it
+/// traversable by the container's root.
+fn remapped_rootfs() -> Rootfs {
+    use std::os::unix::fs::PermissionsExt;
+    let rootfs = Rootfs::new();
+    std::fs::set_permissions(rootfs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    fn chown_tree(path: &std::path::Path) {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        std::os::unix::fs::lchown(
+            path,
+            Some(MAP_BASE + meta.uid()),
+            Some(MAP_BASE + meta.gid()),
+        )
+        .unwrap();
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                chown_tree(&entry.unwrap().path());
+            }
+        }
+    }
+    chown_tree(rootfs.path());
+    // As in an image: anyone may create files in /tmp.
+    std::fs::set_permissions(
+        rootfs.path().join("tmp"),
+        std::fs::Permissions::from_mode(0o1777),
+    )
+    .unwrap();
+    rootfs
+}
+
+/// (uid, gid) of a file, as the host sees it.
+fn host_owner(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.uid(), meta.gid())
+}
+
+/// The numbers of a `/proc/<pid>/{uid,gid}_map` text, line by line.
+fn map_numbers(text: &str) -> Vec<Vec<u32>> {
+    text.lines()
+        .map(|l| l.split_whitespace().map(|n| n.parse().unwrap()).collect())
+        .collect()
+}
+
+#[test]
+fn user_namespace_maps_ids_as_the_spec_says_like_runc() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let script = "id; cat /proc/self/uid_map; echo --; cat /proc/self/gid_map; echo --; \
+                  grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status; \
+                  rm -f /tmp/by-root /tmp/given; touch /tmp/by-root; \
+                  touch /tmp/given; chown 1000:1000 /tmp/given; \
+                  stat -c '%n %u:%g' /tmp/by-root /tmp/given /dev/null; hostname";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["hostname"] = json!("userns");
+    with_user_namespace(&mut spec);
+    let o = run("userns", &spec);
+    assert_eq!(o.create_error, None);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    let mut parts = o.stdout.split("--\n");
+    let (head, gid_map, rest) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
+    let mut head = head.lines();
+    let id = head.next().unwrap();
+    assert!(id.starts_with("uid=0(root) gid=0(root)"), "{id}");
+    let uid_map: Vec<&str> = head.collect();
+    // The maps inside are the spec's.
+    assert_eq!(
+        map_numbers(&uid_map.join("\n")),
+        vec![vec![0, MAP_BASE, MAP_SIZE]]
+    );
+    assert_eq!(map_numbers(gid_map), vec![vec![0, MAP_BASE, MAP_SIZE]]);
+    // The spec's capabilities, within the namespace.
+    let want = cap_mask(&DEFAULT_CAPS);
+    assert_eq!(status_line(rest, "CapEff"), want);
+    assert_eq!(status_line(rest, "CapBnd"), want);
+    // Inside, ids are the container's; the guest's root is unmapped there.
+    assert!(
+        rest.contains("/tmp/by-root 0:0\n/tmp/given 1000:1000\n/dev/null 65534:65534\nuserns\n"),
+        "{rest}"
+    );
+    // Outside, the mapped host ids.
+    assert_eq!(
+        host_owner(&rootfs.path().join("tmp/by-root")),
+        (MAP_BASE, MAP_BASE)
+    );
+    assert_eq!(
+        host_owner(&rootfs.path().join("tmp/given")),
+        (MAP_BASE + 1000, MAP_BASE + 1000)
+    );
+    assert!(mounts_under(rootfs.path()).is_empty());
+    if let Some((code, out, err)) = run_runc("userns", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        assert_eq!(o.stdout, out, "differs from runc");
+    }
+}
+
+#[test]
+fn user_namespace_with_a_non_root_user_like_runc() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let script = "id; touch /tmp/by-user; stat -c '%u:%g' /tmp/by-user; \
+                  grep -E '^(Uid|Gid|Groups|CapEff)' /proc/self/status";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5]});
+    with_user_namespace(&mut spec);
+    let o = run("userns-user", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert!(
+        o.stdout
+            .starts_with("uid=1000(u) gid=1000(u) groups=5\n1000:1000\n"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains("CapEff:\t0000000000000000"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(
+        host_owner(&rootfs.path().join("tmp/by-user")),
+        (MAP_BASE + 1000, MAP_BASE + 1000)
+    );
+    if let Some((code, out, err)) = run_runc("userns-user", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        assert_eq!(o.stdout, out, "differs from runc");
+    }
+}
+
+#[test]
+fn user_namespace_mounts_and_dev_match_runc() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let script = "awk '{ for (i = 7; $i != \"-\"; i++) ; print $5, $6, $(i+1), $(i+3) }' /proc/self/mountinfo; \
+                  cd /dev && for f in $(ls -A | sort); do stat -c '%N %F %a %u:%g %t:%T' $f; done";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["root"]["readonly"] = json!(true);
+    with_user_namespace(&mut spec);
+    let o = run("userns-mounts", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    // Devices are the host's nodes, bound: owned by the unmapped root.
+    for want in [
+        "null character special file 666 65534:65534 1:3",
+        "tty character special file 666 65534:65534 5:0",
+        "'ptmx' -> 'pts/ptmx' symbolic link",
+        "\n/proc rw,nosuid,nodev,noexec,relatime proc rw\n",
+        "\n/sys ro,nosuid,nodev,noexec,relatime sysfs ro\n",
+        "\n/dev/null rw,relatime devtmpfs ",
+        "/ ro,",
+    ] {
+        assert!(o.stdout.contains(want), "missing {want:?} in\n{}", o.stdout);
+    }
+    if let Some((code, out, err)) = run_runc("userns-mounts", &spec) {
+        assert_eq!(code, 0, "runc: {err}");
+        let strip = |s: &str| -> Vec<String> {
+            s.lines()
+                // The root's superblock options name the host's disk; runc
+                // links /dev/core only with a /proc/kcore (see devices.rs).
+                .skip(1)
+                .filter(|l| !l.contains("'core' -> '/proc/kcore'"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(strip(&o.stdout), strip(&out), "differs from runc");
+    }
+}
+
+/// The guest's path (no pivot_root from the initramfs) in a user namespace:
+/// the same view as with pivot_root.
+#[test]
+fn user_namespace_move_and_chroot_gives_the_same_view_as_pivot_root() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let script = "awk '{ for (i = 7; $i != \"-\"; i++) ; print $5, $6, $(i+1), $(i+3) }' /proc/self/mountinfo; ls /; id";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    with_user_namespace(&mut spec);
+    let pivoted = run("userns-pivot", &spec);
+    let moved = run_env("userns-moved", &spec, &[("JEVM_NO_PIVOT", "1")]);
+    assert_eq!(pivoted.status, Some(0), "{pivoted:?}");
+    assert_eq!(moved.status, Some(0), "{moved:?}");
+    assert_eq!(moved.stdout, pivoted.stdout);
+    assert!(mounts_under(rootfs.path()).is_empty());
+}
+
+#[test]
+fn user_namespace_without_network_namespace_binds_the_guests_sys() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &["sh", "-c", "ls /sys/class >/dev/null && echo listed; grep ' /sys ' /proc/self/mountinfo | awk '{print $6}'"],
+    );
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|n| n["type"] != "network");
+    with_user_namespace(&mut spec);
+    let o = run("userns-nonet", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert!(o.stdout.starts_with("listed\nro,"), "{}", o.stdout);
+    // runc (1.1 and 1.4 alike) fails here: a new sysfs needs a network
+    // namespace owned by the user namespace. jevm binds the guest's /sys
+    // instead (docs/containers.md).
+    if let Some((code, out, err)) = run_runc("userns-nonet", &spec) {
+        if code == 0 {
+            assert_eq!(o.stdout, out, "differs from runc");
+        } else {
+            assert!(
+                err.contains("mounting \\\"sysfs\\\"") && err.contains("operation not permitted"),
+                "runc: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn raised_rlimits_and_lowered_oom_score_apply_in_a_user_namespace() {
+    require_host!();
+    if !caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_RESOURCE,
+    )
+    .unwrap()
+    {
+        // Some sandboxes run their root without it; the guest's agent has it.
+        eprintln!("SKIPPED: no CAP_SYS_RESOURCE to raise limits with");
+        return;
+    }
+    let rootfs = remapped_rootfs();
+    let mut spec = default_spec(
+        rootfs.path(),
+        &["sh", "-c", "ulimit -Hn; cat /proc/self/oom_score_adj"],
+    );
+    // Above the test's own hard limit: only a privileged process may.
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into `current`, which outlives
+    // the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) };
+    assert_eq!(rc, 0);
+    let hard = current.rlim_max + 1;
+    spec["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "soft": 1024, "hard": hard}]);
+    spec["process"]["oomScoreAdj"] = json!(-500);
+    with_user_namespace(&mut spec);
+    let o = run("userns-limits", &spec);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    assert_eq!(o.stdout, format!("{hard}\n-500\n"));
+}
+
+#[test]
+fn exec_joins_the_containers_user_namespace() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let mut spec = default_spec(rootfs.path(), &["sleep", "30"]);
+    with_user_namespace(&mut spec);
+    let cgroup = Cgroup::new("userns-exec");
+    let mut init = spawn_stage(&create_plan("userns-exec", &spec, &cgroup, false));
+    match init.created() {
+        Answer::Ready => {}
+        Answer::Error(e) => panic!("{e}"),
+    }
+    assert_eq!(init.start(), None);
+    let init_pid = init.pid.unwrap();
+    let init_userns = std::fs::read_link(format!("/proc/{init_pid}/ns/user")).unwrap();
+
+    for (uid, file) in [(0, "exec-root"), (1000, "exec-user")] {
+        let mut process = spec["process"].clone();
+        let script = format!(
+            "id -u; readlink /proc/self/ns/user; cat /proc/self/uid_map; touch /tmp/{file}"
+        );
+        process["args"] = json!(["sh", "-c", script]);
+        process["user"] = json!({"uid": uid, "gid": uid});
+        let mut exec = spawn_stage(&exec_plan(
+            "userns-exec",
+            init_pid,
+            &spec,
+            &process,
+            &cgroup,
+        ));
+        match exec.created() {
+            Answer::Ready => {}
+            Answer::Error(e) => panic!("{e}"),
+        }
+        let start_error = exec.start();
+        let o = exec.wait(start_error);
+        assert_eq!(o.status, Some(0), "{o:?}");
+        let mut lines = o.stdout.lines();
+        assert_eq!(lines.next(), Some(uid.to_string().as_str()));
+        assert_eq!(
+            lines.next().map(std::path::PathBuf::from),
+            Some(init_userns.clone())
+        );
+        assert_eq!(
+            map_numbers(&lines.collect::<Vec<_>>().join("\n")),
+            vec![vec![0, MAP_BASE, MAP_SIZE]]
+        );
+        assert_eq!(
+            host_owner(&rootfs.path().join("tmp").join(file)),
+            (MAP_BASE + uid, MAP_BASE + uid)
+        );
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(init.wait(None).status, Some(137));
+}
+
+/// A pod member (CRI) joins its sandbox's namespaces by path, the user
+/// namespace among them, and creates its own mount and PID namespaces,
+/// owned by that user namespace.
+#[test]
+fn pod_member_joins_the_sandboxs_user_namespace_by_path() {
+    require_host!();
+    let sandbox_rootfs = remapped_rootfs();
+    let mut spec = default_spec(sandbox_rootfs.path(), &["sleep", "30"]);
+    spec["hostname"] = json!("pod");
+    with_user_namespace(&mut spec);
+    let cgroup = Cgroup::new("userns-sandbox");
+    let mut sandbox = spawn_stage(&create_plan("userns-sandbox", &spec, &cgroup, false));
+    match sandbox.created() {
+        Answer::Ready => {}
+        Answer::Error(e) => panic!("{e}"),
+    }
+    assert_eq!(sandbox.start(), None);
+    let pid = sandbox.pid.unwrap();
+    let ns = |kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+
+    let rootfs = remapped_rootfs();
+    let script = "id -u; hostname; cat /proc/self/uid_map; echo $$; \
+                  for n in user net uts ipc; do readlink /proc/self/ns/$n; done; \
+                  touch /tmp/member";
+    let mut member = default_spec(rootfs.path(), &["sh", "-c", script]);
+    // As containerd writes it: the sandbox's namespaces by path (user in
+    // the middle of the list, the order must not matter), the mappings
+    // repeated.
+    member["linux"]["namespaces"] = json!([
+        {"type": "pid"},
+        {"type": "ipc", "path": format!("/proc/{pid}/ns/ipc")},
+        {"type": "uts", "path": format!("/proc/{pid}/ns/uts")},
+        {"type": "user", "path": format!("/proc/{pid}/ns/user")},
+        {"type": "mount"},
+        {"type": "network", "path": format!("/proc/{pid}/ns/net")},
+    ]);
+    member["linux"]["uidMappings"] = spec["linux"]["uidMappings"].clone();
+    member["linux"]["gidMappings"] = spec["linux"]["gidMappings"].clone();
+    let o = run("userns-member", &member);
+    assert_eq!(o.create_error, None);
+    assert_eq!(o.status, Some(0), "{o:?}");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(&lines[..2], ["0", "pod"]);
+    assert_eq!(map_numbers(lines[2]), vec![vec![0, MAP_BASE, MAP_SIZE]]);
+    // PID 1 of its own PID namespace, which only root of the user namespace
+    // it joined could mount a proc for.
+    assert_eq!(lines[3], "1");
+    let joined: Vec<std::path::PathBuf> = lines[4..8].iter().map(Into::into).collect();
+    assert_eq!(joined, vec![ns("user"), ns("net"), ns("uts"), ns("ipc")]);
+    assert_eq!(
+        host_owner(&rootfs.path().join("tmp/member")),
+        (MAP_BASE, MAP_BASE)
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(sandbox.wait(None).status, Some(137));
+}
+
+#[test]
+fn user_namespace_spec_errors_are_named() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let base = default_spec(rootfs.path(), &["true"]);
+
+    let mut spec = base.clone();
+    with_user_namespace(&mut spec);
+    spec["linux"]["gidMappings"] = json!([]);
+    let o = run("userns-nogid", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("namespace \"user\": linux.gidMappings is empty (a new user namespace needs uid and gid mappings)")
+    );
+
+    let mut spec = base.clone();
+    spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": MAP_BASE, "size": 1}]);
+    let o = run("userns-nons", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("user namespace mappings specified, but user namespace isn't enabled in the config")
+    );
+
+    // The kernel refuses overlapping ranges: the map writer's error.
+    let mut spec = base.clone();
+    with_user_namespace(&mut spec);
+    spec["linux"]["uidMappings"] = json!([
+        {"containerID": 0, "hostID": MAP_BASE, "size": 10},
+        {"containerID": 5, "hostID": MAP_BASE + 100, "size": 10},
+    ]);
+    let o = run("userns-overlap", &spec);
+    let message = o.create_error.unwrap();
+    assert!(
+        message.starts_with("user namespace: write /proc/")
+            && message.ends_with("/uid_map (\"0 100000 10\\n5 100100 10\"): invalid argument"),
+        "{message}"
+    );
+
+    // Root of the namespace is needed to build the container.
+    let mut spec = base;
+    with_user_namespace(&mut spec);
+    spec["linux"]["uidMappings"] = json!([{"containerID": 1000, "hostID": MAP_BASE, "size": 1}]);
+    let o = run("userns-noroot", &spec);
+    assert_eq!(
+        o.create_error.as_deref(),
+        Some("user namespace: become root: setuid 0: invalid argument (uid 0 is not mapped)")
+    );
+}
+
+#[test]
+fn terminal_in_a_user_namespace_is_the_containers_own() {
+    require_host!();
+    let rootfs = remapped_rootfs();
+    let script = "tty; stat -c '%F %t:%T %u:%g' /dev/console /dev/pts/0; [ -t 0 ] && echo tty; \
+                  echo ctty >/dev/tty";
+    let mut spec = default_spec(rootfs.path(), &["sh", "-c", script]);
+    spec["process"]["terminal"] = json!(true);
+    with_user_namespace(&mut spec);
+    let cgroup = Cgroup::new("userns-tty");
+    let mut stage = spawn_stage(&create_plan("userns-tty", &spec, &cgroup, true));
+    match stage.created() {
+        Answer::Ready => {}
+        Answer::Error(e) => panic!("{e}"),
+    }
+    let master = stage.take_console().expect("the stage sent no terminal");
+    assert_eq!(stage.start(), None);
+    let out = read_terminal(master);
+    let o = stage.wait(None);
+    assert_eq!(o.status, Some(0), "{o:?} {out}");
+    // The pty belongs to the container's root and its tty group (gid 5).
+    assert_eq!(
+        out,
+        "/dev/pts/0\ncharacter special file 88:0 0:5\ncharacter special file 88:0 0:5\ntty\nctty\n"
     );
 }

@@ -55,13 +55,15 @@ pub enum Namespaces {
     /// New namespaces in the guest: host paths are dropped.
     Own,
     /// Join the sandbox container, guest PID `pid`, for the namespaces the
-    /// host spec joins by path (network, ipc, uts, pid).
+    /// host spec joins by path (user, network, ipc, uts, pid). The agent
+    /// orders the joins (user namespace included) as runc does.
     JoinSandbox { pid: u32 },
 }
 
 /// The `/proc/<pid>/ns/` file of an OCI namespace type.
 fn ns_file(kind: &str) -> Option<&'static str> {
     Some(match kind {
+        "user" => "user",
         "network" => "net",
         "ipc" => "ipc",
         "uts" => "uts",
@@ -193,8 +195,11 @@ mod tests {
                 {"type": "network", "path": "/var/run/netns/cni-1234"},
                 {"type": "ipc", "path": "/proc/4242/ns/ipc"},
                 {"type": "uts", "path": "/proc/4242/ns/uts"},
+                {"type": "user", "path": "/proc/4242/ns/user"},
                 {"type": "mount"}
-            ]},
+            ],
+            "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
+            "gidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}]},
             "annotations": {"x": "y"},
             "futureField": {"kept": true}
         })
@@ -256,8 +261,11 @@ mod tests {
         assert_eq!(
             s["linux"]["namespaces"],
             json!([{"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                   {"type": "uts"}, {"type": "mount"}])
+                   {"type": "uts"}, {"type": "user"}, {"type": "mount"}])
         );
+        // A new user namespace in the guest needs the mappings: kept.
+        assert_eq!(s["linux"]["uidMappings"], sample()["linux"]["uidMappings"]);
+        assert_eq!(s["linux"]["gidMappings"], sample()["linux"]["gidMappings"]);
     }
 
     #[test]
@@ -276,6 +284,7 @@ mod tests {
                    {"type": "network", "path": "/proc/7/ns/net"},
                    {"type": "ipc", "path": "/proc/7/ns/ipc"},
                    {"type": "uts", "path": "/proc/7/ns/uts"},
+                   {"type": "user", "path": "/proc/7/ns/user"},
                    {"type": "mount"}])
         );
     }

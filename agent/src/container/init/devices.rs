@@ -2,27 +2,39 @@
 //! devices, the `/dev/fd` family of symlinks, `ptmx` pointing into the
 //! container's devpts (`/dev/console` is bound to the terminal by
 //! `console`).
+//!
+//! In a user namespace mknod(2) is refused: as runc does, each device is
+//! then the guest's node of the same path bind-mounted onto an empty file
+//! (its owner and mode are the guest's, seen through the namespace's
+//! mapping).
 
 use super::errors::{io_err, os_err};
 use super::mounts::secure_join;
 use anyhow::{bail, Result};
+use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// (path, major, minor) of the devices every container gets, mode 0666.
+/// (path, major, minor) of the devices every container gets, mode 0666,
+/// in runc's order (which shows in the mount table when they are bound).
 const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
     ("/dev/null", 1, 3),
-    ("/dev/zero", 1, 5),
-    ("/dev/full", 1, 7),
     ("/dev/random", 1, 8),
-    ("/dev/urandom", 1, 9),
+    ("/dev/full", 1, 7),
     ("/dev/tty", 5, 0),
+    ("/dev/zero", 1, 5),
+    ("/dev/urandom", 1, 9),
 ];
 
-pub fn populate(rootfs: &Path, spec_devices: &[LinuxDevice]) -> Result<()> {
+pub fn populate(rootfs: &Path, spec_devices: &[LinuxDevice], bind: bool) -> Result<()> {
     for (path, major, minor) in DEFAULT_DEVICES {
         if spec_devices.iter().any(|d| d.path() == Path::new(path)) {
+            continue;
+        }
+        if bind {
+            bind_device(rootfs, Path::new(path))?;
             continue;
         }
         create_device(
@@ -36,7 +48,21 @@ pub fn populate(rootfs: &Path, spec_devices: &[LinuxDevice]) -> Result<()> {
             0,
         )?;
     }
-    for d in spec_devices {
+    // /dev/ptmx is the link into devpts made below, whatever the spec says.
+    for d in spec_devices
+        .iter()
+        .filter(|d| d.path() != Path::new("/dev/ptmx"))
+    {
+        if bind {
+            if d.typ() == LinuxDeviceType::A {
+                bail!(
+                    "device {:?}: type \"a\" is not a device",
+                    d.path().display().to_string()
+                );
+            }
+            bind_device(rootfs, d.path())?;
+            continue;
+        }
         let kind = match d.typ() {
             LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
             LinuxDeviceType::B => SFlag::S_IFBLK,
@@ -106,6 +132,36 @@ fn create_device(
         .map_err(|e| os_err(format!("mknod {shown:?}"), e))?;
     nix::unistd::chown(&dest, Some(uid.into()), Some(gid.into()))
         .map_err(|e| os_err(format!("chown {shown:?}"), e))
+}
+
+/// The guest's device at `path` bound onto an empty file at the same path
+/// in the rootfs.
+fn bind_device(rootfs: &Path, path: &Path) -> Result<()> {
+    let shown = path.display().to_string();
+    let dest = secure_join(rootfs, path)?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| io_err(format!("device {shown:?}: mkdir"), &e))?;
+    }
+    match std::fs::remove_file(&dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(format!("device {shown:?}: remove"), &e)),
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o000)
+        .open(&dest)
+        .map_err(|e| io_err(format!("device {shown:?}: create the mount point"), &e))?;
+    mount(
+        Some(path),
+        &dest,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| os_err(format!("bind device {shown:?}"), e))
 }
 
 fn symlink(rootfs: &Path, target: &str, link: &str) -> Result<()> {

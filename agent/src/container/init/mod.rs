@@ -74,6 +74,10 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
         bail!("args must not be empty");
     }
     let plan = namespaces::Plan::from_spec(spec)?;
+    let userns = plan.user_namespace();
+    if userns {
+        process::set_limits(process)?;
+    }
     plan.enter()?;
     // A new PID namespace takes effect for children only: the container's
     // PID 1 is a child of the stage, which reports it and leaves.
@@ -84,7 +88,7 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     };
     report_pid(sync, &forked)?;
 
-    mounts::prepare_rootfs(spec)?;
+    mounts::prepare_rootfs(spec, userns)?;
     // With the container's mounts in place (its devpts) but before any is
     // made read-only: /dev/console may have to be created.
     if terminal {
@@ -92,6 +96,9 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     }
     namespaces::set_hostname(spec, &plan)?;
     mounts::finish_rootfs(spec)?;
+    if !userns {
+        process::set_limits(process)?;
+    }
     let prepared = process::prepare(process, spec, terminal)?;
     sync.send(&StageMsg::Ready)?;
     sync.wait_start()?;
@@ -108,11 +115,19 @@ fn exec(
     if process.args().as_ref().is_none_or(|a| a.is_empty()) {
         bail!("args must not be empty");
     }
-    namespaces::join_container(init_pid)?;
+    let container = namespaces::Container::open(init_pid)?;
+    let userns = container.user_namespace();
+    if userns {
+        process::set_limits(process)?;
+    }
+    container.enter()?;
     let forked = namespaces::fork_child(sync)?;
     report_pid(sync, &forked)?;
     if terminal {
         console::set_up(sync, false)?;
+    }
+    if !userns {
+        process::set_limits(process)?;
     }
     let prepared = process::prepare(process, spec, terminal)?;
     sync.send(&StageMsg::Ready)?;

@@ -182,7 +182,9 @@ fn mount_err(dest: &Path, typ: &str, e: Errno) -> anyhow::Error {
 }
 
 /// Builds the container's mounts under its rootfs and pivots into it.
-pub fn prepare_rootfs(spec: &Spec) -> Result<()> {
+/// `userns`: the stage is in the container's user namespace, where device
+/// nodes cannot be made (they are bound from the guest's `/dev`).
+pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<()> {
     let root = spec
         .root()
         .as_ref()
@@ -230,6 +232,7 @@ pub fn prepare_rootfs(spec: &Spec) -> Result<()> {
             linux
                 .and_then(|l| l.devices().as_deref())
                 .unwrap_or_default(),
+            userns,
         )?;
     }
     if let Some(process) = spec.process() {

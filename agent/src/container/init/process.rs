@@ -41,12 +41,20 @@ pub fn close_inherited_fds() -> Result<()> {
     Ok(())
 }
 
-pub fn prepare(process: &Process, spec: &Spec, terminal: bool) -> Result<Prepared> {
+/// rlimits and oom_score_adj. Raising a hard limit or lowering the score
+/// takes privileges of the guest's user namespace, so with a user namespace
+/// this is done before entering it (runc sets both from outside too).
+pub fn set_limits(process: &Process) -> Result<()> {
     set_rlimits(process)?;
     if let Some(adj) = process.oom_score_adj() {
         std::fs::write("/proc/self/oom_score_adj", adj.to_string())
             .map_err(|e| io_err(format!("set oom_score_adj to {adj}"), &e))?;
     }
+    Ok(())
+}
+
+/// Everything up to `execve` but [`set_limits`].
+pub fn prepare(process: &Process, spec: &Spec, terminal: bool) -> Result<Prepared> {
     new_session(terminal)?;
     let nnp = process.no_new_privileges().unwrap_or(false);
     if nnp {
