@@ -250,23 +250,50 @@ impl Api {
 
     /// Subscribes to task events of `cid`; they collect until dropped.
     pub fn subscribe(&self, cid: &str) -> Events {
-        let filter = format!("topic~=\"/tasks/\",event.container_id==\"{cid}\"");
+        self.try_subscribe(cid)
+            .unwrap_or_else(|e| panic!("events: subscribing: {e:?}"))
+    }
+
+    /// Subscribes, retrying for up to `limit` while containerd comes up.
+    pub fn subscribe_when_up(&mut self, cid: &str, limit: Duration) -> Events {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            match self.try_subscribe(cid) {
+                Ok(e) => return e,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    panic!("events: no subscription within {limit:?}: {e:?}")
+                }
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if let Ok(c) = self.rt.block_on(Client::from_path(&self.address)) {
+                        self.client = c;
+                    }
+                }
+            }
+        }
+    }
+
+    fn try_subscribe(&self, cid: &str) -> CallResult<Events> {
         let req = SubscribeRequest {
-            filters: vec![filter],
+            filters: vec!["topic~=\"/tasks/\"".into()],
         };
         let mut c = self.client.events();
         let got: Arc<Mutex<Vec<Envelope>>> = Arc::default();
         let sink = Arc::clone(&got);
         let ns = self.ns.clone();
+        let cid = cid.to_string();
         let stream = self
-            .rt
-            .block_on(async move { c.subscribe(with_namespace!(req, ns)).await })
-            .expect("events subscribe")
+            .run("Subscribe", Duration::from_secs(10), async move {
+                c.subscribe(with_namespace!(req, ns)).await
+            })?
             .into_inner();
         let task = self.rt.spawn(async move {
             let mut stream = stream;
             while let Ok(Some(e)) = stream.message().await {
                 let Some(ev) = e.event else { continue };
+                if container_of(&ev) != cid {
+                    continue;
+                }
                 sink.lock().unwrap().push(Envelope {
                     topic: e.topic,
                     at: to_time(&e.timestamp),
@@ -274,8 +301,30 @@ impl Api {
                 });
             }
         });
-        Events { got, task }
+        Ok(Events { got, task })
     }
+}
+
+/// Every task event carries the container id as its field 1.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ContainerOf {
+    #[prost(string, tag = "1")]
+    container_id: String,
+}
+
+fn container_of(any: &Any) -> String {
+    use prost::Message;
+    ContainerOf::decode(any.value.as_slice())
+        .map(|c| c.container_id)
+        .unwrap_or_default()
+}
+
+/// The exit status in a TaskExit event.
+pub fn exit_status_of(any: &Any) -> Option<u32> {
+    use prost::Message;
+    containerd_client::events::TaskExit::decode(any.value.as_slice())
+        .ok()
+        .map(|e| e.exit_status)
 }
 
 /// One event as containerd published it.

@@ -30,6 +30,22 @@ pub static CTR_TIMEOUT: std::sync::LazyLock<Duration> = std::sync::LazyLock::new
     Duration::from_secs(secs)
 });
 
+/// Runs `f` under runc then jevm; returns both results (runc, jevm).
+/// JEVM_E2E_RUNC_ONLY=1 (for working on the tests themselves, never in CI)
+/// runs runc twice instead, which also shows the test is deterministic.
+pub fn both<T>(mut f: impl FnMut(&str) -> T) -> (T, T) {
+    let second = if runc_only() { RUNC } else { JEVM };
+    (f(RUNC), f(second))
+}
+
+pub fn runc_only() -> bool {
+    let on = std::env::var_os("JEVM_E2E_RUNC_ONLY").is_some_and(|v| v == "1");
+    if on {
+        eprintln!("!!! JEVM_E2E_RUNC_ONLY=1: jevm is NOT tested, runc runs twice");
+    }
+    on
+}
+
 /// Where the private containerd is (see `hack/containerd-env`).
 #[derive(Debug, Clone)]
 pub struct Env {

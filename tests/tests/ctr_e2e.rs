@@ -5,27 +5,11 @@
 //! through `hack/e2e`); tests are independent and may run in parallel.
 
 use jevm_tests::ctr::{
-    assert_same, default_spec, id, metric_names, short, Env, Outcome, CTR_TIMEOUT, JEVM, RUNC,
-    RUNTIMES,
+    assert_same, both, default_spec, id, metric_names, runc_only, short, Env, Outcome, CTR_TIMEOUT,
+    JEVM, RUNC, RUNTIMES,
 };
 use jevm_tests::ctr_env_or_skip;
 use std::time::Duration;
-
-/// Runs `f` under runc then jevm; returns both results (runc, jevm).
-/// JEVM_E2E_RUNC_ONLY=1 (for working on the tests themselves, never in CI)
-/// runs runc twice instead, which also shows the test is deterministic.
-fn both<T>(mut f: impl FnMut(&str) -> T) -> (T, T) {
-    let second = if runc_only() { RUNC } else { JEVM };
-    (f(RUNC), f(second))
-}
-
-fn runc_only() -> bool {
-    let on = std::env::var_os("JEVM_E2E_RUNC_ONLY").is_some_and(|v| v == "1");
-    if on {
-        eprintln!("!!! JEVM_E2E_RUNC_ONLY=1: jevm is NOT tested, runc runs twice");
-    }
-    on
-}
 
 /// `ctr run --rm` of `cmd` under both runtimes with `flags`; asserts that
 /// nothing of either container is left and returns (runc, jevm).
