@@ -583,7 +583,7 @@ impl Vm {
 
 /// A cloneable view of one VM's fate for threads that do not own it: wait
 /// for it to stop (the guest reset, panicked, halted, or KVM failed; or the
-/// owner stopped it), read its console, or ask it to stop.
+/// owner stopped it) and read its console.
 #[derive(Clone)]
 pub struct VmWatch {
     ctl: Arc<VmControl>,
@@ -604,20 +604,9 @@ impl VmWatch {
         self.ctl.reason()
     }
 
-    /// Stops the vCPUs of a guest that no longer answers, without joining
-    /// their threads (the owner does that when it drops the [`Vm`]).
-    pub fn request_stop(&self) {
-        self.ctl.request_stop(StopReason::HostRequest);
-    }
-
     /// The last `n` console lines.
     pub fn console_tail(&self, n: usize) -> Vec<String> {
         self.console.lock().unwrap().tail(n)
-    }
-
-    /// Whether the guest kernel printed a panic.
-    pub fn guest_panicked(&self) -> bool {
-        self.console.lock().unwrap().panicked()
     }
 }
 
