@@ -161,6 +161,11 @@ impl MicroVm {
         self.vm.as_mut().expect("vm present until drop")
     }
 
+    /// A handle for a thread that waits for this VM to stop by itself.
+    pub fn watch(&self) -> crate::vmm::vm::VmWatch {
+        self.vm().watch()
+    }
+
     /// A new connection to the agent.
     pub fn agent(&self) -> Result<AgentClient, AgentError> {
         AgentClient::connect(&self.vsock_uds, Duration::from_secs(30))
@@ -319,13 +324,8 @@ fn wait_ready(
             if vm.guest_panicked() {
                 return Err(BootFailure::GuestPanicked(console_tail(vm)));
             }
-            let reason = match reason {
-                StopReason::GuestReset => "the guest reset itself".to_string(),
-                StopReason::HostRequest | StopReason::Paused => "stopped by the host".to_string(),
-                StopReason::Fault(f) => f,
-            };
             return Err(BootFailure::GuestStopped {
-                reason,
+                reason: reason.to_string(),
                 tail: console_tail(vm),
             });
         }

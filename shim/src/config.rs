@@ -32,6 +32,9 @@ pub struct JevmConfig {
     /// `error`, `warn`, `info`, `debug` or `trace`; None keeps the shim's
     /// default (`info`, or `RUST_LOG`).
     pub log_level: Option<String>,
+    /// A guest whose agent answers no ping for this long is declared hung:
+    /// its VM is stopped and its tasks exit. 0 turns the check off.
+    pub liveness_timeout_secs: u64,
 }
 
 impl Default for JevmConfig {
@@ -45,6 +48,7 @@ impl Default for JevmConfig {
             memory_mib: 256,
             kernel_params: String::new(),
             log_level: None,
+            liveness_timeout_secs: 10,
         }
     }
 }
@@ -157,6 +161,13 @@ pub fn parse(text: &str) -> Result<JevmConfig, String> {
             format!("log_level = {l:?} is not one of error, warn, info, debug, trace, off")
         })?;
     }
+    // Beyond a day the check is off in all but name; a typo is likelier.
+    if cfg.liveness_timeout_secs > 86_400 {
+        return Err(format!(
+            "liveness_timeout_secs = {} is too large (at most 86400; 0 turns the check off)",
+            cfg.liveness_timeout_secs
+        ));
+    }
     for (key, p) in [
         ("kernel", &cfg.kernel),
         ("initramfs", &cfg.initramfs),
@@ -174,6 +185,12 @@ pub fn parse(text: &str) -> Result<JevmConfig, String> {
 }
 
 impl JevmConfig {
+    /// How long a guest may leave pings unanswered; None: never declared hung.
+    pub fn liveness_timeout(&self) -> Option<std::time::Duration> {
+        (self.liveness_timeout_secs > 0)
+            .then(|| std::time::Duration::from_secs(self.liveness_timeout_secs))
+    }
+
     /// Checks the kernel and initramfs before anything is built from them,
     /// so a wrong path is one clear error naming the file and the key.
     pub fn check_guest_files(&self, source: &Source) -> Result<(), ConfigError> {
@@ -234,6 +251,22 @@ mod tests {
         assert_eq!(c.template_dir, Path::new("/var/lib/jevm/templates"));
         assert_eq!(c.run_dir, Path::new("/run/jevm"));
         assert_eq!((c.vcpus, c.memory_mib), (1, 256));
+        assert_eq!(c.liveness_timeout_secs, 10);
+        assert_eq!(
+            c.liveness_timeout(),
+            Some(std::time::Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn liveness_timeout_zero_turns_the_check_off() {
+        let c = parse("liveness_timeout_secs = 0").unwrap();
+        assert_eq!(c.liveness_timeout(), None);
+        let c = parse("liveness_timeout_secs = 3").unwrap();
+        assert_eq!(
+            c.liveness_timeout(),
+            Some(std::time::Duration::from_secs(3))
+        );
     }
 
     #[test]
@@ -248,6 +281,7 @@ mod tests {
             memory_mib = 512
             kernel_params = "loglevel=7"
             log_level = "debug"
+            liveness_timeout_secs = 30
             "#,
         )
         .unwrap();
@@ -258,6 +292,7 @@ mod tests {
         assert_eq!((c.vcpus, c.memory_mib), (2, 512));
         assert_eq!(c.kernel_params, "loglevel=7");
         assert_eq!(c.log_level.as_deref(), Some("debug"));
+        assert_eq!(c.liveness_timeout_secs, 30);
     }
 
     #[test]
@@ -270,6 +305,8 @@ mod tests {
             ("kernel = \"rel/vmlinux\"", "kernel"),
             ("log_level = \"loud\"", "log_level"),
             ("vcpus = \"two\"", "string"),
+            ("liveness_timeout_secs = -1", "expected u64"),
+            ("liveness_timeout_secs = 100000", "liveness_timeout_secs"),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

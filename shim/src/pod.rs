@@ -7,27 +7,111 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jevm_protocol::{Event, Request, MAX_FRAME};
+use jevm_runtime::agent_client::AgentClient;
 use jevm_runtime::clone::{build_template, clone_from, CloneOptions};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{TemplateSpec, TemplateStore};
+use jevm_runtime::vmm::vm::VmWatch;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
 use crate::agent::Agent;
 use crate::config::JevmConfig;
+use crate::events::LOST_EXIT_STATUS;
 use crate::layout::{vms_dir, PodLayout};
 
-/// What the pod's event reader tells the task service.
+/// What the pod's watchers tell the task service.
 #[derive(Debug)]
 pub enum PodEvent {
     Agent {
         event: Event,
     },
-    /// The event stream ended while the pod was not being shut down: the
-    /// VM is gone.
+    /// The VM died or hung while the pod was not being shut down: every
+    /// process in it is gone. `cause` says how (see [`Life::lose`]).
     Lost {
         pod: String,
+        cause: String,
     },
+}
+
+/// How many console lines the loss report quotes.
+const LOST_CONSOLE_LINES: usize = 10;
+
+/// How long the event reader, after its stream ended, waits for the VM's
+/// own stop reason (a better cause than "end of stream"): an agent that
+/// died makes the guest kernel panic a moment after its sockets close.
+const STOP_REASON_GRACE: Duration = Duration::from_millis(500);
+
+/// The pod's VM and what its watchers share with the pod: the VM watcher
+/// thread, the agent event reader and the liveness pinger each hold one and
+/// report a loss through [`Life::lose`], which lets only the first through.
+struct Life {
+    pod: String,
+    agent: Arc<Agent>,
+    vm: Mutex<Option<MicroVm>>,
+    watch: VmWatch,
+    /// The shim is stopping the pod, or it is lost: a VM stop is expected.
+    closing: AtomicBool,
+    lost: AtomicBool,
+    /// The event reader and the liveness task, ended with the pod.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    tx: mpsc::UnboundedSender<PodEvent>,
+}
+
+impl Life {
+    fn take_vm(&self) -> Option<MicroVm> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn abort_tasks(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
+
+    /// No more agent calls: they would fail or hang.
+    fn mark_lost(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.agent.mark_dead();
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// The pod's VM is gone (`cause`) and nobody asked for it: unless the
+    /// pod is already closing or lost, logs the loss, tells the task
+    /// service (which ends every process of the pod), ends the watchers and
+    /// hands back the VM for the caller to drop on a thread that may block.
+    /// Dropping it stops a hung guest and closes every vsock stream, so
+    /// agent calls, the event reader and stdio copies end at once.
+    fn lose(&self, cause: String) -> Option<MicroVm> {
+        if self.closing.load(Ordering::SeqCst) || self.lost.swap(true, Ordering::SeqCst) {
+            return None;
+        }
+        self.mark_lost();
+        log::error!(
+            "pod {}: the VM is gone: {cause}; its processes exit with status {LOST_EXIT_STATUS}; \
+             last console lines: {:?}",
+            self.pod,
+            self.watch.console_tail(LOST_CONSOLE_LINES)
+        );
+        let _ = self.tx.send(PodEvent::Lost {
+            pod: self.pod.clone(),
+            cause,
+        });
+        self.abort_tasks();
+        self.take_vm()
+    }
+
+    /// [`Life::lose`] from async code: the VM is dropped off the runtime.
+    async fn lose_async(&self, cause: String) {
+        if let Some(vm) = self.lose(cause) {
+            let _ = tokio::task::spawn_blocking(move || drop(vm)).await;
+        }
+    }
 }
 
 pub struct Pod {
@@ -35,13 +119,10 @@ pub struct Pod {
     pub layout: PodLayout,
     pub agent: Arc<Agent>,
     pub vm_dir: PathBuf,
-    vm: Mutex<Option<MicroVm>>,
-    closing: Arc<AtomicBool>,
-    lost: AtomicBool,
+    life: Arc<Life>,
     /// The container that started the pod and its guest init PID: CRI
     /// containers join its namespaces.
     pub sandbox: Mutex<Option<(String, u32)>>,
-    events: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How long the VM's start took, for the create→start breakdown.
@@ -53,7 +134,9 @@ pub struct StartTimes {
 
 impl Pod {
     /// Finds or builds the template, clones it with `layout.shared()` as
-    /// its virtio-fs share, and subscribes to the agent's events.
+    /// its virtio-fs share, subscribes to the agent's events and starts
+    /// watching the VM (its own stop, and with `liveness_timeout` set, the
+    /// agent's answers to pings).
     pub async fn start(
         cfg: &JevmConfig,
         id: &str,
@@ -99,31 +182,62 @@ impl Pod {
         .map_err(|e| format!("pod {id:?}: VM start thread: {e}"))??;
 
         let agent = Agent::new(vm.vsock_uds().to_path_buf());
+        let uds = vm.vsock_uds().to_path_buf();
+        let vm_dir = vm.run_dir().to_path_buf();
+        let life = Arc::new(Life {
+            pod: id.to_string(),
+            agent: Arc::clone(&agent),
+            watch: vm.watch(),
+            vm: Mutex::new(Some(vm)),
+            closing: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
+            tx: events.clone(),
+        });
         let pod = Arc::new(Pod {
             id: id.to_string(),
             layout,
             agent,
-            vm_dir: vm.run_dir().to_path_buf(),
-            vm: Mutex::new(Some(vm)),
-            closing: Arc::new(AtomicBool::new(false)),
-            lost: AtomicBool::new(false),
+            vm_dir,
+            life: Arc::clone(&life),
             sandbox: Mutex::new(None),
-            events: Mutex::new(None),
         });
+        let l = Arc::clone(&life);
+        if let Err(e) = std::thread::Builder::new()
+            .name(format!("watch-{id}"))
+            .spawn(move || watch_vm(&l))
+        {
+            pod.stop().await;
+            return Err(format!(
+                "pod {id:?}: cannot start the VM watcher thread: {e}"
+            ));
+        }
         match pod.agent.stream("Events", Request::Events).await {
             Ok(stream) => {
-                let h = tokio::spawn(read_events(
-                    pod.id.clone(),
-                    Arc::clone(&pod.closing),
-                    stream,
-                    events,
-                ));
-                *pod.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+                let h = tokio::spawn(read_events(Arc::clone(&life), stream, events));
+                life.tasks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(h.abort_handle());
             }
             Err(e) => {
                 pod.stop().await;
                 return Err(format!("pod {id:?}: subscribing to agent events: {e}"));
             }
+        }
+        if let Some(timeout) = cfg.liveness_timeout() {
+            let l = Arc::clone(&life);
+            let h = tokio::spawn(async move {
+                let pinger = AgentPinger { uds, conn: None };
+                let closing = || l.closing.load(Ordering::SeqCst);
+                if let Some(cause) = watch_liveness(pinger, timeout, closing).await {
+                    l.lose_async(cause).await;
+                }
+            });
+            life.tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(h.abort_handle());
         }
         Ok((pod, times))
     }
@@ -131,13 +245,14 @@ impl Pod {
     /// Powers the VM off (forcibly after a few seconds) and waits for its
     /// threads; the VM's run directory goes with it. Idempotent.
     pub async fn stop(&self) {
-        self.closing.store(true, Ordering::SeqCst);
-        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let lost = self.lost.load(Ordering::SeqCst);
+        self.life.closing.store(true, Ordering::SeqCst);
+        let vm = self.life.take_vm();
+        // A lost guest, or one whose VM already stopped, cannot be asked to
+        // power off.
+        let lost = self.life.lost.load(Ordering::SeqCst) || self.life.watch.stop_reason().is_some();
         if let Some(vm) = vm {
             let id = self.id.clone();
-            // A lost guest cannot be asked to power off: dropping the VM
-            // stops its threads and removes its run directory.
+            // Dropping the VM stops its threads and removes its run directory.
             let r = tokio::task::spawn_blocking(move || {
                 if lost {
                     drop(vm);
@@ -152,27 +267,37 @@ impl Pod {
                 Err(e) => log::error!("pod {id}: VM shutdown thread: {e}"),
             }
         }
-        if let Some(h) = self.events.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            h.abort();
-        }
+        self.life.abort_tasks();
     }
 
     /// The VM died: no more agent calls, teardown without asking it.
     pub fn mark_lost(&self) {
-        self.lost.store(true, Ordering::SeqCst);
-        self.agent.mark_dead();
-        self.closing.store(true, Ordering::SeqCst);
+        self.life.mark_lost();
     }
 
     /// Being stopped or lost: agent calls would fail or hang.
     pub fn closing(&self) -> bool {
-        self.closing.load(Ordering::SeqCst)
+        self.life.closing.load(Ordering::SeqCst)
+    }
+}
+
+/// The VM watcher thread: waits for the VM to stop and, if nobody asked
+/// for that, reports the pod lost with the VM's reason. Ends when the VM
+/// stops for any reason (dropping the VM stops it).
+fn watch_vm(life: &Life) {
+    let Some(reason) = life.watch.wait(None) else {
+        return;
+    };
+    if !reason.by_guest() {
+        return;
+    }
+    if let Some(vm) = life.lose(reason.to_string()) {
+        drop(vm);
     }
 }
 
 async fn read_events(
-    pod_id: String,
-    closing: Arc<AtomicBool>,
+    life: Arc<Life>,
     mut s: tokio::net::UnixStream,
     tx: mpsc::UnboundedSender<PodEvent>,
 ) {
@@ -192,11 +317,245 @@ async fn read_events(
             Ok(event) => {
                 let _ = tx.send(PodEvent::Agent { event });
             }
-            Err(e) => log::warn!("pod {pod_id}: undecodable agent event: {e}"),
+            Err(e) => log::warn!("pod {}: undecodable agent event: {e}", life.pod),
         }
     };
-    if !closing.load(Ordering::SeqCst) {
-        log::error!("pod {pod_id}: agent event stream ended ({why}); the VM is gone");
-        let _ = tx.send(PodEvent::Lost { pod: pod_id });
+    if life.closing.load(Ordering::SeqCst) {
+        return;
+    }
+    // The VM's own reason, when it has one, says more than the stream.
+    let watch = life.watch.clone();
+    let reason = tokio::task::spawn_blocking(move || watch.wait(Some(STOP_REASON_GRACE)))
+        .await
+        .ok()
+        .flatten()
+        .filter(|r| r.by_guest());
+    let cause = match reason {
+        Some(r) => r.to_string(),
+        None => format!("the agent's event stream ended ({why})"),
+    };
+    life.lose_async(cause).await;
+}
+
+/// One liveness probe: a round trip to the agent, answered within `budget`.
+/// Blocking; runs on tokio's blocking pool.
+pub trait Pinger: Send + 'static {
+    fn ping(&mut self, nonce: u64, budget: Duration) -> Result<(), String>;
+}
+
+/// Pings the agent over a connection of its own, so that a ping never
+/// queues behind a slow request; reconnects after any failure.
+struct AgentPinger {
+    uds: PathBuf,
+    conn: Option<AgentClient>,
+}
+
+impl Pinger for AgentPinger {
+    fn ping(&mut self, nonce: u64, budget: Duration) -> Result<(), String> {
+        let c = match self.conn.take() {
+            Some(mut c) => {
+                c.set_timeout(Some(budget))
+                    .map_err(|e| format!("agent socket {}: {e}", self.uds.display()))?;
+                c
+            }
+            None => AgentClient::connect(&self.uds, budget).map_err(|e| e.to_string())?,
+        };
+        let mut c = c;
+        c.ping(nonce).map_err(|e| e.to_string())?;
+        // Only a connection whose last exchange completed is reusable.
+        self.conn = Some(c);
+        Ok(())
+    }
+}
+
+/// Extra time a probe gets past its budget before it counts as stuck: its
+/// own read timeout should have ended it by then.
+const PROBE_GRACE: Duration = Duration::from_secs(1);
+
+/// Pings every `timeout / 3` until no ping succeeded for `timeout` (the
+/// guest hangs: returns the cause) or `closing()` turns true (None). Each
+/// probe gets the time left until that deadline, so a guest that stops
+/// answering right after a good ping is declared hung `timeout` later, not
+/// `timeout` after the next ping is sent; a slow answer within the deadline
+/// is still an answer.
+pub async fn watch_liveness<P: Pinger>(
+    pinger: P,
+    timeout: Duration,
+    closing: impl Fn() -> bool,
+) -> Option<String> {
+    let interval = timeout / 3;
+    let mut pinger = Some(pinger);
+    let mut last_ok = Instant::now();
+    let mut last_err = String::from("no answer yet");
+    let mut nonce: u64 = u64::from(std::process::id()) << 32;
+    loop {
+        let deadline = last_ok + timeout;
+        let now = Instant::now();
+        tokio::time::sleep(interval.min(deadline.saturating_duration_since(now))).await;
+        if closing() {
+            return None;
+        }
+        let budget = deadline.saturating_duration_since(Instant::now());
+        if budget.is_zero() {
+            return Some(format!(
+                "the guest hangs: its agent answered no ping for {} s (last: {last_err})",
+                timeout.as_secs_f32()
+            ));
+        }
+        nonce = nonce.wrapping_add(1);
+        let sent = Instant::now();
+        let mut p = pinger.take()?;
+        let probe = tokio::task::spawn_blocking(move || {
+            let r = p.ping(nonce, budget);
+            (p, r)
+        });
+        match tokio::time::timeout(budget + PROBE_GRACE, probe).await {
+            Ok(Ok((p, r))) => {
+                pinger = Some(p);
+                match r {
+                    Ok(()) => last_ok = sent,
+                    Err(e) => last_err = e,
+                }
+            }
+            Ok(Err(e)) => {
+                // A bug of ours must not kill the pod: stop checking.
+                log::error!("liveness probe thread failed: {e}; no more liveness checks");
+                return None;
+            }
+            Err(_) => {
+                if closing() {
+                    return None;
+                }
+                return Some(format!(
+                    "the guest hangs: a ping to its agent did not return within {} s",
+                    (budget + PROBE_GRACE).as_secs_f32()
+                ));
+            }
+        }
+        if closing() {
+            return None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// Answers the first `answers` pings at once, then behaves as `after`.
+    struct FakeAgent {
+        answers: Arc<AtomicU32>,
+        after: After,
+        nonces: Arc<Mutex<Vec<u64>>>,
+    }
+
+    #[derive(Clone, Copy)]
+    enum After {
+        /// Keeps answering.
+        Answer,
+        /// Silent: the read times out when the budget is spent.
+        Silent,
+        /// Refuses at once (a broken connection).
+        Refuse,
+        /// Blocks well past its budget (a probe that ignores its timeout).
+        Stuck,
+    }
+
+    impl Pinger for FakeAgent {
+        fn ping(&mut self, nonce: u64, budget: Duration) -> Result<(), String> {
+            self.nonces.lock().unwrap().push(nonce);
+            let left = self.answers.load(Ordering::SeqCst);
+            if left > 0 {
+                self.answers.store(left - 1, Ordering::SeqCst);
+                return Ok(());
+            }
+            match self.after {
+                After::Answer => Ok(()),
+                After::Silent => {
+                    std::thread::sleep(budget);
+                    Err("agent request Ping: timed out".into())
+                }
+                After::Refuse => Err("connection refused".into()),
+                After::Stuck => {
+                    std::thread::sleep(budget * 4 + PROBE_GRACE);
+                    Err("late".into())
+                }
+            }
+        }
+    }
+
+    fn fake(answers: u32, after: After) -> (FakeAgent, Arc<Mutex<Vec<u64>>>) {
+        let nonces = Arc::new(Mutex::new(Vec::new()));
+        let agent = FakeAgent {
+            answers: Arc::new(AtomicU32::new(answers)),
+            after,
+            nonces: nonces.clone(),
+        };
+        (agent, nonces)
+    }
+
+    const T: Duration = Duration::from_millis(600);
+
+    #[tokio::test]
+    async fn an_answering_agent_is_never_declared_hung_and_closing_ends_the_watch() {
+        let (agent, nonces) = fake(0, After::Answer);
+        let t0 = Instant::now();
+        let closing = move || t0.elapsed() > T * 3;
+        assert_eq!(watch_liveness(agent, T, closing).await, None);
+        let n = nonces.lock().unwrap().clone();
+        // One ping every T/3 for 3 T, each with a fresh nonce.
+        assert!(n.len() >= 6, "only {} pings", n.len());
+        assert!(n.windows(2).all(|w| w[0] != w[1]));
+    }
+
+    #[tokio::test]
+    async fn a_silent_agent_is_declared_hung_within_the_timeout_of_its_last_answer() {
+        let (agent, _) = fake(2, After::Silent);
+        let t0 = Instant::now();
+        let cause = watch_liveness(agent, T, || false).await.expect("hung");
+        // Two answers at T/3 and 2T/3, then silence: hung at about 2T/3 + T.
+        let took = t0.elapsed();
+        assert!(
+            took >= T * 5 / 3 - Duration::from_millis(50) && took < T * 5 / 3 + T,
+            "declared hung after {took:?}"
+        );
+        assert!(
+            cause.contains("answered no ping for 0.6 s") && cause.contains("timed out"),
+            "{cause}"
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_pings_are_retried_until_the_deadline_then_quoted() {
+        let (agent, nonces) = fake(0, After::Refuse);
+        let t0 = Instant::now();
+        let cause = watch_liveness(agent, T, || false).await.expect("hung");
+        let took = t0.elapsed();
+        assert!(took >= T && took < T * 2, "declared hung after {took:?}");
+        assert!(cause.contains("connection refused"), "{cause}");
+        assert!(nonces.lock().unwrap().len() >= 2, "no retry");
+    }
+
+    #[tokio::test]
+    async fn a_probe_stuck_past_its_own_timeout_still_ends_in_a_hang() {
+        let (agent, _) = fake(0, After::Stuck);
+        let t0 = Instant::now();
+        let cause = watch_liveness(agent, T, || false).await.expect("hung");
+        assert!(t0.elapsed() < T * 2 + PROBE_GRACE, "{:?}", t0.elapsed());
+        assert!(cause.contains("did not return"), "{cause}");
+    }
+
+    #[tokio::test]
+    async fn closing_during_a_silent_probe_is_not_a_hang() {
+        let (agent, _) = fake(0, After::Silent);
+        let closing = Arc::new(AtomicBool::new(false));
+        let c2 = closing.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(T / 2).await;
+            c2.store(true, Ordering::SeqCst);
+        });
+        let r = watch_liveness(agent, T, move || closing.load(Ordering::SeqCst)).await;
+        assert_eq!(r, None);
     }
 }

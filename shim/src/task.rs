@@ -336,7 +336,8 @@ impl TaskService {
                     out.push(outgoing(events::task_oom(&container_id)));
                 }
             }
-            PodEvent::Lost { pod } => {
+            PodEvent::Lost { pod, cause } => {
+                log::info!("pod {pod}: its processes exit with {LOST_EXIT_STATUS}: {cause}");
                 if let Some(p) = st.pods.get(&pod) {
                     p.mark_lost();
                 }
@@ -904,7 +905,13 @@ impl Task for TaskService {
             (pid, exit, copies, exec_copies, never_started)
         };
         if let Some(c) = copies {
-            c.finish(STDIO_DRAIN).await;
+            // A lost pod's streams may never end: take what has arrived.
+            let drain = if pod.closing() {
+                Duration::from_secs(1)
+            } else {
+                STDIO_DRAIN
+            };
+            c.finish(drain).await;
         }
         for c in exec_copies {
             c.finish(Duration::from_secs(1)).await;

@@ -161,9 +161,17 @@ pub fn restore(vcpu: &VcpuFd, state: &VcpuState) -> Result<(), VcpuError> {
 /// Why a VM stopped running.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
-    /// The guest reset itself (reboot, power-off request, or panic with
-    /// `panic=-1`; the console tells which).
+    /// The guest reset itself: a reboot (`reboot=t` makes it a triple
+    /// fault) or an i8042 reset, with no kernel panic on the console.
     GuestReset,
+    /// The guest kernel panicked (its console said "Kernel panic"), then
+    /// reset itself (`panic=-1`).
+    GuestPanic,
+    /// The guest kernel halted or powered itself off ("reboot: System
+    /// halted" / "reboot: Power down" on the console, or a HLT exit).
+    /// Without ACPI its vCPUs then sit in HLT with interrupts off, which
+    /// never reaches userspace, so the console line is the only sign.
+    GuestHalt,
     /// The host asked the VM to stop.
     HostRequest,
     /// The host stopped the vCPUs to save the VM as a template.
@@ -172,9 +180,32 @@ pub enum StopReason {
     Fault(String),
 }
 
+impl StopReason {
+    /// Whether the VM stopped by itself (the guest or KVM ended it), as
+    /// opposed to being stopped by the host.
+    pub fn by_guest(&self) -> bool {
+        !matches!(self, StopReason::HostRequest | StopReason::Paused)
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::GuestReset => f.write_str("the guest rebooted"),
+            StopReason::GuestPanic => f.write_str("the guest kernel panicked"),
+            StopReason::GuestHalt => f.write_str("the guest halted (powered itself off)"),
+            StopReason::HostRequest => f.write_str("stopped by the host"),
+            StopReason::Paused => f.write_str("paused by the host"),
+            StopReason::Fault(cause) => write!(f, "KVM fault: {cause}"),
+        }
+    }
+}
+
 /// State the vCPU threads and the VM owner share.
 pub struct VmControl {
     stop: AtomicBool,
+    /// The console showed a kernel panic: a later reset is a panic.
+    panicked: AtomicBool,
     reason: Mutex<Option<StopReason>>,
     stopped: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
@@ -202,6 +233,7 @@ impl VmControl {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             stop: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
             reason: Mutex::new(None),
             stopped: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -209,7 +241,18 @@ impl VmControl {
     }
 
     /// Records why the VM stops (the first reason wins) and kicks every vCPU.
+    /// Waiters in [`VmControl::wait`] wake at once, before the vCPU threads
+    /// have left KVM_RUN.
     pub fn request_stop(&self, reason: StopReason) {
+        // The panicking vCPU writes the whole panic text to the UART (a
+        // synchronous port exit on this same thread) before it resets, so
+        // the note is always in place by the time the reset arrives.
+        let reason = match reason {
+            StopReason::GuestReset if self.panicked.load(Ordering::SeqCst) => {
+                StopReason::GuestPanic
+            }
+            other => other,
+        };
         {
             let mut r = self.reason.lock().unwrap();
             if r.is_none() {
@@ -219,6 +262,11 @@ impl VmControl {
         self.stop.store(true, Ordering::SeqCst);
         self.kick_all();
         self.stopped.notify_all();
+    }
+
+    /// The guest console printed a kernel panic.
+    pub fn note_panic(&self) {
+        self.panicked.store(true, Ordering::SeqCst);
     }
 
     pub fn kick_all(&self) {
@@ -445,10 +493,16 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) -> Vcpu
             }
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
-            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) => {
-                ctl.request_stop(StopReason::GuestReset)
-            }
-            Ok(VcpuExit::Hlt) => ctl.request_stop(StopReason::GuestReset),
+            // A triple fault: how `reboot=t` and `panic=-1` end the guest.
+            Ok(VcpuExit::Shutdown) => ctl.request_stop(StopReason::GuestReset),
+            Ok(VcpuExit::SystemEvent(kind, _)) => ctl.request_stop(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::GuestHalt,
+                kvm_bindings::KVM_SYSTEM_EVENT_CRASH => StopReason::GuestPanic,
+                _ => StopReason::GuestReset,
+            }),
+            // With the in-kernel irqchip KVM handles HLT itself; one that
+            // reaches us is a vCPU nothing will wake again.
+            Ok(VcpuExit::Hlt) => ctl.request_stop(StopReason::GuestHalt),
             Ok(VcpuExit::FailEntry(reason, cpu)) => ctl.request_stop(StopReason::Fault(format!(
                 "vCPU {id}: KVM failed to enter the guest (hardware reason {reason:#x}, cpu {cpu})"
             ))),
@@ -467,4 +521,50 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) -> Vcpu
     }
     ctl.unregister_thread();
     vcpu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_reset_after_a_panic_line_is_a_panic_and_the_first_reason_wins() {
+        let ctl = VmControl::new();
+        ctl.request_stop(StopReason::GuestReset);
+        assert_eq!(ctl.reason(), Some(StopReason::GuestReset));
+
+        let ctl = VmControl::new();
+        ctl.note_panic();
+        ctl.request_stop(StopReason::GuestReset);
+        ctl.request_stop(StopReason::HostRequest);
+        assert_eq!(ctl.reason(), Some(StopReason::GuestPanic));
+        assert!(ctl.reason().unwrap().by_guest());
+        assert!(!StopReason::HostRequest.by_guest() && !StopReason::Paused.by_guest());
+    }
+
+    #[test]
+    fn a_waiter_wakes_as_soon_as_another_thread_stops_the_vm() {
+        let ctl = VmControl::new();
+        assert_eq!(ctl.wait(Some(Duration::from_millis(10))), None);
+        let c2 = Arc::clone(&ctl);
+        let t0 = Instant::now();
+        let waiter = std::thread::spawn(move || c2.wait(None));
+        std::thread::sleep(Duration::from_millis(50));
+        ctl.request_stop(StopReason::GuestHalt);
+        assert_eq!(waiter.join().unwrap(), Some(StopReason::GuestHalt));
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn stop_reasons_read_as_causes() {
+        assert_eq!(
+            StopReason::GuestPanic.to_string(),
+            "the guest kernel panicked"
+        );
+        assert_eq!(
+            StopReason::Fault("vCPU 0: KVM_RUN failed: EFAULT".into()).to_string(),
+            "KVM fault: vCPU 0: KVM_RUN failed: EFAULT"
+        );
+    }
 }

@@ -21,7 +21,7 @@ use super::bus::Bus;
 use super::devices::block::Block;
 use super::devices::fs::{Fs, VIRTIO_ID_FS};
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
-use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleSink, COM1_IRQ};
+use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleNote, ConsoleSink, COM1_IRQ};
 use super::devices::vsock::Vsock;
 use super::devices::{IrqLine, VirtioDevice};
 use super::layout::{self, KVM_TSS_ADDR};
@@ -40,7 +40,8 @@ pub const MAX_VCPUS: u8 = 64;
 /// The kernel command line every jevm guest gets; `extra_cmdline` and the
 /// virtio-mmio device list are appended.
 /// `reboot=t` + `panic=-1`: no ACPI means no power-off, so both a requested
-/// shutdown and a panic end in a triple fault the VMM sees as a reset.
+/// reboot and a panic end in a triple fault the VMM sees as a reset (a
+/// halt or power-off is seen on the console, see [`ConsoleNote::Halt`]).
 pub const BASE_CMDLINE: &str =
     "console=ttyS0 reboot=t panic=-1 pci=off quiet 8250.nr_uarts=1 rdinit=/init";
 
@@ -216,6 +217,20 @@ fn console(path: Option<&PathBuf>) -> Result<(Arc<Mutex<ConsoleLog>>, Option<Fil
     Ok((Arc::new(Mutex::new(ConsoleLog::default())), file))
 }
 
+/// The console writer: the log file, the in-memory tail, and the lines
+/// that end the guest reported to `ctl` (a halted guest exits nowhere else).
+fn console_sink(
+    file: Option<File>,
+    console: &Arc<Mutex<ConsoleLog>>,
+    ctl: &Arc<VmControl>,
+) -> ConsoleSink {
+    let ctl = Arc::clone(ctl);
+    ConsoleSink::new(file, console.clone()).with_observer(Box::new(move |note| match note {
+        ConsoleNote::Panic => ctl.note_panic(),
+        ConsoleNote::Halt => ctl.request_stop(StopReason::GuestHalt),
+    }))
+}
+
 fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, VmError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err("serial")(e.to_string()))?;
     vm_fd
@@ -284,10 +299,8 @@ impl Vm {
         }
 
         let (console, log_file) = console(cfg.console_log.as_ref())?;
-        let com1 = Com1::new(
-            serial_irq(&vm_fd)?,
-            ConsoleSink::new(log_file, console.clone()),
-        );
+        let ctl = VmControl::new();
+        let com1 = Com1::new(serial_irq(&vm_fd)?, console_sink(log_file, &console, &ctl));
         let bus = Arc::new(Bus { com1, mmio });
 
         let entry = boot::load(&ram.mem, &cfg.kernel, cfg.initrd.as_deref(), &cmdline)?;
@@ -309,7 +322,7 @@ impl Vm {
             cfg.vcpus,
             cfg.mem_mib
         );
-        Self::run(kvm, vm_fd, ram, bus, console, vcpus)
+        Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)
     }
 
     /// Builds a VM from a template's saved state and memory file and starts
@@ -387,9 +400,10 @@ impl Vm {
             })?);
         }
         let (console, log_file) = console(cfg.console_log.as_ref())?;
+        let ctl = VmControl::new();
         let com1 = Com1::restore(
             serial_irq(&vm_fd)?,
-            ConsoleSink::new(log_file, console.clone()),
+            console_sink(log_file, &console, &ctl),
             &state.serial,
         )
         .map_err(|e| device_err("serial")(e.to_string()))?;
@@ -403,7 +417,7 @@ impl Vm {
             vcpu::restore(&fd, s)?;
             vcpus.push(fd);
         }
-        Self::run(kvm, vm_fd, ram, bus, console, vcpus)
+        Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)
     }
 
     fn run(
@@ -412,9 +426,9 @@ impl Vm {
         ram: GuestRam,
         bus: Arc<Bus>,
         console: Arc<Mutex<ConsoleLog>>,
+        ctl: Arc<VmControl>,
         vcpus: Vec<VcpuFd>,
     ) -> Result<Vm, VmError> {
-        let ctl = VmControl::new();
         let mut vm = Vm {
             kvm,
             ctl: ctl.clone(),
@@ -449,6 +463,15 @@ impl Vm {
     /// Whether the guest kernel printed a panic.
     pub fn guest_panicked(&self) -> bool {
         self.console.lock().unwrap().panicked()
+    }
+
+    /// A handle another thread can wait on to learn that the VM stopped,
+    /// and why, without owning it.
+    pub fn watch(&self) -> VmWatch {
+        VmWatch {
+            ctl: Arc::clone(&self.ctl),
+            console: Arc::clone(&self.console),
+        }
     }
 
     /// The last `n` console lines.
@@ -496,7 +519,7 @@ impl Vm {
             )));
         }
         self.stop_with(StopReason::Paused);
-        if let Some(StopReason::GuestReset | StopReason::Fault(_)) = self.ctl.reason() {
+        if self.ctl.reason().is_some_and(|r| r.by_guest()) {
             return Err(VmError::Save(
                 "the guest stopped before it could be saved".into(),
             ));
@@ -555,6 +578,35 @@ impl Vm {
     /// Guest RAM size in bytes.
     pub fn mem_size(&self) -> u64 {
         self.ram.as_ref().map_or(0, |r| r.size)
+    }
+}
+
+/// A cloneable view of one VM's fate for threads that do not own it: wait
+/// for it to stop (the guest reset, panicked, halted, or KVM failed; or the
+/// owner stopped it) and read its console.
+#[derive(Clone)]
+pub struct VmWatch {
+    ctl: Arc<VmControl>,
+    console: Arc<Mutex<ConsoleLog>>,
+}
+
+impl VmWatch {
+    /// Waits until the VM stops or `timeout` passes; the reason is known as
+    /// soon as a vCPU or the console sees the end, before the vCPU threads
+    /// are joined. Dropping the [`Vm`] stops it, so `None` (no timeout)
+    /// never blocks past the VM's life.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<StopReason> {
+        self.ctl.wait(timeout)
+    }
+
+    /// Why the VM stopped, if it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.ctl.reason()
+    }
+
+    /// The last `n` console lines.
+    pub fn console_tail(&self, n: usize) -> Vec<String> {
+        self.console.lock().unwrap().tail(n)
     }
 }
 

@@ -28,25 +28,60 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// A console line that says how the guest kernel is ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsoleNote {
+    /// "Kernel panic - not syncing: ...": a reset follows (`panic=-1`).
+    Panic,
+    /// "reboot: System halted" or "reboot: Power down": the kernel is about
+    /// to stop every CPU in HLT with interrupts off, which no VM exit
+    /// reports, so this line is the only notice the host gets.
+    Halt,
+}
+
+/// The note a whole console line carries, if any. A halt line must be the
+/// kernel's own (optionally after its `[ seconds]` time stamp), so that an
+/// agent log line quoting it does not stop the VM.
+fn note_of(line: &str) -> Option<ConsoleNote> {
+    if line.contains("Kernel panic") {
+        return Some(ConsoleNote::Panic);
+    }
+    let text = match line.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(line, |(_, after)| after),
+        None => line,
+    };
+    match text.trim() {
+        "reboot: System halted" | "reboot: Power down" => Some(ConsoleNote::Halt),
+        _ => None,
+    }
+}
+
 /// What the guest printed: kept whole in a file, the tail in memory.
 #[derive(Default)]
 pub struct ConsoleLog {
     recent: VecDeque<String>,
     partial: Vec<u8>,
     panicked: bool,
+    halted: bool,
 }
 
 impl ConsoleLog {
-    fn push(&mut self, bytes: &[u8]) {
+    /// Adds output; returns the notes of the lines it completed.
+    fn push(&mut self, bytes: &[u8]) -> Vec<ConsoleNote> {
+        let mut notes = Vec::new();
         for &b in bytes {
             if b == b'\n' {
                 let line = String::from_utf8_lossy(&self.partial)
                     .trim_end_matches('\r')
                     .to_string();
                 self.partial.clear();
-                if line.contains("Kernel panic") {
-                    self.panicked = true;
+                let note = note_of(&line);
+                match note {
+                    Some(ConsoleNote::Panic) => self.panicked = true,
+                    Some(ConsoleNote::Halt) => self.halted = true,
+                    None => {}
                 }
+                notes.extend(note);
                 if self.recent.len() == RECENT_LINES {
                     self.recent.pop_front();
                 }
@@ -55,6 +90,7 @@ impl ConsoleLog {
                 self.partial.push(b);
             }
         }
+        notes
     }
 
     /// The last lines the guest printed, oldest first.
@@ -76,17 +112,36 @@ impl ConsoleLog {
     pub fn panicked(&self) -> bool {
         self.panicked
     }
+
+    /// Whether the guest kernel said it halted or powered off.
+    pub fn halted(&self) -> bool {
+        self.halted
+    }
 }
+
+/// Called (on a vCPU thread) for each [`ConsoleNote`] line.
+pub type ConsoleObserver = Box<dyn Fn(ConsoleNote) + Send>;
 
 /// The writer behind the UART: the log file plus the shared [`ConsoleLog`].
 pub struct ConsoleSink {
     file: Option<File>,
     log: Arc<Mutex<ConsoleLog>>,
+    observer: Option<ConsoleObserver>,
 }
 
 impl ConsoleSink {
     pub fn new(file: Option<File>, log: Arc<Mutex<ConsoleLog>>) -> Self {
-        Self { file, log }
+        Self {
+            file,
+            log,
+            observer: None,
+        }
+    }
+
+    /// Calls `observer` for every panic or halt line the guest prints.
+    pub fn with_observer(mut self, observer: ConsoleObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 }
 
@@ -96,8 +151,15 @@ impl Write for ConsoleSink {
             // A full disk must not stop the guest; the ring still has the tail.
             let _ = f.write_all(buf);
         }
-        if let Ok(mut log) = self.log.lock() {
-            log.push(buf);
+        let notes = match self.log.lock() {
+            Ok(mut log) => log.push(buf),
+            Err(_) => Vec::new(),
+        };
+        // Outside the log's lock: the observer may stop the VM.
+        if let Some(observe) = &self.observer {
+            for n in notes {
+                observe(n);
+            }
         }
         Ok(buf.len())
     }
@@ -215,5 +277,50 @@ mod tests {
             ]
         );
         assert!(log.panicked());
+        assert!(!log.halted());
+    }
+
+    #[test]
+    fn halt_and_power_down_lines_are_noted_only_when_the_kernel_prints_them() {
+        for (line, note) in [
+            (
+                "[   12.345678] reboot: System halted",
+                Some(ConsoleNote::Halt),
+            ),
+            ("[    1.000000] reboot: Power down", Some(ConsoleNote::Halt)),
+            ("reboot: System halted", Some(ConsoleNote::Halt)),
+            (
+                "[    2.5] Kernel panic - not syncing: Out of memory",
+                Some(ConsoleNote::Panic),
+            ),
+            ("[    3.000000] reboot: Restarting system", None),
+            ("jevm-agent: error: exec: reboot: System halted", None),
+            ("[ 1.0] echo reboot: Power down", None),
+            ("[ unterminated reboot: System halted", None),
+            ("", None),
+        ] {
+            assert_eq!(note_of(line), note, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn the_sink_tells_its_observer_once_per_line_even_when_bytes_trickle_in() {
+        let log = Arc::new(Mutex::new(ConsoleLog::default()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let mut sink = ConsoleSink::new(None, log.clone())
+            .with_observer(Box::new(move |n| s2.lock().unwrap().push(n)));
+        // The UART hands over one byte per port write.
+        for b in b"[    9.1] reboot: System hal" {
+            sink.write_all(&[*b]).unwrap();
+        }
+        assert!(seen.lock().unwrap().is_empty(), "noted before the newline");
+        sink.write_all(b"ted\r\nnext\n").unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![ConsoleNote::Halt]);
+        assert!(log.lock().unwrap().halted());
+        assert_eq!(
+            log.lock().unwrap().tail(2),
+            vec!["[    9.1] reboot: System halted", "next"]
+        );
     }
 }
