@@ -364,10 +364,7 @@ mod tests {
     #[test]
     fn real_rng_ioctls_add_entropy_and_reseed_the_crng() {
         if !have_cap_sys_admin() {
-            eprintln!(
-                "SKIPPED real_rng_ioctls_add_entropy_and_reseed_the_crng: \
-                 needs root with CAP_SYS_ADMIN"
-            );
+            crate::test_skip::skipped("needs root with CAP_SYS_ADMIN");
             return;
         }
         System::new(false)

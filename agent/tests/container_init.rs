@@ -960,7 +960,7 @@ fn raised_rlimits_and_lowered_oom_score_apply_in_a_user_namespace() {
     .unwrap()
     {
         // Some sandboxes run their root without it; the guest's agent has it.
-        eprintln!("SKIPPED: no CAP_SYS_RESOURCE to raise limits with");
+        common::skipped("no CAP_SYS_RESOURCE to raise limits with");
         return;
     }
     let rootfs = remapped_rootfs();

@@ -645,6 +645,22 @@ pub fn metric_names(table: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Says a test did not run: on stderr, and in `$JEVM_SKIP_LOG`, which
+/// `hack/test` lists in its summary (a skip must not pass for a pass).
+pub fn skipped(reason: &str) {
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("JEVM_SKIP_LOG") {
+        use std::io::Write;
+        let line = format!("{test}: {reason}\n");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log);
+        let _ = f.and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+}
+
 /// Gets the environment or explains loudly why the test does nothing.
 #[macro_export]
 macro_rules! ctr_env_or_skip {
@@ -652,8 +668,8 @@ macro_rules! ctr_env_or_skip {
         match $crate::ctr::Env::from_env() {
             Some(env) => env,
             None => {
-                eprintln!(
-                    "\n!!! SKIPPED: no private containerd (JEVM_CTR_* unset). Run the containerd tests through hack/e2e (or hack/containerd-env).\n"
+                $crate::ctr::skipped(
+                    "no private containerd (JEVM_CTR_* unset): run the containerd tests through hack/e2e (or hack/containerd-env)",
                 );
                 return;
             }

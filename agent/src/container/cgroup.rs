@@ -579,7 +579,7 @@ mod tests {
     /// /sys/fs/cgroup, or None (tests print why they skip).
     fn scratch(name: &str) -> Option<PathBuf> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: not root");
+            crate::test_skip::skipped("not root");
             return None;
         }
         for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
@@ -591,7 +591,7 @@ mod tests {
                 }
             }
         }
-        eprintln!("SKIPPED: no writable cgroup v2 hierarchy");
+        crate::test_skip::skipped("no writable cgroup v2 hierarchy");
         None
     }
 
