@@ -76,6 +76,9 @@ fn guest_root_spec(env: &Env, id: &str, args: &[&str]) -> String {
     let mut spec: Value = serde_json::from_str(&default_spec(env)).expect("ctr oci spec");
     spec["process"]["args"] = json!(args);
     spec["process"]["noNewPrivileges"] = json!(false);
+    // `ctr oci spec` has no environment at all (ctr adds the image's).
+    spec["process"]["env"] =
+        json!(["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]);
     let caps = json!(ALL_CAPS.to_vec());
     for set in ["bounding", "effective", "permitted"] {
         spec["process"]["capabilities"][set] = caps.clone();
@@ -117,7 +120,10 @@ fn guest_dies(env: &Env, name: &str, flags: &[&str], guest_root: bool, kill: &st
         true => {
             let args = sh(&script);
             let file = guest_root_spec(env, &cid, &args);
-            let o = env.ctr_out(&["run", "-d", "--runtime", JEVM, "--config", &file, &cid]);
+            let mut a = vec!["run", "-d", "--runtime", JEVM];
+            a.extend_from_slice(flags);
+            a.extend_from_slice(&["--config", &file, &cid]);
+            let o = env.ctr_out(&a);
             assert_eq!(o.code, 0, "ctr run -d --config: {o:?}");
             env.wait_status(&cid, "RUNNING", *CTR_TIMEOUT);
         }
@@ -232,7 +238,16 @@ fn agent_hung_is_caught_by_the_liveness_check() {
     let freeze = "mkdir -p /dev/shm/cg && mount -t cgroup2 none /dev/shm/cg && \
                   mkdir /dev/shm/cg/frozen && echo 1 > /dev/shm/cg/frozen/cgroup.procs && \
                   echo 1 > /dev/shm/cg/frozen/cgroup.freeze; sleep 1000";
-    let e = guest_dies(&env, "hang", &[], true, freeze);
+    // The default liveness timeout (10 s); the test environment's own is
+    // longer (hack/containerd-env says why).
+    let config = std::env::var("JEVM_CTR_LIVENESS_10S").expect("JEVM_CTR_LIVENESS_10S");
+    let e = guest_dies(
+        &env,
+        "hang",
+        &["--runtime-config-path", &config],
+        true,
+        freeze,
+    );
     assert_ended("agent frozen", &e);
     assert!(
         e.took >= Duration::from_secs(5),
