@@ -117,16 +117,7 @@ fn create_device(
     gid: u32,
 ) -> Result<()> {
     let shown = path.display().to_string();
-    let dest = secure_join(rootfs, path)?;
-    if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| io_err(format!("device {shown:?}: mkdir"), &e))?;
-    }
-    match std::fs::remove_file(&dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("device {shown:?}: remove"), &e)),
-    }
+    let dest = device_path(rootfs, path)?;
     let perm = Mode::from_bits_truncate(mode & 0o7777);
     mknod(&dest, kind, perm, makedev(major, minor))
         .map_err(|e| os_err(format!("mknod {shown:?}"), e))?;
@@ -134,9 +125,9 @@ fn create_device(
         .map_err(|e| os_err(format!("chown {shown:?}"), e))
 }
 
-/// The guest's device at `path` bound onto an empty file at the same path
-/// in the rootfs.
-fn bind_device(rootfs: &Path, path: &Path) -> Result<()> {
+/// Where device `path` goes in the rootfs, its parent made and anything
+/// already there removed.
+fn device_path(rootfs: &Path, path: &Path) -> Result<std::path::PathBuf> {
     let shown = path.display().to_string();
     let dest = secure_join(rootfs, path)?;
     if let Some(parent) = dest.parent() {
@@ -144,10 +135,17 @@ fn bind_device(rootfs: &Path, path: &Path) -> Result<()> {
             .map_err(|e| io_err(format!("device {shown:?}: mkdir"), &e))?;
     }
     match std::fs::remove_file(&dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("device {shown:?}: remove"), &e)),
+        Ok(()) => Ok(dest),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(dest),
+        Err(e) => Err(io_err(format!("device {shown:?}: remove"), &e)),
     }
+}
+
+/// The guest's device at `path` bound onto an empty file at the same path
+/// in the rootfs.
+fn bind_device(rootfs: &Path, path: &Path) -> Result<()> {
+    let shown = path.display().to_string();
+    let dest = device_path(rootfs, path)?;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
