@@ -125,12 +125,20 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(name: &str) -> Cgroup {
-        let path = cgroup_parent()
-            .unwrap()
-            .join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir(&path);
-        std::fs::create_dir(&path).unwrap();
-        Cgroup { path }
+        // Tests run in parallel and the last one out removes the shared
+        // parent: it may vanish between making it and making ours.
+        for _ in 0..50 {
+            let path = cgroup_parent()
+                .unwrap()
+                .join(format!("{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir(&path);
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Cgroup { path },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => panic!("cgroup {}: {e}", path.display()),
+            }
+        }
+        panic!("cgroup {name}: its parent kept vanishing")
     }
 
     pub fn procs(&self) -> Vec<u32> {
