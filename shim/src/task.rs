@@ -892,7 +892,10 @@ impl Task for TaskService {
                     "container {cid:?} {exec}: cannot delete a running process"
                 )));
             }
-            let never_started = !p.started && p.exit.is_none();
+            // An exec whose start never came: what the guest reports of it
+            // is its stage being torn down (with the container, say), not a
+            // process that ran.
+            let never_started = !p.started;
             let (pid, exit, copies) = (p.pid, p.exit, p.copies.take());
             let exec_copies: Vec<Copies> = if exec.is_empty() {
                 c.execs
@@ -917,13 +920,13 @@ impl Task for TaskService {
             c.finish(Duration::from_secs(1)).await;
         }
         let exit = match exit {
-            Some(e) => e,
             // runc's shim: an exec'd process that was created and never
             // started ends with status 0 when it is deleted.
-            None if never_started && !exec.is_empty() => ExitInfo {
+            _ if never_started && !exec.is_empty() => ExitInfo {
                 status: 0,
-                at_ns: now_ns(),
+                at_ns: exit.map_or_else(now_ns, |e| e.at_ns),
             },
+            Some(e) => e,
             None => ExitInfo {
                 status: LOST_EXIT_STATUS,
                 at_ns: now_ns(),

@@ -268,6 +268,33 @@ impl Env {
         }
     }
 
+    /// Removes the stdio FIFOs `ctr run -d` made for `id` (only a
+    /// successful `ctr task delete` removes them; a task deleted through the
+    /// API leaves them, under runc as under jevm: they are ctr's, not the
+    /// runtime's). Returns their names with the id as `ID`, sorted.
+    pub fn remove_ctr_fifos(&self, id: &str) -> Vec<String> {
+        let fifos: Vec<PathBuf> = walk(Path::new("/run/containerd/fifo"))
+            .into_iter()
+            .filter(|f| {
+                f.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id}-")))
+            })
+            .collect();
+        let mut names: Vec<String> = fifos
+            .iter()
+            .filter_map(|f| f.file_name())
+            .map(|n| n.to_string_lossy().replace(id, "ID"))
+            .collect();
+        names.sort();
+        for f in &fifos {
+            let _ = std::fs::remove_file(f);
+            if let Some(dir) = f.parent() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        names
+    }
+
     pub fn assert_gone(&self, id: &str) {
         let left = self.leftovers(id);
         if !left.is_empty() {

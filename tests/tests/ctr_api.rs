@@ -216,6 +216,7 @@ fn exec_created_never_started_then_deleted() {
         let e2 = api.delete_process(&id, "e2").map(|e| e.status);
         let task = api.delete_task(&id).map(|e| e.status);
         env.ctr_out(&["containers", "delete", &id]);
+        env.remove_ctr_fifos(&id);
         env.assert_gone(&id);
         (e1, init, e2, task)
     });

@@ -766,25 +766,7 @@ fn shim_killed_mid_run() {
         // `ctr run -d` made the task's FIFOs and only a successful `ctr task
         // delete` removes them: with containerd 1.6 and runc they stay. They
         // are ctr's, not the runtime's: compare, then remove them.
-        let fifos: Vec<std::path::PathBuf> =
-            jevm_tests::ctr::walk(std::path::Path::new("/run/containerd/fifo"))
-                .into_iter()
-                .filter(|f| {
-                    f.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{id}-")))
-                })
-                .collect();
-        let mut fifo_names: Vec<String> = fifos
-            .iter()
-            .map(|f| f.file_name().unwrap().to_string_lossy().replace(&id, "ID"))
-            .collect();
-        fifo_names.sort();
-        for f in &fifos {
-            let _ = std::fs::remove_file(f);
-            if let Some(dir) = f.parent() {
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
+        let fifo_names = env.remove_ctr_fifos(&id);
         (
             status,
             delete.code,

@@ -90,6 +90,7 @@ fn restart_with_an_exit_while_down(
     };
     for c in [&exits, &runs] {
         env.ctr_out(&["containers", "delete", c]);
+        env.remove_ctr_fifos(c);
         env.assert_gone(c);
     }
     (r, downtime)

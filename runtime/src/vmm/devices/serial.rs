@@ -50,8 +50,13 @@ fn note_of(line: &str) -> Option<ConsoleNote> {
         Some(rest) => rest.split_once(']').map_or(line, |(_, after)| after),
         None => line,
     };
+    // Without ACPI, `poweroff -f` prints "reboot: Power off not available:
+    // System halted instead" (seen in the test host), `halt -f` "reboot:
+    // System halted".
     match text.trim() {
-        "reboot: System halted" | "reboot: Power down" => Some(ConsoleNote::Halt),
+        "reboot: System halted"
+        | "reboot: Power down"
+        | "reboot: Power off not available: System halted instead" => Some(ConsoleNote::Halt),
         _ => None,
     }
 }
@@ -289,6 +294,10 @@ mod tests {
             ),
             ("[    1.000000] reboot: Power down", Some(ConsoleNote::Halt)),
             ("reboot: System halted", Some(ConsoleNote::Halt)),
+            (
+                "[    9.634794] reboot: Power off not available: System halted instead",
+                Some(ConsoleNote::Halt),
+            ),
             (
                 "[    2.5] Kernel panic - not syncing: Out of memory",
                 Some(ConsoleNote::Panic),
