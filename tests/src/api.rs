@@ -254,25 +254,6 @@ impl Api {
             .unwrap_or_else(|e| panic!("events: subscribing: {e:?}"))
     }
 
-    /// Subscribes, retrying for up to `limit` while containerd comes up.
-    pub fn subscribe_when_up(&mut self, cid: &str, limit: Duration) -> Events {
-        let deadline = std::time::Instant::now() + limit;
-        loop {
-            match self.try_subscribe(cid) {
-                Ok(e) => return e,
-                Err(e) if std::time::Instant::now() >= deadline => {
-                    panic!("events: no subscription within {limit:?}: {e:?}")
-                }
-                Err(_) => {
-                    std::thread::sleep(Duration::from_millis(20));
-                    if let Ok(c) = self.rt.block_on(Client::from_path(&self.address)) {
-                        self.client = c;
-                    }
-                }
-            }
-        }
-    }
-
     fn try_subscribe(&self, cid: &str) -> CallResult<Events> {
         let req = SubscribeRequest {
             filters: vec!["topic~=\"/tasks/\"".into()],
@@ -282,13 +263,15 @@ impl Api {
         let sink = Arc::clone(&got);
         let ns = self.ns.clone();
         let cid = cid.to_string();
-        let stream = self
-            .run("Subscribe", Duration::from_secs(10), async move {
-                c.subscribe(with_namespace!(req, ns)).await
-            })?
-            .into_inner();
+        // containerd answers Subscribe's headers only with the first
+        // event, so the call must not be awaited here: it runs on its own
+        // task, and the request reaches containerd well before the caller
+        // does whatever makes the events (a ctr command takes longer).
         let task = self.rt.spawn(async move {
-            let mut stream = stream;
+            let Ok(stream) = c.subscribe(with_namespace!(req, ns)).await else {
+                return;
+            };
+            let mut stream = stream.into_inner();
             while let Ok(Some(e)) = stream.message().await {
                 let Some(ev) = e.event else { continue };
                 if container_of(&ev) != cid {
@@ -301,6 +284,7 @@ impl Api {
                 });
             }
         });
+        std::thread::sleep(Duration::from_millis(200));
         Ok(Events { got, task })
     }
 }
