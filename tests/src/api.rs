@@ -444,23 +444,13 @@ impl Drop for Stdio {
         // writer that opens and closes at once.
         for (p, h) in self.readers.drain(..) {
             if !h.is_finished() {
+                use std::os::unix::fs::OpenOptionsExt;
                 let _ = std::fs::OpenOptions::new()
                     .write(true)
-                    .custom_flags_nonblock()
+                    .custom_flags(libc::O_NONBLOCK)
                     .open(&p);
             }
         }
-    }
-}
-
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK)
     }
 }
 
