@@ -154,7 +154,7 @@ pub fn clone_from(
         // the identity can see an empty mount point.
         mount_share: opts.share.is_some(),
     };
-    let answer = AgentClient::connect(&vsock_uds, Duration::from_secs(30))
+    let answer = first_connection(&vsock_uds, &vm, Duration::from_secs(30))
         .and_then(|mut a| a.call(&Request::Identity(identity)))
         .map_err(|source| CloneError::Agent {
             key: key.clone(),
@@ -179,4 +179,28 @@ pub fn clone_from(
         agent_version: state.agent_version,
         times,
     })
+}
+
+/// The clone's first connection to its agent. The vsock device drops a
+/// connect request the guest has not answered within its request window
+/// (2 s, as Firecracker's), and a clone that was just resumed on a loaded
+/// host may not have run long enough to answer: such a drop (an empty
+/// answer) is asked again until `timeout`, while the VM runs. Any other
+/// refusal is final.
+fn first_connection(uds: &Path, vm: &Vm, timeout: Duration) -> Result<AgentClient, AgentError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match AgentClient::connect(uds, timeout) {
+            Err(AgentError::Refused { answer, .. })
+                if answer.is_empty() && Instant::now() < deadline && vm.stop_reason().is_none() =>
+            {
+                log::debug!(
+                    "{}: the guest did not answer the connect request yet; asking again",
+                    uds.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
