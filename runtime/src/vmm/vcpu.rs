@@ -17,7 +17,6 @@ use vm_memory::GuestAddress;
 
 use super::boot::GDT;
 use super::bus::{Bus, PioOutcome};
-use super::devices::GuestMemory;
 use super::layout::{BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
 
 #[derive(Debug, thiserror::Error)]
@@ -481,54 +480,8 @@ fn set_lapic_reg(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
     }
 }
 
-/// The vCPU's state at a triple fault, for the log: registers, pending
-/// events and the code bytes at RIP.
-fn cpu_state(vcpu: &VcpuFd, mem: &GuestMemory) -> String {
-    use vm_memory::Bytes;
-    let mut out = String::new();
-    if let Ok(r) = vcpu.get_regs() {
-        out += &format!(
-            "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} ",
-            r.rip, r.rsp, r.rflags, r.rax
-        );
-        if let Ok(t) = vcpu.translate_gva(r.rip) {
-            let mut code = [0u8; 16];
-            if t.valid != 0
-                && mem
-                    .read_slice(&mut code, GuestAddress(t.physical_address))
-                    .is_ok()
-            {
-                out += &format!("code@{:#x}={:02x?} ", t.physical_address, code);
-            }
-        }
-    }
-    if let Ok(s) = vcpu.get_sregs() {
-        out += &format!(
-            "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x} cs={:#x} ",
-            s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit, s.cs.selector
-        );
-    }
-    if let Ok(e) = vcpu.get_vcpu_events() {
-        out += &format!(
-            "exception(injected={} nr={} error={:#x}) nmi(injected={} pending={})",
-            e.exception.injected,
-            e.exception.nr,
-            e.exception.error_code,
-            e.nmi.injected,
-            e.nmi.pending
-        );
-    }
-    out
-}
-
 /// Runs vCPU `id` until the VM stops; hands the vCPU back for saving.
-pub fn run(
-    mut vcpu: VcpuFd,
-    id: u8,
-    bus: Arc<Bus>,
-    ctl: Arc<VmControl>,
-    mem: GuestMemory,
-) -> VcpuFd {
+pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) -> VcpuFd {
     ctl.register_thread();
     while !ctl.stop_requested() {
         match vcpu.run() {
@@ -541,15 +494,10 @@ pub fn run(
             Ok(VcpuExit::MmioRead(addr, data)) => bus.mmio_read(addr, data),
             Ok(VcpuExit::MmioWrite(addr, data)) => bus.mmio_write(addr, data),
             // A triple fault: how `reboot=t` and `panic=-1` end the guest.
-            // One nobody asked for leaves no console line, so the CPU state
-            // is all there is to tell a crash from a requested reboot. On
-            // AMD, KVM has already reset the vCPU (rip=0xfff0): there the
-            // kvm:kvm_exit tracepoint (reason shutdown) shows the guest RIP
-            // and the event being delivered (docs/testing.md).
-            Ok(VcpuExit::Shutdown) => {
-                log::warn!("vCPU {id}: triple fault: {}", cpu_state(&vcpu, &mem));
-                ctl.request_stop(StopReason::GuestReset)
-            }
+            // On AMD, KVM resets the vCPU before we see it, so the guest's
+            // RIP at a crash is only in the kvm:kvm_exit tracepoint
+            // (hack/guest-stress, docs/testing.md).
+            Ok(VcpuExit::Shutdown) => ctl.request_stop(StopReason::GuestReset),
             Ok(VcpuExit::SystemEvent(kind, _)) => ctl.request_stop(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::GuestHalt,
                 kvm_bindings::KVM_SYSTEM_EVENT_CRASH => StopReason::GuestPanic,

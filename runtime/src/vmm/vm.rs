@@ -441,10 +441,9 @@ impl Vm {
         };
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (bus, ctl) = (bus.clone(), ctl.clone());
-            let mem = vm.ram.as_ref().expect("RAM is set until drop").mem.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(fd, id as u8, bus, ctl, mem))
+                .spawn(move || vcpu::run(fd, id as u8, bus, ctl))
                 .map_err(VmError::Thread)?;
             vm.vcpu_threads.push(handle);
         }
