@@ -193,6 +193,7 @@ mod tests {
             realtime_ns: 1_700_000_000_500_000_000,
             hostname: hostname.into(),
             mount_share: false,
+            network: None,
         })
     }
 

@@ -60,6 +60,7 @@ pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
         realtime_ns,
         hostname,
         mount_share,
+        network: _,
     } = identity;
     if entropy.len() < MIN_ENTROPY {
         return error(format!(

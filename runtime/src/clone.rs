@@ -153,6 +153,7 @@ pub fn clone_from(
         // the guest mounts it before it answers, so nothing that follows
         // the identity can see an empty mount point.
         mount_share: opts.share.is_some(),
+        network: None,
     };
     let answer = first_connection(&vsock_uds, &vm, Duration::from_secs(30))
         .and_then(|mut a| a.call(&Request::Identity(identity)))

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on every incompatible change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// vsock port the agent listens on for host requests.
 pub const AGENT_PORT: u32 = 1024;
@@ -226,6 +226,55 @@ pub struct Identity {
     /// clone does, a plain `jevm clone` need not.
     #[serde(default)]
     pub mount_share: bool,
+    /// The pod's network as the CNI plugins set it up in the pod's network
+    /// namespace on the host; the agent gives the guest's virtio-net
+    /// interface these settings and brings it up. None: the interface stays
+    /// down (a template, a VM without a network namespace).
+    #[serde(default)]
+    pub network: Option<Network>,
+}
+
+/// A pod's network, copied from the pod's network namespace on the host.
+/// The guest has one virtio-net interface; it takes the CNI interface's
+/// name, MAC, MTU and addresses, so that packets the tc redirect hands
+/// over in both directions need no rewriting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    pub interface: NetInterface,
+    /// Routes of the main table through the interface, in the order the
+    /// host listed them, without the prefix routes the kernel adds by
+    /// itself for each address.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInterface {
+    /// The CNI interface's name (CRI asks for `eth0`).
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// IPv4 and IPv6 addresses, link-local IPv6 excluded (the guest kernel
+    /// makes its own from the MAC).
+    pub addresses: Vec<IpNet>,
+}
+
+/// An address with its prefix length (`10.88.0.5/16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix_len: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// `0.0.0.0/0` or `::/0` for a default route.
+    pub destination: IpNet,
+    /// None: the destination is on the link.
+    pub gateway: Option<std::net::IpAddr>,
+    /// Preferred source address, if the host route names one.
+    pub source: Option<std::net::IpAddr>,
+    /// Route priority (metric); 0 when the host route has none.
+    pub metric: u32,
 }
 
 /// Small, explicit guest operations. They exist so the host can check what a
