@@ -103,6 +103,18 @@ pub struct CloneOptions {
     /// directory); the agent mounts it at `jevm_protocol::SHARE_MOUNT`.
     /// None: the device stays unattached and nothing is mounted.
     pub share: Option<std::path::PathBuf>,
+    /// The pod's network: the tap the clone's virtio-net device uses and
+    /// the settings the agent gives the guest interface. None: the device
+    /// stays unattached and the interface down.
+    pub network: Option<CloneNetwork>,
+}
+
+/// A tap made for the clone (see `vmm::devices::net`) and what the guest
+/// interface must look like to match the host interface it is joined to.
+#[derive(Debug, Clone)]
+pub struct CloneNetwork {
+    pub tap: std::sync::Arc<std::fs::File>,
+    pub settings: jevm_protocol::Network,
 }
 
 /// Starts a clone of `template` in a fresh run directory under
@@ -138,6 +150,7 @@ pub fn clone_from(
             vsock_uds: vsock_uds.clone(),
             console_log: Some(run_dir.join("console.log")),
             share: opts.share.clone(),
+            tap: opts.network.as_ref().map(|n| std::sync::Arc::clone(&n.tap)),
         },
     )?;
     let vm_started = t0.elapsed();
@@ -153,7 +166,7 @@ pub fn clone_from(
         // the guest mounts it before it answers, so nothing that follows
         // the identity can see an empty mount point.
         mount_share: opts.share.is_some(),
-        network: None,
+        network: opts.network.as_ref().map(|n| n.settings.clone()),
     };
     let answer = first_connection(&vsock_uds, &vm, Duration::from_secs(30))
         .and_then(|mut a| a.call(&Request::Identity(identity)))

@@ -167,6 +167,7 @@ impl Pod {
             let opts = CloneOptions {
                 hostname,
                 share: Some(share),
+                network: None,
             };
             let vm = clone_from(&template, &vms, &opts)
                 .map_err(|e| format!("pod {pod_id:?}: cloning template {}: {e}", template.key))?;

@@ -362,6 +362,7 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
         &CloneOptions {
             hostname: "bad-share".into(),
             share: Some(missing.clone()),
+            network: None,
         },
     );
     match refused {
@@ -384,6 +385,7 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
         &CloneOptions {
             hostname: "with-share".into(),
             share: Some(share.clone()),
+            network: None,
         },
     )
     .expect("clone with a share");
@@ -467,5 +469,6 @@ fn named(hostname: &str) -> CloneOptions {
     CloneOptions {
         hostname: hostname.into(),
         share: None,
+        network: None,
     }
 }

@@ -151,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     &CloneOptions {
                         hostname: format!("jevm-clone-{i}"),
                         share: share.clone(),
+                        network: None,
                     },
                 )?;
                 println!(

@@ -45,7 +45,8 @@ pub use store::{Template, TemplateInfo, TemplateStatus, TemplateStore};
 /// whenever the meaning of `manifest.json`, `state.json` or `memory` changes:
 /// templates written with another value are refused and rebuilt.
 /// 2: every VM carries a virtio-fs device, so `state.json` has one more.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 2;
+/// 3: and a virtio-net device.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 3;
 
 /// The jevm version written into (and required of) every manifest.
 pub const JEVM_VERSION: &str = env!("CARGO_PKG_VERSION");

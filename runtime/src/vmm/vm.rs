@@ -21,6 +21,7 @@ use super::bus::Bus;
 use super::devices::block::Block;
 use super::devices::fs::{Fs, VIRTIO_ID_FS};
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
+use super::devices::net::{Net, VIRTIO_ID_NET};
 use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleNote, ConsoleSink, COM1_IRQ};
 use super::devices::vsock::Vsock;
 use super::devices::{IrqLine, VirtioDevice};
@@ -128,6 +129,10 @@ pub struct RestoreConfig {
     /// The directory the clone's virtio-fs device serves (a pod's shared
     /// directory). None leaves the device unattached, as in the template.
     pub share: Option<PathBuf>,
+    /// The tap the clone's virtio-net device sends and receives on (a
+    /// pod's, made in its network namespace). None leaves the device
+    /// unattached, as in the template.
+    pub tap: Option<Arc<File>>,
 }
 
 /// Virtio device type IDs we know how to rebuild in a clone.
@@ -277,6 +282,8 @@ impl Vm {
         // template's guest must have probed it for its clones to use it.
         let fs = Fs::unattached(SHARE_TAG).map_err(|e| device_err("virtio-fs")(e.to_string()))?;
         virtio.push(("virtio-fs (unattached)".into(), Box::new(fs)));
+        // And one virtio-net device, unattached at boot for the same reason.
+        virtio.push(("virtio-net (unattached)".into(), Box::new(Net::unattached())));
         for d in &cfg.disks {
             let name = format!("disk {}", d.path.display());
             let dev =
@@ -347,6 +354,20 @@ impl Vm {
             None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
         };
         let mut fs = Some(fs.map_err(|e| device_err(&fs_name)(e.to_string()))?);
+        let net_devices = state
+            .devices
+            .iter()
+            .filter(|d| d.device_type == VIRTIO_ID_NET)
+            .count();
+        if net_devices != 1 {
+            return Err(VmError::Restore(format!(
+                "the saved VM has {net_devices} virtio-net devices, expected exactly 1"
+            )));
+        }
+        let mut net = Some(match &cfg.tap {
+            Some(tap) => Net::with_tap(Arc::clone(tap)),
+            None => Net::unattached(),
+        });
         vcpu::install_kick_handler();
         let Base { kvm, vm_fd, ram } = base(memory::map_template(
             &cfg.memory,
@@ -385,6 +406,14 @@ impl Vm {
                     None => {
                         return Err(VmError::Restore(format!(
                             "a second virtio-fs device in slot {i}"
+                        )))
+                    }
+                },
+                VIRTIO_ID_NET => match net.take() {
+                    Some(dev) => ("virtio-net".to_string(), Box::new(dev)),
+                    None => {
+                        return Err(VmError::Restore(format!(
+                            "a second virtio-net device in slot {i}"
                         )))
                     }
                 },

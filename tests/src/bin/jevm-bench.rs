@@ -546,6 +546,7 @@ fn bench_tiny_clone(a: &Args) -> Result<()> {
                 vsock_uds: dir.path().join(format!("v{n}")),
                 console_log: None,
                 share: None,
+                tap: None,
             },
         )?;
         let restored = t.elapsed();

@@ -9,6 +9,7 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod serial;
 pub mod vsock;
 
