@@ -6,9 +6,6 @@ mod config;
 mod events;
 mod layout;
 mod mounts;
-// Not wired into the pod yet: the sandbox task joins the pod's netns to its
-// VM in the next change.
-#[allow(dead_code)]
 mod network;
 mod pod;
 mod publisher;

@@ -202,28 +202,24 @@ impl PodNetwork {
         }
     }
 
-    pub fn pod(&self) -> &str {
-        &self.pod
-    }
-
+    #[cfg(test)]
     pub fn netns(&self) -> &Path {
         &self.netns
     }
 
+    #[cfg(test)]
     pub fn tap_name(&self) -> &str {
         &self.tap.name
     }
 
+    #[cfg(test)]
     pub fn tap_index(&self) -> u32 {
         self.tap.index
     }
 
+    #[cfg(test)]
     pub fn interface_name(&self) -> &str {
         &self.iface.name
-    }
-
-    pub fn interface_index(&self) -> u32 {
-        self.iface.index
     }
 
     /// Runs inside the netns.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use jevm_protocol::{Event, Request, MAX_FRAME};
 use jevm_runtime::agent_client::AgentClient;
-use jevm_runtime::clone::{build_template, clone_from, CloneOptions};
+use jevm_runtime::clone::{build_template, clone_from, CloneNetwork, CloneOptions};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{TemplateSpec, TemplateStore};
 use jevm_runtime::vmm::vm::VmWatch;
@@ -19,6 +19,7 @@ use crate::agent::Agent;
 use crate::config::JevmConfig;
 use crate::events::LOST_EXIT_STATUS;
 use crate::layout::{vms_dir, PodLayout};
+use crate::network::PodNetwork;
 
 /// What the pod's watchers tell the task service.
 #[derive(Debug)]
@@ -123,12 +124,17 @@ pub struct Pod {
     /// The container that started the pod and its guest init PID: CRI
     /// containers join its namespaces.
     pub sandbox: Mutex<Option<(String, u32)>>,
+    /// The tap and redirects joining the VM to the pod's network namespace;
+    /// undone when the pod stops.
+    network: Mutex<Option<PodNetwork>>,
 }
 
 /// How long the VM's start took, for the create→start breakdown.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StartTimes {
     pub template_lookup: Duration,
+    /// Tap and redirects in the pod's network namespace.
+    pub network: Duration,
     pub clone: Duration,
 }
 
@@ -136,12 +142,14 @@ impl Pod {
     /// Finds or builds the template, clones it with `layout.shared()` as
     /// its virtio-fs share, subscribes to the agent's events and starts
     /// watching the VM (its own stop, and with `liveness_timeout` set, the
-    /// agent's answers to pings).
+    /// agent's answers to pings). With `netns` (the network namespace the
+    /// CNI plugins prepared), the VM joins that network first.
     pub async fn start(
         cfg: &JevmConfig,
         id: &str,
         layout: PodLayout,
         hostname: String,
+        netns: Option<PathBuf>,
         events: mpsc::UnboundedSender<PodEvent>,
     ) -> Result<(Arc<Pod>, StartTimes), String> {
         let spec = TemplateSpec {
@@ -155,7 +163,7 @@ impl Pod {
         let vms = vms_dir(&cfg.run_dir);
         let share = layout.shared();
         let pod_id = id.to_string();
-        let (vm, times) = tokio::task::spawn_blocking(move || {
+        let (vm, network, times) = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let template = store
                 .get_or_create(&spec, |staging| {
@@ -164,18 +172,44 @@ impl Pod {
                 .map_err(|e| format!("pod {pod_id:?}: template for {spec}: {e:#}"))?;
             let template_lookup = t0.elapsed();
             let t1 = Instant::now();
+            let (network, clone_network) = match &netns {
+                Some(path) => {
+                    let (net, tap, settings) =
+                        PodNetwork::attach(path, &pod_id).map_err(|e| e.to_string())?;
+                    let n = CloneNetwork {
+                        tap: Arc::new(tap),
+                        settings,
+                    };
+                    (Some(net), Some(n))
+                }
+                None => (None, None),
+            };
+            let network_setup = t1.elapsed();
             let opts = CloneOptions {
                 hostname,
                 share: Some(share),
-                network: None,
+                network: clone_network,
             };
-            let vm = clone_from(&template, &vms, &opts)
-                .map_err(|e| format!("pod {pod_id:?}: cloning template {}: {e}", template.key))?;
+            let t2 = Instant::now();
+            let vm = match clone_from(&template, &vms, &opts) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    if let Some(Err(d)) = network.as_ref().map(PodNetwork::detach) {
+                        log::error!("{d}");
+                    }
+                    return Err(format!(
+                        "pod {pod_id:?}: cloning template {}: {e}",
+                        template.key
+                    ));
+                }
+            };
             Ok::<_, String>((
                 vm,
+                network,
                 StartTimes {
                     template_lookup,
-                    clone: t1.elapsed(),
+                    network: network_setup,
+                    clone: t2.elapsed(),
                 },
             ))
         })
@@ -202,6 +236,7 @@ impl Pod {
             vm_dir,
             life: Arc::clone(&life),
             sandbox: Mutex::new(None),
+            network: Mutex::new(network),
         });
         let l = Arc::clone(&life);
         if let Err(e) = std::thread::Builder::new()
@@ -269,6 +304,27 @@ impl Pod {
             }
         }
         self.life.abort_tasks();
+        // After the VM: the device's fd goes with it, then the tap.
+        let network = self
+            .network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(n) = network {
+            match tokio::task::spawn_blocking(move || n.detach()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::error!("{e}"),
+                Err(e) => log::error!("pod {}: network teardown thread: {e}", self.id),
+            }
+        }
+    }
+
+    /// Whether the VM is joined to a network namespace's network.
+    pub fn has_network(&self) -> bool {
+        self.network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// The VM died: no more agent calls, teardown without asking it.

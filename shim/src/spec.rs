@@ -39,6 +39,75 @@ pub fn starts_pod(spec: &Value, cid: &str) -> bool {
     }
 }
 
+/// The namespaces a CRI pod may take from the node (hostNetwork, hostPID,
+/// hostIPC): the sandbox spec then has no entry of that type.
+const NODE_SHAREABLE: [(&str, &str); 3] = [
+    ("network", "hostNetwork"),
+    ("pid", "hostPID"),
+    ("ipc", "hostIPC"),
+];
+
+fn namespace<'a>(spec: &'a Value, kind: &str) -> Option<&'a Value> {
+    spec.get("linux")?
+        .get("namespaces")?
+        .as_array()?
+        .iter()
+        .find(|n| n.get("type").and_then(Value::as_str) == Some(kind))
+}
+
+/// A CRI sandbox asking for one of the node's namespaces cannot run in a
+/// VM: its processes would be in the guest's, not the node's. Refused, the
+/// way Kata Containers refuses it, with the pod field named.
+pub fn refuse_node_namespaces(spec: &Value, cid: &str) -> Result<(), String> {
+    if annotation(spec, CONTAINER_TYPE) != Some("sandbox") {
+        return Ok(());
+    }
+    let shared: Vec<&str> = NODE_SHAREABLE
+        .iter()
+        .filter(|(kind, _)| namespace(spec, kind).is_none())
+        .map(|(_, field)| *field)
+        .collect();
+    if shared.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "pod sandbox {cid:?}: {} {} not supported by jevm: the pod runs in its own VM and \
+         cannot share the node's {} namespace{}",
+        shared.join(", "),
+        if shared.len() > 1 { "are" } else { "is" },
+        NODE_SHAREABLE
+            .iter()
+            .filter(|(_, f)| shared.contains(f))
+            .map(|(k, _)| *k)
+            .collect::<Vec<_>>()
+            .join(", "),
+        if shared.len() > 1 { "s" } else { "" }
+    ))
+}
+
+/// The host network namespace a container's spec joins by path: for a CRI
+/// sandbox, the one containerd made and ran the CNI plugins in.
+pub fn network_namespace_path(spec: &Value) -> Option<PathBuf> {
+    namespace(spec, "network")?
+        .get("path")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
+/// For the first container of a pod whose VM carries the pod's network:
+/// no network namespace of its own in the guest, so it (and every
+/// container that joins it) runs where the guest interface is.
+pub fn use_vm_network(spec: &mut Value) {
+    if let Some(list) = spec
+        .get_mut("linux")
+        .and_then(|l| l.get_mut("namespaces"))
+        .and_then(Value::as_array_mut)
+    {
+        list.retain(|n| n.get("type").and_then(Value::as_str) != Some("network"));
+    }
+}
+
 /// An OCI bind mount whose host source the shim binds into the share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostBind {
@@ -313,5 +382,57 @@ mod tests {
         let member = json!({"annotations": {SANDBOX_ID: "s1", CONTAINER_TYPE: "container"}});
         assert_eq!(pod_id(&member, "c2"), "s1");
         assert!(!starts_pod(&member, "c2"));
+    }
+
+    fn sandbox_with(namespaces: &[&str]) -> Value {
+        let ns: Vec<Value> = namespaces
+            .iter()
+            .map(|t| json!({"type": t, "path": format!("/var/run/netns/{t}")}))
+            .collect();
+        json!({
+            "annotations": {SANDBOX_ID: "s1", CONTAINER_TYPE: "sandbox"},
+            "linux": {"namespaces": ns},
+        })
+    }
+
+    #[test]
+    fn a_sandbox_on_the_nodes_network_is_refused_naming_host_network() {
+        let s = sandbox_with(&["pid", "ipc", "uts", "mount"]);
+        let e = refuse_node_namespaces(&s, "s1").unwrap_err();
+        assert!(e.contains("hostNetwork"), "{e}");
+        assert!(e.contains("own VM"), "{e}");
+        assert!(e.contains("network namespace"), "{e}");
+        assert!(!e.contains("hostPID"), "{e}");
+    }
+
+    #[test]
+    fn host_pid_and_ipc_are_refused_together() {
+        let s = sandbox_with(&["network", "uts", "mount"]);
+        let e = refuse_node_namespaces(&s, "s1").unwrap_err();
+        assert!(e.contains("hostPID, hostIPC"), "{e}");
+        assert!(e.contains("pid, ipc namespaces"), "{e}");
+    }
+
+    #[test]
+    fn a_pod_sandbox_with_its_own_namespaces_and_plain_containers_pass() {
+        let s = sandbox_with(&["network", "pid", "ipc", "uts", "mount"]);
+        assert_eq!(refuse_node_namespaces(&s, "s1"), Ok(()));
+        // `ctr run --net-host` is not a pod: nothing to refuse here.
+        let plain = json!({"linux": {"namespaces": [{"type": "mount"}]}});
+        assert_eq!(refuse_node_namespaces(&plain, "c1"), Ok(()));
+    }
+
+    #[test]
+    fn the_network_namespace_path_is_read_and_dropped_for_the_vm_network() {
+        let mut s = sandbox_with(&["network", "pid"]);
+        assert_eq!(
+            network_namespace_path(&s),
+            Some(PathBuf::from("/var/run/netns/network"))
+        );
+        use_vm_network(&mut s);
+        assert_eq!(network_namespace_path(&s), None);
+        assert_eq!(s["linux"]["namespaces"].as_array().unwrap().len(), 1);
+        let no_path = json!({"linux": {"namespaces": [{"type": "network"}]}});
+        assert_eq!(network_namespace_path(&no_path), None);
     }
 }

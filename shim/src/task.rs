@@ -506,6 +506,7 @@ impl TaskService {
         let pod = match existing {
             Some(p) => p,
             None => {
+                spec::refuse_node_namespaces(&spec, &cid).map_err(invalid)?;
                 let opts = runtime_options::decode(req.options.as_ref()).map_err(invalid)?;
                 let env = std::env::var(config::ENV_PATH).ok();
                 let source = config::choose_source(
@@ -554,12 +555,14 @@ impl TaskService {
                     &pod_id,
                     layout,
                     hostname,
+                    spec::network_namespace_path(&spec),
                     self.inner.pod_events.clone(),
                 )
                 .await
                 .map_err(|e| status(Code::UNKNOWN, e))?;
                 timings.shim_start = self.inner.shim_start;
                 timings.template_lookup = Some(t.template_lookup);
+                timings.network = Some(t.network);
                 timings.clone = Some(t.clone);
                 undo.new_pod = Some(Arc::clone(&pod));
                 self.state().pods.insert(pod_id.clone(), Arc::clone(&pod));
@@ -581,6 +584,9 @@ impl TaskService {
             }
             _ => Namespaces::Own,
         };
+        if ns == Namespaces::Own && pod.has_network() {
+            spec::use_vm_network(&mut spec);
+        }
         let host_root = spec
             .get("root")
             .and_then(|r| r.get("path"))

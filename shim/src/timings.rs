@@ -10,6 +10,8 @@ pub struct Timings {
     pub shim_start: Option<Duration>,
     /// Template store lookup (or build, the first time).
     pub template_lookup: Option<Duration>,
+    /// The tap and tc redirects in the pod's network namespace (CRI pods).
+    pub network: Option<Duration>,
     /// Clone: restore, resume, identity (includes attaching the pod's
     /// virtio-fs share to the clone's device).
     pub clone: Option<Duration>,
@@ -33,6 +35,7 @@ impl Timings {
         let total: Duration = [
             self.shim_start,
             self.template_lookup,
+            self.network,
             self.clone,
             self.share,
             self.agent_create,
@@ -43,10 +46,11 @@ impl Timings {
         .flatten()
         .sum();
         format!(
-            "jevm timings: container={cid} shim_start_ms={} template_lookup_ms={} clone_ms={} \
-             virtiofs_share_ms={} agent_create_ms={} stdio_ms={} process_running_ms={} total_ms={}",
+            "jevm timings: container={cid} shim_start_ms={} template_lookup_ms={} network_ms={} \
+             clone_ms={} virtiofs_share_ms={} agent_create_ms={} stdio_ms={} process_running_ms={} total_ms={}",
             ms(self.shim_start),
             ms(self.template_lookup),
+            ms(self.network),
             ms(self.clone),
             ms(self.share),
             ms(self.agent_create),
@@ -70,7 +74,7 @@ mod tests {
         };
         assert_eq!(
             t.line("c1"),
-            "jevm timings: container=c1 shim_start_ms=- template_lookup_ms=- clone_ms=1.50 \
+            "jevm timings: container=c1 shim_start_ms=- template_lookup_ms=- network_ms=- clone_ms=1.50 \
              virtiofs_share_ms=- agent_create_ms=2.00 stdio_ms=- process_running_ms=- total_ms=3.50"
         );
     }

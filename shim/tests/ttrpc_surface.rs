@@ -57,7 +57,7 @@ fn bundle(dir: &Path, name: &str, annotations: &str) -> PathBuf {
     std::fs::create_dir_all(&b).unwrap();
     std::fs::write(
         b.join("config.json"),
-        format!(r#"{{"ociVersion":"1.0.2","process":{{"args":["true"]}},"root":{{"path":"rootfs"}},"annotations":{{{annotations}}}}}"#),
+        format!(r#"{{"ociVersion":"1.0.2","process":{{"args":["true"]}},"root":{{"path":"rootfs"}},"linux":{{"namespaces":[{{"type":"network"}},{{"type":"pid"}},{{"type":"ipc"}}]}},"annotations":{{{annotations}}}}}"#),
     )
     .unwrap();
     // containerd's log FIFO; a plain file keeps the shim's log readable.

@@ -503,7 +503,6 @@ impl Worker {
             self.interrupt(RX);
         }
     }
-
 }
 
 /// The next receive buffer, with notifications turned back on (and checked
@@ -602,7 +601,11 @@ mod tests {
     fn worker<'m>(
         mem: &'m GuestMemory,
         tap: Option<Arc<File>>,
-    ) -> (Worker, MockSplitQueue<'m, GuestMemory>, MockSplitQueue<'m, GuestMemory>) {
+    ) -> (
+        Worker,
+        MockSplitQueue<'m, GuestMemory>,
+        MockSplitQueue<'m, GuestMemory>,
+    ) {
         let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), 16);
         let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), 16);
         let active = |m: &MockSplitQueue<'m, GuestMemory>| ActiveQueue {
@@ -652,7 +655,8 @@ mod tests {
     /// Posts one writable receive buffer of `len` bytes at `addr`.
     fn post_rx(rx: &MockSplitQueue<'_, GuestMemory>, index: u16, addr: u64, len: u32) {
         let d = SplitDescriptor::new(addr, len, VRING_DESC_F_WRITE as u16, 0);
-        rx.add_desc_chains(&[RawDescriptor::from(d)], index).unwrap();
+        rx.add_desc_chains(&[RawDescriptor::from(d)], index)
+            .unwrap();
     }
 
     #[test]
