@@ -283,7 +283,10 @@ impl Vm {
         let fs = Fs::unattached(SHARE_TAG).map_err(|e| device_err("virtio-fs")(e.to_string()))?;
         virtio.push(("virtio-fs (unattached)".into(), Box::new(fs)));
         // And one virtio-net device, unattached at boot for the same reason.
-        virtio.push(("virtio-net (unattached)".into(), Box::new(Net::unattached())));
+        virtio.push((
+            "virtio-net (unattached)".into(),
+            Box::new(Net::unattached()),
+        ));
         for d in &cfg.disks {
             let name = format!("disk {}", d.path.display());
             let dev =
