@@ -2,7 +2,8 @@
 //! mapping (caps, error wording) is testable on any host.
 
 use crate::identity;
-use jevm_protocol::{Diag, Request, Response, PROTOCOL_VERSION};
+use crate::network::NetworkError;
+use jevm_protocol::{Diag, Network, Request, Response, PROTOCOL_VERSION};
 use std::io;
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ pub trait Guest {
     fn set_realtime(&self, since_epoch: Duration) -> io::Result<()>;
     /// Sets the hostname; `name` was already checked (see `identity`).
     fn set_hostname(&self, name: &str) -> io::Result<()>;
+    /// Gives the guest's network interface the pod's settings and brings
+    /// it up; `network` was already validated (see `network::validate`).
+    fn configure_network(&self, network: &Network) -> Result<(), NetworkError>;
     /// Mounts the virtio-fs share `tag` at `target` (created if missing).
     fn mount_share(&self, tag: &str, target: &str) -> io::Result<()>;
 }
@@ -182,6 +186,21 @@ mod tests {
         fn set_hostname(&self, name: &str) -> io::Result<()> {
             self.identity_step("set_hostname", name.to_string())
         }
+        fn configure_network(&self, network: &Network) -> Result<(), NetworkError> {
+            let iface = &network.interface;
+            let detail = format!(
+                "{} mtu {} {} addresses {} routes",
+                iface.name,
+                iface.mtu,
+                iface.addresses.len(),
+                network.routes.len()
+            );
+            self.identity_step("configure_network", detail)
+                .map_err(|source| NetworkError::Step {
+                    step: "adding route 0.0.0.0/0 via 10.88.0.1 dev eth0".into(),
+                    source,
+                })
+        }
         fn mount_share(&self, tag: &str, target: &str) -> io::Result<()> {
             self.identity_step("mount_share", format!("{tag} {target}"))
         }
@@ -195,6 +214,34 @@ mod tests {
             mount_share: false,
             network: None,
         })
+    }
+
+    /// A pod's identity: a network and the share.
+    fn pod_identity(mtu: u32) -> Request {
+        use jevm_protocol::{IpNet, NetInterface, Route};
+        let net = |addr: &str, prefix_len| IpNet {
+            addr: addr.parse().unwrap(),
+            prefix_len,
+        };
+        let Request::Identity(mut id) = identity(32, "clone-1") else {
+            unreachable!()
+        };
+        id.mount_share = true;
+        id.network = Some(Network {
+            interface: NetInterface {
+                name: "eth0".into(),
+                mac: [0x0a, 0x58, 0x0a, 0x58, 0x00, 0x05],
+                mtu,
+                addresses: vec![net("10.88.0.5", 16)],
+            },
+            routes: vec![Route {
+                destination: net("0.0.0.0", 0),
+                gateway: Some("10.88.0.1".parse().unwrap()),
+                source: None,
+                metric: 0,
+            }],
+        });
+        Request::Identity(id)
     }
 
     const ALL_IDENTITY_STEPS: [&str; 3] = [
@@ -478,5 +525,55 @@ mod tests {
                 "{step}"
             );
         }
+    }
+
+    #[test]
+    fn pod_identity_configures_the_network_after_the_hostname_and_before_the_share() {
+        let guest = FakeGuest::default();
+        assert_eq!(
+            handle(&guest, pod_identity(1500)),
+            Response::IdentityApplied
+        );
+        assert_eq!(
+            guest.identity_calls(),
+            [
+                "reseed_rng 32 bytes".to_string(),
+                "set_realtime 1700000000.5s".into(),
+                "set_hostname clone-1".into(),
+                "configure_network eth0 mtu 1500 1 addresses 1 routes".into(),
+                format!(
+                    "mount_share {} {}",
+                    jevm_protocol::SHARE_TAG,
+                    jevm_protocol::SHARE_MOUNT
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failing_network_stops_the_identity_before_the_share_and_names_the_step() {
+        let guest = FakeGuest::failing_identity_at("configure_network", libc::ENETUNREACH);
+        assert_eq!(
+            handle(&guest, pod_identity(1500)),
+            Response::Error {
+                message: "identity: network: adding route 0.0.0.0/0 via 10.88.0.1 dev eth0: \
+                          Network is unreachable (os error 101)"
+                    .into()
+            }
+        );
+        assert_eq!(guest.identity_calls().len(), 4);
+        assert!(guest.identity_calls()[3].starts_with("configure_network"));
+    }
+
+    #[test]
+    fn an_invalid_network_is_refused_before_any_side_effect() {
+        let guest = FakeGuest::default();
+        assert_eq!(
+            handle(&guest, pod_identity(67)),
+            Response::Error {
+                message: "identity: network refused: MTU 67 is outside 68..=65535".into()
+            }
+        );
+        assert!(guest.identity_calls().is_empty());
     }
 }

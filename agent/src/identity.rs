@@ -14,6 +14,10 @@
 //!   continue from the template, which is correct: they only promise to move
 //!   forward. (`Ready.guest_uptime_ms` is read from `CLOCK_BOOTTIME`.)
 //! - **Hostname**: set here.
+//! - **Network**: the template's interface stays down with no address; a
+//!   pod's clone gives it the pod's MAC, MTU, name, addresses and routes
+//!   here (`crate::network`), after the reseed, so its first packet is sent
+//!   with its own random state.
 //! - **`/proc/sys/kernel/random/boot_id`**: the kernel generates it lazily on
 //!   its first read. The template must never read it (the agent never does,
 //!   and the host must not ask for it with `Diag::ReadFile` before the
@@ -41,6 +45,7 @@
 //! jevm's x86 guests do not have; this module does the same from userspace.
 
 use crate::handler::Guest;
+use crate::network;
 use jevm_protocol::{Identity, Response, SHARE_MOUNT, SHARE_TAG};
 use std::time::Duration;
 
@@ -51,16 +56,17 @@ pub const MIN_ENTROPY: usize = 32;
 /// `HOST_NAME_MAX` on Linux.
 pub const MAX_HOSTNAME: usize = 64;
 
-/// Checks everything, then applies in the order entropy → clock → hostname,
-/// stopping at the first failure. The RNG comes first so nothing afterwards
-/// runs with the template's random state. An invalid request changes nothing.
+/// Checks everything, then applies in the order entropy → clock → hostname
+/// → network → share, stopping at the first failure. The RNG comes first so
+/// nothing afterwards runs with the template's random state. An invalid
+/// request changes nothing.
 pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
     let Identity {
         entropy,
         realtime_ns,
         hostname,
         mount_share,
-        network: _,
+        network,
     } = identity;
     if entropy.len() < MIN_ENTROPY {
         return error(format!(
@@ -71,6 +77,11 @@ pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
     }
     if let Err(why) = check_hostname(&hostname) {
         return error(format!("identity: hostname {hostname:?} refused: {why}"));
+    }
+    if let Some(network) = &network {
+        if let Err(why) = network::validate(network) {
+            return error(format!("identity: network refused: {why}"));
+        }
     }
     if let Err(e) = guest.reseed_rng(&entropy) {
         return error(format!("identity: reseeding the guest RNG: {e}"));
@@ -84,6 +95,11 @@ pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
         return error(format!(
             "identity: setting the hostname to {hostname:?}: {e}"
         ));
+    }
+    if let Some(network) = &network {
+        if let Err(e) = guest.configure_network(network) {
+            return error(format!("identity: network: {e}"));
+        }
     }
     if mount_share {
         if let Err(e) = guest.mount_share(SHARE_TAG, SHARE_MOUNT) {

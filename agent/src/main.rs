@@ -14,6 +14,7 @@ mod handler;
 mod identity;
 mod init;
 mod logger;
+mod network;
 mod reaper;
 mod server;
 mod system;

@@ -1,7 +1,9 @@
 //! The real guest side effects behind [`Guest`], plus power-off.
 
 use crate::handler::Guest;
+use crate::network::NetworkError;
 use crate::vsock::{VsockStream, HOST_CID};
+use jevm_protocol::Network;
 use log::{error, info};
 use nix::sys::time::TimeSpec;
 use std::fs::{File, OpenOptions};
@@ -162,6 +164,10 @@ impl Guest for System {
 
     fn set_hostname(&self, name: &str) -> io::Result<()> {
         nix::unistd::sethostname(name).map_err(|e| failed("sethostname", e.into()))
+    }
+
+    fn configure_network(&self, network: &Network) -> Result<(), NetworkError> {
+        crate::network::configure(network)
     }
 
     fn mount_share(&self, tag: &str, target: &str) -> io::Result<()> {
