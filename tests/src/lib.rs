@@ -155,4 +155,6 @@ pub fn leak_since(
 
 /// Running the same `ctr` commands under runc and jevm (containerd tests).
 pub mod api;
+/// Kubernetes' CRI against containerd's CRI plugin, pods under runc and jevm.
+pub mod cri;
 pub mod ctr;
