@@ -102,14 +102,14 @@ fn serde_name(req: &Request) -> String {
 }
 
 fn error(message: String) -> Response {
-    Response::Error { message }
+    Response::failed(message)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::system::System;
-    use jevm_protocol::Identity;
+    use jevm_protocol::{ErrorKind, Identity};
     use std::cell::{Cell, RefCell};
 
     /// Records what the handler asked for and fails or answers as told.
@@ -356,7 +356,8 @@ mod tests {
         assert_eq!(
             handle(&guest, write(outside, 0, b"x")),
             Response::Error {
-                message: format!("write {outside}: No such file or directory (os error 2)")
+                message: format!("write {outside}: No such file or directory (os error 2)"),
+                kind: ErrorKind::Failed,
             }
         );
         assert!(!std::path::Path::new(outside).exists());
@@ -387,7 +388,8 @@ mod tests {
         assert_eq!(
             handle(&System::new(false), read(missing, 0, 1)),
             Response::Error {
-                message: format!("read {missing}: No such file or directory (os error 2)")
+                message: format!("read {missing}: No such file or directory (os error 2)"),
+                kind: ErrorKind::Failed,
             }
         );
     }
@@ -397,7 +399,8 @@ mod tests {
         assert_eq!(
             handle(&FakeGuest::failing(libc::EROFS), write("/dev/vdb", 0, b"x")),
             Response::Error {
-                message: "write /dev/vdb: Read-only file system (os error 30)".into()
+                message: "write /dev/vdb: Read-only file system (os error 30)".into(),
+                kind: ErrorKind::Failed,
             }
         );
     }
@@ -412,7 +415,8 @@ mod tests {
             handle(&FakeGuest::failing(libc::ECONNRESET), req.clone()),
             Response::Error {
                 message: "dial host vsock port 5000: Connection reset by peer (os error 104)"
-                    .into()
+                    .into(),
+                kind: ErrorKind::Failed,
             }
         );
         assert_eq!(
@@ -451,12 +455,14 @@ mod tests {
             Response::Error {
                 message: "identity: entropy of 31 bytes refused: at least 32 bytes are \
                           needed to reseed the guest RNG"
-                    .into()
+                    .into(),
+                kind: ErrorKind::InvalidArgument,
             }
         );
         assert!(matches!(
             handle(&guest, identity(0, "clone-1")),
-            Response::Error { message } if message.contains("entropy of 0 bytes refused")
+            Response::Error { message, kind: ErrorKind::InvalidArgument }
+                if message.contains("entropy of 0 bytes refused")
         ));
         assert!(guest.identity_calls().is_empty());
     }
@@ -474,7 +480,8 @@ mod tests {
             assert_eq!(
                 handle(&guest, identity(32, hostname)),
                 Response::Error {
-                    message: format!("identity: hostname {hostname:?} refused: {why}")
+                    message: format!("identity: hostname {hostname:?} refused: {why}"),
+                    kind: ErrorKind::InvalidArgument,
                 }
             );
             assert!(guest.identity_calls().is_empty(), "{hostname:?}");
@@ -515,7 +522,8 @@ mod tests {
             assert_eq!(
                 handle(&guest, identity(32, "clone-1")),
                 Response::Error {
-                    message: message.into()
+                    message: message.into(),
+                    kind: ErrorKind::Failed,
                 },
                 "{step}"
             );
@@ -558,7 +566,8 @@ mod tests {
             Response::Error {
                 message: "identity: network: adding route 0.0.0.0/0 via 10.88.0.1 dev eth0: \
                           Network is unreachable (os error 101)"
-                    .into()
+                    .into(),
+                kind: ErrorKind::Failed,
             }
         );
         assert_eq!(guest.identity_calls().len(), 4);
@@ -571,7 +580,8 @@ mod tests {
         assert_eq!(
             handle(&guest, pod_identity(67)),
             Response::Error {
-                message: "identity: network refused: MTU 67 is outside 68..=65535".into()
+                message: "identity: network refused: MTU 67 is outside 68..=65535".into(),
+                kind: ErrorKind::InvalidArgument,
             }
         );
         assert!(guest.identity_calls().is_empty());

@@ -69,18 +69,18 @@ pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
         network,
     } = identity;
     if entropy.len() < MIN_ENTROPY {
-        return error(format!(
+        return refused(format!(
             "identity: entropy of {} bytes refused: at least {MIN_ENTROPY} bytes are needed \
              to reseed the guest RNG",
             entropy.len()
         ));
     }
     if let Err(why) = check_hostname(&hostname) {
-        return error(format!("identity: hostname {hostname:?} refused: {why}"));
+        return refused(format!("identity: hostname {hostname:?} refused: {why}"));
     }
     if let Some(network) = &network {
         if let Err(why) = network::validate(network) {
-            return error(format!("identity: network refused: {why}"));
+            return refused(format!("identity: network refused: {why}"));
         }
     }
     if let Err(e) = guest.reseed_rng(&entropy) {
@@ -129,8 +129,17 @@ fn check_hostname(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The identity could not be applied: the guest is left as far as it got.
 fn error(message: String) -> Response {
-    Response::Error { message }
+    Response::failed(message)
+}
+
+/// The identity is invalid: nothing was changed.
+fn refused(message: String) -> Response {
+    Response::Error {
+        message,
+        kind: jevm_protocol::ErrorKind::InvalidArgument,
+    }
 }
 
 #[cfg(test)]

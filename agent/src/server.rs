@@ -132,7 +132,13 @@ fn serve_connection(mut stream: impl Connection, system: &System, containers: &S
                 // Best effort: tells a host that sent, say, a request from a
                 // newer protocol why the connection is going away.
                 let message = e.to_string();
-                let _ = write_frame(&mut stream, &Response::Error { message });
+                let _ = write_frame(
+                    &mut stream,
+                    &Response::Error {
+                        message,
+                        kind: jevm_protocol::ErrorKind::InvalidArgument,
+                    },
+                );
                 return;
             }
         };
@@ -240,7 +246,9 @@ mod tests {
         host.write_all(&(body.len() as u32).to_be_bytes()).unwrap();
         host.write_all(body).unwrap();
         match read_frame::<_, Response>(&mut host).unwrap() {
-            Response::Error { message } => assert!(message.contains("NoSuchRequest"), "{message}"),
+            Response::Error { message, .. } => {
+                assert!(message.contains("NoSuchRequest"), "{message}")
+            }
             other => panic!("expected an error, got {other:?}"),
         }
         assert_closed(host, thread);
@@ -294,7 +302,8 @@ mod tests {
                 }
             ),
             Response::Error {
-                message: "container \"nope\" not found".into()
+                message: "container \"nope\" not found".into(),
+                kind: jevm_protocol::ErrorKind::NotFound,
             }
         );
         let attach = Request::AttachStdio {

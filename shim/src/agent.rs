@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jevm_protocol::{Request, Response};
+use jevm_protocol::{ErrorKind, Request, Response};
 use jevm_runtime::agent_client::{AgentClient, AgentError};
 
 /// How long one agent answer may take. Container creation in a loaded,
@@ -27,9 +27,15 @@ pub struct Agent {
 pub enum CallError {
     #[error("{0}")]
     Transport(#[from] AgentError),
-    /// The guest's message, which names the object and cause.
-    #[error("{0}")]
-    Guest(String),
+    /// The guest's answer: a message naming the object and cause, and
+    /// what kind of failure it is.
+    #[error("{message}")]
+    Guest { kind: ErrorKind, message: String },
+    #[error("agent stream {name}: {source}")]
+    Stream {
+        name: &'static str,
+        source: std::io::Error,
+    },
     #[error("agent request {request}: unexpected answer {answer}")]
     Unexpected {
         request: &'static str,
@@ -95,7 +101,7 @@ impl Agent {
         .await
         .map_err(|_| CallError::Join(name))??;
         match r {
-            Response::Error { message } => Err(CallError::Guest(message)),
+            Response::Error { message, kind } => Err(CallError::Guest { kind, message }),
             other => Ok(other),
         }
     }
@@ -139,6 +145,6 @@ impl Agent {
             s.set_nonblocking(true)?;
             tokio::net::UnixStream::from_std(s)
         };
-        to_tokio(s).map_err(|e| CallError::Guest(format!("agent stream {name}: {e}")))
+        to_tokio(s).map_err(|source| CallError::Stream { name, source })
     }
 }

@@ -28,7 +28,7 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext, Code};
 use containerd_shim_protos::types::task::ProcessInfo;
-use jevm_protocol::{CreateContainer, Event, ExecProcess, Request, Response};
+use jevm_protocol::{CreateContainer, ErrorKind, Event, ExecProcess, Request, Response};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
@@ -76,10 +76,16 @@ fn message(e: &ttrpc::Error) -> String {
 /// A failed agent call as containerd should see it.
 fn agent_err(e: CallError) -> ttrpc::Error {
     match &e {
-        CallError::Guest(m) if m.contains("No such process") || m.contains("not found") => {
-            not_found(m.clone())
+        CallError::Guest { kind, message } => {
+            let code = match kind {
+                ErrorKind::NotFound => Code::NOT_FOUND,
+                ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+                ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+                ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+                ErrorKind::Failed => Code::UNKNOWN,
+            };
+            status(code, message.clone())
         }
-        CallError::Guest(m) => status(Code::UNKNOWN, m.clone()),
         _ => status(Code::UNAVAILABLE, format!("jevm: {e}")),
     }
 }
@@ -1079,7 +1085,7 @@ impl Task for TaskService {
             .await;
         let pid = match created {
             Ok(pid) => pid,
-            Err(CallError::Guest(why)) => {
+            Err(CallError::Guest { message: why, .. }) => {
                 let mut st = self.state();
                 let Some(c) = st.containers.get_mut(cid) else {
                     return Err(status(Code::UNKNOWN, why));
@@ -1421,5 +1427,42 @@ impl TaskService {
             })
         });
         Ok(Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(e: ttrpc::Error) -> Code {
+        match e {
+            ttrpc::Error::RpcStatus(s) => s.code(),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn guest_error_kinds_map_to_ttrpc_codes_and_keep_the_message() {
+        let cases = [
+            (ErrorKind::NotFound, Code::NOT_FOUND),
+            (ErrorKind::AlreadyExists, Code::ALREADY_EXISTS),
+            (ErrorKind::InvalidArgument, Code::INVALID_ARGUMENT),
+            (ErrorKind::FailedPrecondition, Code::FAILED_PRECONDITION),
+            (ErrorKind::Failed, Code::UNKNOWN),
+        ];
+        for (kind, code) in cases {
+            let e = agent_err(CallError::Guest {
+                kind,
+                message: "container \"c\" not found".into(),
+            });
+            assert_eq!(message(&e), format!("{code:?}: container \"c\" not found"));
+            assert_eq!(code_of(e), code, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_lost_agent_is_unavailable() {
+        let e = agent_err(CallError::Dead("Pids"));
+        assert_eq!(code_of(e), Code::UNAVAILABLE);
     }
 }

@@ -160,7 +160,7 @@ fn block_device_written_in_guest_holds_bytes_on_host_and_read_only_disk_refuses_
         }))
         .unwrap();
     match r {
-        Response::Error { message } => assert!(
+        Response::Error { message, .. } => assert!(
             message.contains("/dev/vdb")
                 && (message.contains("Read-only") || message.contains("not permitted")),
             "unexpected error: {message}"

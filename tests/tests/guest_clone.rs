@@ -434,7 +434,7 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
     // A read-only bind mount inside the share stays read-only.
     assert_eq!(read(&vm, &at("ro/file"), 64), b"original");
     match write(&vm, &at("ro/file"), b"changed!") {
-        Response::Error { message } => {
+        Response::Error { message, .. } => {
             assert!(message.contains("Read-only"), "{message}")
         }
         other => panic!("write under the read-only bind answered {other:?}"),

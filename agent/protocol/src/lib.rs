@@ -326,10 +326,42 @@ pub enum Response {
     Done,
     Pids(Vec<u32>),
     Stats(ContainerStats),
-    /// The request failed in the guest; `message` names the object and cause.
+    /// The request failed in the guest; `message` names the object and
+    /// cause, `kind` says what kind of failure it is, so the host can map
+    /// it (to a ttrpc status code) without reading the text.
     Error {
         message: String,
+        #[serde(default)]
+        kind: ErrorKind,
     },
+}
+
+/// What kind of failure a [`Response::Error`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Anything else: the operation was tried and failed.
+    #[default]
+    Failed,
+    /// The container, exec'd process or process named does not exist (or
+    /// no longer does: a signal to a process that has exited).
+    NotFound,
+    /// A container or exec'd process with that id exists already.
+    AlreadyExists,
+    /// The request itself is malformed (a bad id, an invalid OCI spec).
+    InvalidArgument,
+    /// The object is not in a state that allows the request (still being
+    /// created, being deleted, not started).
+    FailedPrecondition,
+}
+
+impl Response {
+    /// A [`Response::Error`] of kind [`ErrorKind::Failed`].
+    pub fn failed(message: impl Into<String>) -> Response {
+        Response::Error {
+            message: message.into(),
+            kind: ErrorKind::Failed,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -24,7 +24,9 @@ pub(crate) mod tests;
 
 use cgroup_ops::{Cgroups, ContainerCgroup, GuestCgroups};
 use events::Events;
-use jevm_protocol::{CreateContainer, Event, ExecProcess, Request, Response, StdioStream};
+use jevm_protocol::{
+    CreateContainer, ErrorKind, Event, ExecProcess, Request, Response, StdioStream,
+};
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use plan::{InitPlan, PlanKind};
 use process::{Attachment, Process};
@@ -80,14 +82,47 @@ pub struct Service {
     containers: Mutex<HashMap<String, Slot<Container>>>,
 }
 
-type Result<T> = std::result::Result<T, String>;
+/// A failed container request as the host is told: the message names the
+/// object and the cause, the kind lets the shim answer containerd with the
+/// matching status code without reading the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Failure {
+        Failure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// An error with nothing more to say than its message failed the operation.
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure::new(ErrorKind::Failed, message)
+    }
+}
+
+type Result<T> = std::result::Result<T, Failure>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn not_found(id: &str) -> String {
-    format!("container {id:?} not found")
+fn not_found(id: &str) -> Failure {
+    Failure::new(ErrorKind::NotFound, format!("container {id:?} not found"))
+}
+
+fn precondition(message: String) -> Failure {
+    Failure::new(ErrorKind::FailedPrecondition, message)
+}
+
+fn invalid(message: String) -> Failure {
+    Failure::new(ErrorKind::InvalidArgument, message)
 }
 
 impl Service {
@@ -155,7 +190,7 @@ impl Service {
                 height,
             } => self
                 .process(&container_id, exec_id.as_deref())
-                .and_then(|p| p.resize(width, height))
+                .and_then(|p| p.resize(width, height).map_err(Failure::from))
                 .map(|()| Response::Done),
             Request::Pause { container_id } => self
                 .with_cgroup(&container_id, "freezing", |cg| cg.freeze(true))
@@ -180,15 +215,19 @@ impl Service {
                 exec_id,
             } => self.delete_exec(&container_id, &exec_id),
             Request::DeleteContainer { container_id } => self.delete(&container_id),
-            other => Err(format!("{other:?} is not a container request")),
+            other => Err(invalid(format!("{other:?} is not a container request"))),
         };
-        Outcome::Reply(result.unwrap_or_else(|message| Response::Error { message }))
+        Outcome::Reply(
+            result.unwrap_or_else(|Failure { kind, message }| Response::Error { message, kind }),
+        )
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>> {
         match lock(&self.containers).get(id) {
             Some(Slot::Ready(c)) => Ok(Arc::clone(c)),
-            Some(Slot::Reserved) => Err(format!("container {id:?} is still being created")),
+            Some(Slot::Reserved) => Err(precondition(format!(
+                "container {id:?} is still being created"
+            ))),
             None => Err(not_found(id)),
         }
     }
@@ -201,10 +240,13 @@ impl Service {
         let execs = lock(&container.execs);
         match execs.get(exec_id) {
             Some(Slot::Ready(p)) => Ok(Arc::clone(p)),
-            Some(Slot::Reserved) => Err(format!(
+            Some(Slot::Reserved) => Err(precondition(format!(
                 "exec {exec_id:?} in container {id:?} is still being created"
+            ))),
+            None => Err(Failure::new(
+                ErrorKind::NotFound,
+                format!("exec {exec_id:?} not found in container {id:?}"),
             )),
-            None => Err(format!("exec {exec_id:?} not found in container {id:?}")),
         }
     }
 
@@ -218,19 +260,22 @@ impl Service {
         let cgroup = lock(&container.cgroup);
         let cgroup = cgroup
             .as_deref()
-            .ok_or_else(|| format!("container {id:?} is being deleted"))?;
-        op(cgroup).map_err(|e| format!("container {id:?}: {doing}: {e}"))
+            .ok_or_else(|| precondition(format!("container {id:?} is being deleted")))?;
+        op(cgroup).map_err(|e| format!("container {id:?}: {doing}: {e}").into())
     }
 
     fn create(&self, create: CreateContainer) -> Result<Response> {
         let id = create.container_id.clone();
         check_id(&id)?;
         let spec: Spec = serde_json::from_value(create.spec)
-            .map_err(|e| format!("container {id:?}: invalid OCI runtime spec: {e}"))?;
+            .map_err(|e| invalid(format!("container {id:?}: invalid OCI runtime spec: {e}")))?;
         {
             let mut containers = lock(&self.containers);
             if containers.contains_key(&id) {
-                return Err(format!("container {id:?} already exists"));
+                return Err(Failure::new(
+                    ErrorKind::AlreadyExists,
+                    format!("container {id:?} already exists"),
+                ));
             }
             containers.insert(id.clone(), Slot::Reserved);
         }
@@ -316,7 +361,7 @@ impl Service {
             }
             Err(message) => {
                 stage.abort();
-                Err(message)
+                Err(message.into())
             }
         }
     }
@@ -330,19 +375,22 @@ impl Service {
         } = exec;
         let container = self.container(&id)?;
         if exec_id.is_empty() {
-            return Err(format!("container {id:?}: exec id is empty"));
+            return Err(invalid(format!("container {id:?}: exec id is empty")));
         }
         if !container.init.started() || container.init.exit().is_some() {
-            return Err(format!("container {id:?} is not running"));
+            return Err(precondition(format!("container {id:?} is not running")));
         }
         let process: OciProcess = serde_json::from_value(process).map_err(|e| {
-            format!("exec {exec_id:?} in container {id:?}: invalid OCI process: {e}")
+            invalid(format!(
+                "exec {exec_id:?} in container {id:?}: invalid OCI process: {e}"
+            ))
         })?;
         {
             let mut execs = lock(&container.execs);
             if execs.contains_key(&exec_id) {
-                return Err(format!(
-                    "exec {exec_id:?} already exists in container {id:?}"
+                return Err(Failure::new(
+                    ErrorKind::AlreadyExists,
+                    format!("exec {exec_id:?} already exists in container {id:?}"),
                 ));
             }
             execs.insert(exec_id.clone(), Slot::Reserved);
@@ -378,7 +426,9 @@ impl Service {
 
     fn signal(&self, id: &str, exec_id: Option<&str>, signal: i32, all: bool) -> Result<Response> {
         if !(0..=64).contains(&signal) {
-            return Err(format!("container {id:?}: invalid signal {signal}"));
+            return Err(invalid(format!(
+                "container {id:?}: invalid signal {signal}"
+            )));
         }
         if all {
             self.with_cgroup(id, &format!("sending signal {signal} to all"), |cg| {
@@ -392,20 +442,22 @@ impl Service {
 
     fn update(&self, id: &str, resources: serde_json::Value) -> Result<Response> {
         let resources: LinuxResources = serde_json::from_value(resources)
-            .map_err(|e| format!("container {id:?}: invalid OCI resources: {e}"))?;
+            .map_err(|e| invalid(format!("container {id:?}: invalid OCI resources: {e}")))?;
         self.with_cgroup(id, "updating its limits", |cg| cg.update(&resources))?;
         Ok(Response::Done)
     }
 
     fn attach(&self, id: &str, exec_id: Option<&str>, stream: StdioStream) -> Result<Attachment> {
-        self.process(id, exec_id)?.attach(stream)
+        self.process(id, exec_id)?
+            .attach(stream)
+            .map_err(Failure::from)
     }
 
     fn delete_exec(&self, id: &str, exec_id: &str) -> Result<Response> {
         let process = self.process(id, Some(exec_id))?;
         if process.exit().is_none() {
             if process.started() {
-                return Err(format!("{} is still running", process.name()));
+                return Err(precondition(format!("{} is still running", process.name())));
             }
             process.abort_if_unstarted();
             process.wait_exit(KILL_WAIT);
@@ -427,7 +479,9 @@ impl Service {
                     c
                 }
                 Some(Slot::Reserved) => {
-                    return Err(format!("container {id:?} is still being created"))
+                    return Err(precondition(format!(
+                        "container {id:?} is still being created"
+                    )))
                 }
                 None => return Err(not_found(id)),
             }
@@ -481,7 +535,7 @@ impl Container {
 /// The id names a cgroup directory: it must be one path component.
 fn check_id(id: &str) -> Result<()> {
     if id.is_empty() || id == "." || id == ".." || id.contains('/') || id.contains('\0') {
-        return Err(format!("container id {id:?} is not valid"));
+        return Err(invalid(format!("container id {id:?} is not valid")));
     }
     Ok(())
 }

@@ -6,7 +6,8 @@ use super::events::Events;
 use super::exits::{self, Exit, Since};
 use super::stage::Stage;
 use super::stdio::{self, AgentStdio};
-use jevm_protocol::{Event, StdioStream};
+use super::Failure;
+use jevm_protocol::{ErrorKind, Event, StdioStream};
 use std::fs::File;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
@@ -208,22 +209,30 @@ impl Process {
     }
 
     /// Lets the process `execve`.
-    pub fn start(&self) -> Result<u32, String> {
+    pub fn start(&self) -> Result<u32, Failure> {
         let stage = {
             let mut state = self.lock();
             match state.stage.take() {
                 Some(stage) => stage,
                 None if state.started => {
-                    return Err(format!("{} was already started", self.name()))
+                    return Err(Failure::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("{} was already started", self.name()),
+                    ))
                 }
-                None => return Err(format!("{}: {ALREADY_FINISHED}", self.name())),
+                None => {
+                    return Err(Failure::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("{}: {ALREADY_FINISHED}", self.name()),
+                    ))
+                }
             }
         };
         let result = stage.start();
         if result.is_ok() {
             self.lock().started = true;
         }
-        result.map(|()| self.pid as u32)
+        result.map(|()| self.pid as u32).map_err(Failure::from)
     }
 
     /// Kills a process that was created but never started; its stage goes
@@ -235,20 +244,23 @@ impl Process {
         }
     }
 
-    pub fn signal(&self, signal: i32) -> Result<(), String> {
+    /// Signalling a process that has exited is [`ErrorKind::NotFound`], as
+    /// runc's shim answers ("process already finished: not found").
+    pub fn signal(&self, signal: i32) -> Result<(), Failure> {
+        let finished = || Failure::new(ErrorKind::NotFound, ALREADY_FINISHED);
         // Under the lock: the reaper records the exit under it too, so the
         // PID cannot be a recycled one while this holds.
         let state = self.lock();
         if state.exit.is_some() {
-            return Err(ALREADY_FINISHED.into());
+            return Err(finished());
         }
         // SAFETY: kill has no memory effects.
         if unsafe { libc::kill(self.pid, signal) } < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ESRCH) {
-                return Err(ALREADY_FINISHED.into());
+                return Err(finished());
             }
-            return Err(format!("{}: signal {signal}: {e}", self.name()));
+            return Err(format!("{}: signal {signal}: {e}", self.name()).into());
         }
         Ok(())
     }

@@ -290,7 +290,8 @@ fn a_container_runs_its_process_with_stdout_and_stderr_apart_and_reports_its_exi
     assert_eq!(
         h.signal("c1", None, 15),
         Response::Error {
-            message: "process already finished".into()
+            message: "process already finished".into(),
+            kind: ErrorKind::NotFound,
         }
     );
     assert_eq!(h.delete("c1"), Response::Done);
@@ -306,7 +307,8 @@ fn a_container_runs_its_process_with_stdout_and_stderr_apart_and_reports_its_exi
             }
         ),
         Response::Error {
-            message: "container \"c1\" not found".into()
+            message: "container \"c1\" not found".into(),
+            kind: ErrorKind::NotFound,
         }
     );
 }
@@ -317,11 +319,13 @@ fn sigkill_is_reported_as_137_and_a_second_create_with_the_id_is_refused() {
     let pid = h.created("k1", &["sleep", "100"], Stdio::default());
     assert!(matches!(
         h.create("k1", &["true"], Stdio::default()),
-        Response::Error { message } if message == "container \"k1\" already exists"
+        Response::Error { message, kind: ErrorKind::AlreadyExists }
+            if message == "container \"k1\" already exists"
     ));
     assert_eq!(h.start("k1"), Response::Started { pid });
     assert!(
-        matches!(h.start("k1"), Response::Error { message } if message.contains("already started"))
+        matches!(h.start("k1"), Response::Error { message, kind: ErrorKind::FailedPrecondition }
+            if message.contains("already started"))
     );
     assert_eq!(h.signal("k1", None, libc::SIGKILL), Response::Done);
     let event = h.next_event();
@@ -336,7 +340,8 @@ fn a_stage_error_is_answered_verbatim_and_nothing_is_left() {
     assert_eq!(
         h.create("bad", &["fail-stage", message], stdio(true, true, true)),
         Response::Error {
-            message: message.into()
+            message: message.into(),
+            kind: ErrorKind::Failed,
         }
     );
     assert_eq!(
@@ -346,7 +351,8 @@ fn a_stage_error_is_answered_verbatim_and_nothing_is_left() {
     assert_eq!(
         h.start("bad"),
         Response::Error {
-            message: "container \"bad\" not found".into()
+            message: "container \"bad\" not found".into(),
+            kind: ErrorKind::NotFound,
         }
     );
     // The id is free again.
@@ -364,12 +370,14 @@ fn a_cgroup_failure_names_the_container_and_the_cause() {
         h.create("cg", &["true"], Stdio::default()),
         Response::Error {
             message: "container \"cg\": creating its cgroup: No space left on device (os error 28)"
-                .into()
+                .into(),
+            kind: ErrorKind::Failed,
         }
     );
     assert!(matches!(
         h.create("a/b", &["true"], Stdio::default()),
-        Response::Error { message } if message == "container id \"a/b\" is not valid"
+        Response::Error { message, kind: ErrorKind::InvalidArgument }
+            if message == "container id \"a/b\" is not valid"
     ));
 }
 
@@ -378,7 +386,7 @@ fn an_execve_failure_at_start_is_the_start_error() {
     let mut h = harness();
     let pid = h.created("nx", &["/nonexistent/binary"], Stdio::default());
     match h.start("nx") {
-        Response::Error { message } => {
+        Response::Error { message, .. } => {
             assert!(
                 message.starts_with("exec: \"/nonexistent/binary\""),
                 "{message}"
@@ -509,7 +517,8 @@ fn exec_runs_beside_the_init_and_delete_kills_the_init() {
     assert_eq!(
         exec(&h, "e1", &["true"], Stdio::default()),
         Response::Error {
-            message: "container \"ex\" is not running".into()
+            message: "container \"ex\" is not running".into(),
+            kind: ErrorKind::FailedPrecondition,
         }
     );
     h.start("ex");
@@ -523,12 +532,13 @@ fn exec_runs_beside_the_init_and_delete_kills_the_init() {
     };
     assert!(matches!(
         exec(&h, "e1", &["true"], Stdio::default()),
-        Response::Error { message } if message == "exec \"e1\" already exists in container \"ex\""
+        Response::Error { message, kind: ErrorKind::AlreadyExists }
+            if message == "exec \"e1\" already exists in container \"ex\""
     ));
     let out = h.attach("ex", Some("e1"), StdioStream::Stdout);
     assert!(matches!(
         h.attach_error("ex", Some("e1"), StdioStream::Stderr),
-        Response::Error { message } if message.contains("stderr was not asked for")
+        Response::Error { message, .. } if message.contains("stderr was not asked for")
     ));
     let start = Request::StartExec {
         container_id: "ex".into(),
@@ -541,7 +551,8 @@ fn exec_runs_beside_the_init_and_delete_kills_the_init() {
     assert_eq!(
         h.signal("ex", Some("nope"), 9),
         Response::Error {
-            message: "exec \"nope\" not found in container \"ex\"".into()
+            message: "exec \"nope\" not found in container \"ex\"".into(),
+            kind: ErrorKind::NotFound,
         }
     );
     let delete_exec = Request::DeleteExec {
@@ -585,7 +596,8 @@ fn exec_runs_beside_the_init_and_delete_kills_the_init() {
     );
     assert!(matches!(
         reply(&h.service, update(json!({ "memory": { "limit": "lots" } }))),
-        Response::Error { message } if message.starts_with("container \"ex\": invalid OCI resources")
+        Response::Error { message, kind: ErrorKind::InvalidArgument }
+            if message.starts_with("container \"ex\": invalid OCI resources")
     ));
 
     assert_eq!(h.delete("ex"), Response::Done);
