@@ -243,6 +243,21 @@ fn pod_ip_answers_from_the_node(handler: &str) {
         "{handler}: pod IP {ip} is not one host-local allocated: {:?}",
         env.allocated_ips()
     );
+    // What the leak checks of remove_clean look for is there while it runs.
+    let netns = pod.netns.as_ref().unwrap_or_else(|| {
+        panic!("{handler}: PodSandboxStatus (verbose) names no network namespace")
+    });
+    assert!(
+        netns.starts_with(&env.netns_dir) && netns.exists(),
+        "{handler}: the pod's network namespace {} is not pinned in {}",
+        netns.display(),
+        env.netns_dir.display()
+    );
+    assert!(
+        !env.shims(Some(&pod.id)).is_empty(),
+        "{handler}: no shim process found for pod {}",
+        pod.id
+    );
     let word = format!("pod-ip-{}", spec.name);
     pod.must_start("web", &strs(&answering(&word)));
     let got = read_from(SocketAddr::from((ip, PORT)))
