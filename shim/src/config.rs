@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub const DEFAULT_PATH: &str = "/etc/jevm/config.toml";
+/// The smallest VM a pod gets (the guest kernel and agent need about
+/// 40 MiB before any container runs).
+pub const MIN_MEMORY_MIB: u32 = 64;
 pub const ENV_PATH: &str = "JEVM_CONFIG";
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -25,8 +28,14 @@ pub struct JevmConfig {
     pub template_dir: PathBuf,
     /// Pods (`<run_dir>/pods/<pod id>`) and VM sockets (`<run_dir>/vms`).
     pub run_dir: PathBuf,
+    /// Every pod's VM size, unless the pod asks for another (see
+    /// `sizing.rs`).
     pub vcpus: u8,
     pub memory_mib: u32,
+    /// The largest VM a pod may ask for: by default the host's online CPUs
+    /// and the most guest memory the VMM's layout has room for.
+    pub max_vcpus: Option<u8>,
+    pub max_memory_mib: Option<u32>,
     /// Extra guest kernel command line (part of the template key).
     pub kernel_params: String,
     /// `error`, `warn`, `info`, `debug` or `trace`; None keeps the shim's
@@ -46,6 +55,8 @@ impl Default for JevmConfig {
             run_dir: "/run/jevm".into(),
             vcpus: 1,
             memory_mib: 256,
+            max_vcpus: None,
+            max_memory_mib: None,
             kernel_params: String::new(),
             log_level: None,
             liveness_timeout_secs: 10,
@@ -140,6 +151,26 @@ pub fn load(source: &Source, body: Option<&[u8]>) -> Result<JevmConfig, ConfigEr
     })
 }
 
+/// The most guest memory the VMM's memory layout has room for.
+const MAX_MEMORY_MIB: u32 = jevm_runtime::vmm::layout::MAX_MEM_MIB;
+
+impl JevmConfig {
+    /// The most vCPUs a pod may ask for.
+    pub fn max_vcpus(&self) -> u8 {
+        self.max_vcpus.unwrap_or_else(|| {
+            let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+            u8::try_from(online)
+                .unwrap_or(u8::MAX)
+                .clamp(self.vcpus, jevm_runtime::vmm::vm::MAX_VCPUS)
+        })
+    }
+
+    /// The most memory a pod may ask for, in MiB.
+    pub fn max_memory_mib(&self) -> u32 {
+        self.max_memory_mib.unwrap_or(MAX_MEMORY_MIB)
+    }
+}
+
 /// Parses TOML text into a configuration and checks its values.
 pub fn parse(text: &str) -> Result<JevmConfig, String> {
     let cfg: JevmConfig = toml::from_str(text).map_err(|e| e.message().to_string())?;
@@ -150,11 +181,28 @@ pub fn parse(text: &str) -> Result<JevmConfig, String> {
             jevm_runtime::vmm::vm::MAX_VCPUS
         ));
     }
-    if cfg.memory_mib < 64 {
+    if cfg.memory_mib < MIN_MEMORY_MIB || cfg.memory_mib > MAX_MEMORY_MIB {
         return Err(format!(
-            "memory_mib = {} is too small (at least 64)",
+            "memory_mib = {} is out of range ({MIN_MEMORY_MIB}..={MAX_MEMORY_MIB})",
             cfg.memory_mib
         ));
+    }
+    if let Some(m) = cfg.max_vcpus {
+        if m < cfg.vcpus || m > jevm_runtime::vmm::vm::MAX_VCPUS {
+            return Err(format!(
+                "max_vcpus = {m} is out of range (vcpus = {}..={})",
+                cfg.vcpus,
+                jevm_runtime::vmm::vm::MAX_VCPUS
+            ));
+        }
+    }
+    if let Some(m) = cfg.max_memory_mib {
+        if m < cfg.memory_mib || m > MAX_MEMORY_MIB {
+            return Err(format!(
+                "max_memory_mib = {m} is out of range (memory_mib = {}..={MAX_MEMORY_MIB})",
+                cfg.memory_mib
+            ));
+        }
     }
     if let Some(l) = &cfg.log_level {
         l.parse::<log::LevelFilter>().map_err(|_| {
@@ -302,6 +350,10 @@ mod tests {
             ("vcpus = 0", "vcpus"),
             ("vcpus = 65", "vcpus"),
             ("memory_mib = 8", "memory_mib"),
+            ("memory_mib = 4096", "memory_mib"),
+            ("max_vcpus = 65", "max_vcpus"),
+            ("vcpus = 2\nmax_vcpus = 1", "max_vcpus"),
+            ("max_memory_mib = 128", "max_memory_mib"),
             ("kernel = \"rel/vmlinux\"", "kernel"),
             ("log_level = \"loud\"", "log_level"),
             ("vcpus = \"two\"", "string"),

@@ -12,6 +12,7 @@ mod publisher;
 mod record;
 mod runtime_options;
 mod service;
+mod sizing;
 mod spec;
 mod stdio;
 mod task;

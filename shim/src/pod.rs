@@ -20,6 +20,7 @@ use crate::config::JevmConfig;
 use crate::events::LOST_EXIT_STATUS;
 use crate::layout::{vms_dir, PodLayout};
 use crate::network::PodNetwork;
+use crate::sizing::VmSize;
 
 /// What the pod's watchers tell the task service.
 #[derive(Debug)]
@@ -120,6 +121,8 @@ pub struct Pod {
     pub layout: PodLayout,
     pub agent: Arc<Agent>,
     pub vm_dir: PathBuf,
+    /// The VM's size, for the containers that join it.
+    pub size: VmSize,
     life: Arc<Life>,
     /// The container that started the pod and its guest init PID: CRI
     /// containers join its namespaces.
@@ -149,6 +152,7 @@ impl Pod {
         id: &str,
         layout: PodLayout,
         hostname: String,
+        size: VmSize,
         netns: Option<PathBuf>,
         events: mpsc::UnboundedSender<PodEvent>,
     ) -> Result<(Arc<Pod>, StartTimes), String> {
@@ -156,8 +160,8 @@ impl Pod {
             kernel: cfg.kernel.clone(),
             initrd: cfg.initramfs.clone(),
             cmdline: cfg.kernel_params.clone(),
-            vcpus: cfg.vcpus,
-            mem_mib: cfg.memory_mib,
+            vcpus: size.vcpus,
+            mem_mib: size.memory_mib,
         };
         let store = TemplateStore::new(&cfg.template_dir);
         let vms = vms_dir(&cfg.run_dir);
@@ -234,6 +238,7 @@ impl Pod {
             layout,
             agent,
             vm_dir,
+            size,
             life: Arc::clone(&life),
             sandbox: Mutex::new(None),
             network: Mutex::new(network),

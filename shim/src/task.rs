@@ -40,6 +40,7 @@ use crate::mounts;
 use crate::pod::{Pod, PodEvent};
 use crate::record::{self, BundleRecord};
 use crate::runtime_options;
+use crate::sizing;
 use crate::spec::{self, Namespaces};
 use crate::stdio::{self, Copies, StdioPaths};
 use crate::timings::Timings;
@@ -527,6 +528,8 @@ impl TaskService {
                 }
                 cfg.check_guest_files(&source)
                     .map_err(|e| precondition(e.to_string()))?;
+                let size = sizing::vm_size(&cfg, &spec, &pod_id).map_err(invalid)?;
+                sizing::check_fits(size, &spec, &cid).map_err(invalid)?;
                 let layout = PodLayout::new(&cfg.run_dir, &pod_id);
                 if layout.dir().exists() {
                     log::warn!(
@@ -561,6 +564,7 @@ impl TaskService {
                     &pod_id,
                     layout,
                     hostname,
+                    size,
                     spec::network_namespace_path(&spec),
                     self.inner.pod_events.clone(),
                 )
@@ -575,6 +579,10 @@ impl TaskService {
                 pod
             }
         };
+
+        if undo.new_pod.is_none() {
+            sizing::check_fits(pod.size, &spec, &cid).map_err(invalid)?;
+        }
 
         // Namespaces: the pod's first container gets new ones; CRI
         // containers join the sandbox's.
