@@ -16,6 +16,9 @@ mod sizing;
 mod spec;
 mod stdio;
 mod task;
+#[cfg(test)]
+#[path = "../../agent/src/test_skip.rs"]
+mod test_skip;
 mod timings;
 
 use std::sync::OnceLock;

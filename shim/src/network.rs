@@ -980,25 +980,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
-    /// agent/src/test_skip.rs's report, which `hack/test` collects: on
-    /// stderr and in `$JEVM_SKIP_LOG`. (`#[path]` cannot reach that file
-    /// from here: it resolves below `shim/src/network/`, which does not
-    /// exist.)
-    mod test_skip {
-        pub fn skipped(reason: &str) {
-            let test = std::thread::current().name().unwrap_or("?").to_string();
-            eprintln!("SKIPPED {test}: {reason}");
-            if let Some(log) = std::env::var_os("JEVM_SKIP_LOG") {
-                use std::io::Write;
-                let line = format!("{test}: {reason}\n");
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log);
-                let _ = f.and_then(|mut f| f.write_all(line.as_bytes()));
-            }
-        }
-    }
+    use crate::test_skip;
 
     /// Whether this test can make network namespaces; says so loudly if not.
     fn can_make_netns() -> bool {
