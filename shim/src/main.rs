@@ -5,6 +5,7 @@ mod agent;
 mod config;
 mod events;
 mod layout;
+mod lifecycle;
 mod mounts;
 mod network;
 mod pod;

@@ -36,6 +36,7 @@ use crate::agent::CallError;
 use crate::config;
 use crate::events::{self, outgoing, Outgoing, LOST_EXIT_STATUS};
 use crate::layout::{check_id, PodLayout};
+use crate::lifecycle::{ExitInfo, Lifecycle, StartRefused};
 use crate::mounts;
 use crate::pod::{Pod, PodEvent};
 use crate::record::{self, BundleRecord};
@@ -91,16 +92,9 @@ fn agent_err(e: CallError) -> ttrpc::Error {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct ExitInfo {
-    status: u32,
-    at_ns: u64,
-}
-
-impl ExitInfo {
-    fn timestamp(&self) -> Timestamp {
-        events::timestamp_from_ns(self.at_ns)
-    }
+/// An exit's time as containerd's events carry it.
+fn timestamp(e: &ExitInfo) -> Timestamp {
+    events::timestamp_from_ns(e.at_ns)
 }
 
 fn now_ns() -> u64 {
@@ -111,79 +105,58 @@ fn now_ns() -> u64 {
 
 struct Proc {
     pid: u32,
-    started: bool,
-    /// `start` has returned (and published TaskStart / TaskExecStarted):
-    /// an exit is published only after it.
-    start_returned: bool,
-    exit: Option<ExitInfo>,
-    exit_published: bool,
+    life: Lifecycle,
     exit_tx: watch::Sender<Option<ExitInfo>>,
-    /// A `start` is waiting for the guest: an exit seen meanwhile is
-    /// given to waiters only once that start has returned.
-    starting: bool,
     stdio: StdioPaths,
     copies: Option<Copies>,
-    /// Why the guest could not create this exec'd process. runc creates an
-    /// exec'd process only at start, so containerd sees TaskExecAdded and
-    /// then the error from `start`; jevm's agent finds the error earlier
-    /// and it is kept here to be answered at start, in the same order.
-    start_error: Option<String>,
 }
 
 impl Proc {
     fn new(pid: u32, stdio: StdioPaths, copies: Copies) -> Proc {
         Proc {
             pid,
-            started: false,
-            start_returned: false,
-            exit: None,
-            exit_published: false,
+            life: Lifecycle::created(),
             exit_tx: watch::channel(None).0,
-            starting: false,
             stdio,
             copies: Some(copies),
-            start_error: None,
         }
     }
 
-    /// An exec'd process the guest refused to create (see `start_error`).
+    /// An exec'd process the guest refused to create: runc creates an
+    /// exec'd process only at start, so containerd sees TaskExecAdded and
+    /// then the error from `start`; jevm's agent finds the error earlier
+    /// and it is kept to be answered at start, in the same order.
     fn failed(stdio: StdioPaths, why: String) -> Proc {
         Proc {
             pid: 0,
-            started: false,
-            start_returned: false,
-            exit: None,
-            exit_published: false,
+            life: Lifecycle::create_failed(why),
             exit_tx: watch::channel(None).0,
-            starting: false,
             stdio,
             copies: None,
-            start_error: Some(why),
         }
     }
 
     fn status(&self, paused: bool) -> Status {
-        match (self.exit, self.started) {
-            (Some(_), _) => Status::STOPPED,
-            (None, false) => Status::CREATED,
-            (None, true) if paused => Status::PAUSED,
-            (None, true) => Status::RUNNING,
-        }
+        self.life.status(paused)
     }
 
-    /// Records the exit; returns whether TaskExit is due now.
-    fn set_exit(&mut self, e: ExitInfo) -> bool {
-        if self.exit.is_some() {
-            return false;
+    fn exit(&self) -> Option<ExitInfo> {
+        self.life.exit()
+    }
+
+    /// Records an exit and does what the lifecycle asks; returns whether
+    /// TaskExit is due now.
+    fn on_exit(&mut self, e: ExitInfo) -> bool {
+        let on = self.life.on_exit(e);
+        if on.recorded {
+            if let Some(c) = &mut self.copies {
+                c.close_stdin();
+            }
         }
-        self.exit = Some(e);
-        if !self.starting {
+        if let Some(e) = on.notify {
             self.exit_tx.send_replace(Some(e));
         }
-        if let Some(c) = &mut self.copies {
-            c.close_stdin();
-        }
-        self.start_returned && !self.exit_published
+        on.publish
     }
 }
 
@@ -323,14 +296,13 @@ impl TaskService {
                     "container {container_id} {exec}: pid {pid} exited with {exit_status} \
                      (guest clock {exited_at_ns})"
                 );
-                if p.set_exit(e) {
-                    p.exit_published = true;
+                if p.on_exit(e) {
                     out.push(outgoing(events::task_exit(
                         &container_id,
                         exec_id.as_deref(),
                         p.pid,
                         e.status,
-                        e.timestamp(),
+                        timestamp(&e),
                     )));
                 }
             }
@@ -354,25 +326,23 @@ impl TaskService {
                 };
                 for (cid, c) in st.containers.iter_mut().filter(|(_, c)| c.pod.id == pod) {
                     for (exec, p) in c.execs.iter_mut() {
-                        if p.set_exit(e) {
-                            p.exit_published = true;
+                        if p.on_exit(e) {
                             out.push(outgoing(events::task_exit(
                                 cid,
                                 Some(exec),
                                 p.pid,
                                 e.status,
-                                e.timestamp(),
+                                timestamp(&e),
                             )));
                         }
                     }
-                    if c.init.set_exit(e) {
-                        c.init.exit_published = true;
+                    if c.init.on_exit(e) {
                         out.push(outgoing(events::task_exit(
                             cid,
                             None,
                             c.init.pid,
                             e.status,
-                            e.timestamp(),
+                            timestamp(&e),
                         )));
                     }
                 }
@@ -384,16 +354,13 @@ impl TaskService {
         }
     }
 
-    /// Marks a start in flight (see `Proc::starting`); when it ends
-    /// without success, an exit seen meanwhile goes to the waiters.
-    fn set_starting(&self, cid: &str, exec: &str, on: bool) {
+    /// The guest refused a start: an exit seen meanwhile goes to the
+    /// waiters now.
+    fn start_failed(&self, cid: &str, exec: &str) {
         let mut st = self.state();
         if let Some(p) = st.containers.get_mut(cid).and_then(|c| c.proc_mut(exec)) {
-            p.starting = on;
-            if !on {
-                if let Some(e) = p.exit {
-                    p.exit_tx.send_replace(Some(e));
-                }
+            if let Some(e) = p.life.start_failed() {
+                p.exit_tx.send_replace(Some(e));
             }
         }
     }
@@ -779,27 +746,27 @@ impl Task for TaskService {
         log::info!("start {cid} {exec}");
         let pod = self.pod_of_proc(cid, exec)?;
         {
-            let st = self.state();
-            let p = st.containers.get(cid).and_then(|c| c.proc(exec));
-            match p {
-                Some(p) if p.exit.is_some() => {
+            let mut st = self.state();
+            let p = st
+                .containers
+                .get_mut(cid)
+                .and_then(|c| c.proc_mut(exec))
+                .ok_or_else(|| not_found(format!("container {cid:?} {exec}: not found")))?;
+            match p.life.begin_start() {
+                Ok(()) => {}
+                Err(StartRefused::Exited) => {
                     return Err(precondition(format!(
                         "container {cid:?} {exec}: process already exited"
                     )))
                 }
-                Some(p) if p.started => {
+                Err(StartRefused::AlreadyStarted) => {
                     return Err(precondition(format!(
                         "container {cid:?} {exec}: already started"
                     )))
                 }
-                Some(Proc {
-                    start_error: Some(e),
-                    ..
-                }) => return Err(status(Code::UNKNOWN, e.clone())),
-                _ => {}
+                Err(StartRefused::CreateFailed(e)) => return Err(status(Code::UNKNOWN, e)),
             }
         }
-        self.set_starting(cid, exec, true);
         let t = Instant::now();
         let r = if exec.is_empty() {
             Request::StartContainer {
@@ -814,13 +781,13 @@ impl Task for TaskService {
         let pid = match pod.agent.pid("Start", r).await {
             Ok(pid) => pid,
             Err(e) => {
-                self.set_starting(cid, exec, false);
+                self.start_failed(cid, exec);
                 return Err(agent_err(e));
             }
         };
         let running = t.elapsed();
 
-        let mut exited_early = false;
+        let mut held_exit = None;
         let out = vec![if exec.is_empty() {
             outgoing(TaskStart {
                 container_id: cid.to_string(),
@@ -847,44 +814,27 @@ impl Task for TaskService {
                 log::info!("{}", c.timings.line(cid));
             }
             if let Some(p) = c.proc_mut(exec) {
-                p.started = true;
-                p.start_returned = true;
-                p.starting = false;
-                exited_early = p.exit.is_some() && !p.exit_published;
-                if exited_early {
-                    p.exit_published = true;
+                // TaskStart is stamped when it is queued, now: an exit held
+                // during the start is dated no earlier.
+                held_exit = p.life.start_done(now_ns()).exit.map(|e| (p.pid, e));
+                if let Some((_, e)) = held_exit {
+                    p.exit_tx.send_replace(Some(e));
                 }
             }
         }
         for o in out {
             self.publish(o);
         }
-        if exited_early {
-            // It exited before its start was answered. Its exit is
-            // published after TaskStart and dated after it (TaskStart was
-            // stamped when it was queued): a client must see the start first.
-            let exit = {
-                let mut st = self.state();
-                st.containers
-                    .get_mut(cid)
-                    .and_then(|c| c.proc_mut(exec))
-                    .and_then(|p| {
-                        let mut e = p.exit?;
-                        e.at_ns = e.at_ns.max(now_ns());
-                        p.exit = Some(e);
-                        p.exit_tx.send_replace(Some(e));
-                        Some((p.pid, e))
-                    })
-            };
-            if let Some((pid, e)) = exit {
-                self.publish(outgoing(events::task_exit(
-                    cid,
-                    Some(exec).filter(|e| !e.is_empty()),
-                    pid,
-                    e.status,
-                    e.timestamp(),
-                )));
-            }
+        if let Some((pid, e)) = held_exit {
+            // It exited before its start was answered: a client must see
+            // the start first.
+            self.publish(outgoing(events::task_exit(
+                cid,
+                Some(exec).filter(|e| !e.is_empty()),
+                pid,
+                e.status,
+                timestamp(&e),
+            )));
         }
         Ok(StartResponse {
             pid,
@@ -915,8 +865,8 @@ impl Task for TaskService {
             // An exec whose start never came: what the guest reports of it
             // is its stage being torn down (with the container, say), not a
             // process that ran.
-            let never_started = !p.started;
-            let (pid, exit, copies) = (p.pid, p.exit, p.copies.take());
+            let never_started = !p.life.started();
+            let (pid, exit, copies) = (p.pid, p.exit(), p.copies.take());
             let exec_copies: Vec<Copies> = if exec.is_empty() {
                 c.execs
                     .values_mut()
@@ -979,7 +929,7 @@ impl Task for TaskService {
                 container_id: cid.to_string(),
                 pid,
                 exit_status: exit.status,
-                exited_at: Some(exit.timestamp()).into(),
+                exited_at: Some(timestamp(&exit)).into(),
                 ..Default::default()
             }));
         } else {
@@ -1005,7 +955,7 @@ impl Task for TaskService {
         Ok(DeleteResponse {
             pid,
             exit_status: exit.status,
-            exited_at: Some(exit.timestamp()).into(),
+            exited_at: Some(timestamp(&exit)).into(),
             ..Default::default()
         })
     }
@@ -1019,7 +969,7 @@ impl Task for TaskService {
             .containers
             .get(cid)
             .and_then(|c| c.proc(exec))
-            .is_some_and(|p| p.exit.is_some());
+            .is_some_and(|p| p.exit().is_some());
         if exited {
             return Err(not_found(format!(
                 "container {cid:?} {exec}: process already finished"
@@ -1058,7 +1008,7 @@ impl Task for TaskService {
                     format!("container {cid:?}: exec {exec:?} already exists"),
                 ));
             }
-            if c.init.exit.is_some() {
+            if c.init.exit().is_some() {
                 return Err(precondition(format!("container {cid:?} is stopped")));
             }
             Arc::clone(&c.pod)
@@ -1181,9 +1131,9 @@ impl Task for TaskService {
             ..Default::default()
         };
         r.status = p.status(c.paused).into();
-        if let Some(e) = p.exit {
+        if let Some(e) = p.exit() {
             r.exit_status = e.status;
-            r.exited_at = Some(e.timestamp()).into();
+            r.exited_at = Some(timestamp(&e)).into();
         }
         Ok(r)
     }
@@ -1319,7 +1269,7 @@ impl Task for TaskService {
         };
         Ok(WaitResponse {
             exit_status: e.status,
-            exited_at: Some(e.timestamp()).into(),
+            exited_at: Some(timestamp(&e)).into(),
             ..Default::default()
         })
     }
