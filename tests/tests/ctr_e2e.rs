@@ -932,3 +932,172 @@ fn jevm_missing_kernel_names_the_file() {
         "the error names the kernel file: {o:?}"
     );
 }
+
+/// A network namespace the test makes, as CNI would: `eth0` in it (one end
+/// of a veth pair with `addr`/24 and a default route), the other end in the
+/// test's own network namespace (hack/containerd-env's private node) with
+/// the gateway address. Removed on drop (the veth goes with the netns).
+struct PodNetns {
+    name: String,
+    node_if: String,
+}
+
+impl PodNetns {
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.name)
+    }
+}
+
+fn ip(args: &[&str]) {
+    let o = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .expect("running ip");
+    assert!(
+        o.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `subnet` is the third octet of 10.234.X.0/24; `eth0` gets .2, the node
+/// side .1. Without `veth`, the netns has only `lo`.
+fn pod_netns(tag: &str, subnet: u8, veth: bool) -> PodNetns {
+    let n = PodNetns {
+        name: format!("jevm-{tag}-{}", std::process::id()),
+        node_if: format!("vn{subnet}-{}", std::process::id() % 100_000),
+    };
+    ip(&["netns", "add", &n.name]);
+    if veth {
+        let (node_addr, pod_addr, gw) = (
+            format!("10.234.{subnet}.1/24"),
+            format!("10.234.{subnet}.2/24"),
+            format!("10.234.{subnet}.1"),
+        );
+        ip(&[
+            "link", "add", &n.node_if, "type", "veth", "peer", "name", "eth0", "netns", &n.name,
+        ]);
+        ip(&["addr", "add", &node_addr, "dev", &n.node_if]);
+        ip(&["link", "set", &n.node_if, "up"]);
+        ip(&["-n", &n.name, "addr", "add", &pod_addr, "dev", "eth0"]);
+        ip(&["-n", &n.name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &n.name, "route", "add", "default", "via", &gw]);
+    }
+    n
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.node_if])
+            .output();
+    }
+}
+
+#[test]
+fn joined_network_namespace_reaches_the_node() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let subnet = if rt == RUNC { 1 } else { 2 };
+        let ns = pod_netns(short(rt), subnet, true);
+        let node = format!("10.234.{subnet}.1");
+        let listener =
+            std::net::TcpListener::bind((node.as_str(), 0)).expect("listening on the node");
+        let port = listener.local_addr().unwrap().port();
+        let accept = std::thread::spawn(move || {
+            let (mut s, peer) = listener.accept().expect("accept");
+            let mut got = String::new();
+            use std::io::Read;
+            s.read_to_string(&mut got).expect("read");
+            (got, peer.ip().to_string())
+        });
+        let id = id("netns", rt);
+        let o = env.run(
+            rt,
+            &id,
+            &["--with-ns", &format!("network:{}", ns.path())],
+            &sh(&format!(
+                "ip -o -4 addr show eth0 | awk '{{print $4}}'; echo hello | nc {node} {port}"
+            )),
+        );
+        env.assert_gone(&id);
+        let got = accept.join().expect("accept thread");
+        // Nothing of jevm's left in the netns: no tap, no qdisc.
+        let links = std::process::Command::new("ip")
+            .args(["-n", &ns.name, "-o", "link"])
+            .output()
+            .unwrap();
+        let qdiscs = std::process::Command::new("tc")
+            .args(["-n", &ns.name, "qdisc", "show", "dev", "eth0", "ingress"])
+            .output()
+            .unwrap();
+        (
+            o,
+            got,
+            String::from_utf8_lossy(&links.stdout).contains("tap"),
+            String::from_utf8_lossy(&qdiscs.stdout).trim().to_string(),
+        )
+    });
+    assert_eq!(r.0.code, 0, "{r:?}");
+    assert_eq!(r.0.stdout, "10.234.1.2/24\n", "{r:?}");
+    assert_eq!(r.1, ("hello\n".to_string(), "10.234.1.2".to_string()));
+    let jevm_subnet = if runc_only() { 1 } else { 2 };
+    assert_eq!(j.0.code, 0, "{j:?}");
+    assert_eq!(j.0.stdout, format!("10.234.{jevm_subnet}.2/24\n"), "{j:?}");
+    assert_eq!(
+        j.1,
+        ("hello\n".to_string(), format!("10.234.{jevm_subnet}.2"))
+    );
+    assert!(!j.2, "a tap is left in the network namespace");
+    assert_eq!(j.3, "", "an ingress qdisc is left on eth0");
+}
+
+#[test]
+fn jevm_refuses_a_network_namespace_it_cannot_join() {
+    let env = ctr_env_or_skip!();
+    if runc_only() {
+        return;
+    }
+    let image = env.image.clone();
+    let run = |name: &str, netns: &str| {
+        failing_run(
+            &env,
+            JEVM,
+            name,
+            strs(&[
+                "run",
+                "--rm",
+                "--runtime",
+                JEVM,
+                "--with-ns",
+                &format!("network:{netns}"),
+                &image,
+                "{ID}",
+                "true",
+            ]),
+        )
+    };
+    let o = run("nonetns", "/run/netns/jevm-no-such-netns");
+    assert!(
+        o.stderr
+            .contains("network namespace /run/netns/jevm-no-such-netns")
+            && o.stderr.contains("No such file or directory"),
+        "{o:?}"
+    );
+    let lo_only = pod_netns("loonly", 3, false);
+    let o = run("lonetns", &lo_only.path());
+    assert!(
+        o.stderr.contains(&lo_only.path()) && o.stderr.contains("only lo"),
+        "{o:?}"
+    );
+    // The netns is as it was: no tap left behind.
+    let links = std::process::Command::new("ip")
+        .args(["-n", &lo_only.name, "-o", "link"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert_eq!(links.lines().count(), 1, "{links}");
+}
