@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use jevm_protocol::{ErrorKind, Request, Response};
 use jevm_runtime::agent_client::{AgentClient, AgentError};
 
@@ -15,7 +16,50 @@ use jevm_runtime::agent_client::{AgentClient, AgentError};
 /// error after this, not a hang.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What the task service asks of a pod's guest: requests and streams. The
+/// real one is [`Agent`] (vsock to the in-guest agent); the task service's
+/// tests answer with a fake.
+#[async_trait]
+pub trait Guest: Send + Sync {
+    /// Sends one request; a guest `Error` answer is [`CallError::Guest`].
+    async fn call(&self, name: &'static str, req: Request) -> Result<Response, CallError>;
+
+    /// Opens an `Events` or `AttachStdio` stream.
+    async fn stream(
+        &self,
+        name: &'static str,
+        req: Request,
+    ) -> Result<tokio::net::UnixStream, CallError>;
+
+    /// A request whose only good answer is `Done`.
+    async fn done(&self, name: &'static str, req: Request) -> Result<(), CallError> {
+        match self.call(name, req).await? {
+            Response::Done => Ok(()),
+            other => Err(CallError::Unexpected {
+                request: name,
+                answer: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// A request answered with a process id (`Created` or `Started`).
+    async fn pid(&self, name: &'static str, req: Request) -> Result<u32, CallError> {
+        match self.call(name, req).await? {
+            Response::Created { pid } | Response::Started { pid } => Ok(pid),
+            other => Err(CallError::Unexpected {
+                request: name,
+                answer: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+/// The in-guest agent of one pod VM, over its vsock socket.
 pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     uds: PathBuf,
     idle: Mutex<Vec<AgentClient>>,
     /// The VM is gone: fail at once instead of waiting out a timeout.
@@ -50,13 +94,21 @@ pub enum CallError {
 impl Agent {
     pub fn new(uds: PathBuf) -> Arc<Agent> {
         Arc::new(Agent {
-            uds,
-            idle: Mutex::new(Vec::new()),
-            dead: AtomicBool::new(false),
+            inner: Arc::new(Inner {
+                uds,
+                idle: Mutex::new(Vec::new()),
+                dead: AtomicBool::new(false),
+            }),
         })
     }
 
     pub fn mark_dead(&self) {
+        self.inner.mark_dead();
+    }
+}
+
+impl Inner {
+    fn mark_dead(&self) {
         self.dead.store(true, Ordering::SeqCst);
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
@@ -78,15 +130,13 @@ impl Agent {
             idle.push(c);
         }
     }
+}
 
-    /// Sends one request; a guest `Error` answer is [`CallError::Guest`].
-    pub async fn call(
-        self: &Arc<Self>,
-        name: &'static str,
-        req: Request,
-    ) -> Result<Response, CallError> {
-        self.check_alive(name)?;
-        let this = Arc::clone(self);
+#[async_trait]
+impl Guest for Agent {
+    async fn call(&self, name: &'static str, req: Request) -> Result<Response, CallError> {
+        self.inner.check_alive(name)?;
+        let this = Arc::clone(&self.inner);
         let pooled = this.take_idle();
         let r = tokio::task::spawn_blocking(move || {
             let mut c = match pooled {
@@ -106,36 +156,13 @@ impl Agent {
         }
     }
 
-    /// A request whose only good answer is `Done`.
-    pub async fn done(self: &Arc<Self>, name: &'static str, req: Request) -> Result<(), CallError> {
-        match self.call(name, req).await? {
-            Response::Done => Ok(()),
-            other => Err(CallError::Unexpected {
-                request: name,
-                answer: format!("{other:?}"),
-            }),
-        }
-    }
-
-    /// A request answered with a process id (`Created` or `Started`).
-    pub async fn pid(self: &Arc<Self>, name: &'static str, req: Request) -> Result<u32, CallError> {
-        match self.call(name, req).await? {
-            Response::Created { pid } | Response::Started { pid } => Ok(pid),
-            other => Err(CallError::Unexpected {
-                request: name,
-                answer: format!("{other:?}"),
-            }),
-        }
-    }
-
-    /// Opens an `Events` or `AttachStdio` stream.
-    pub async fn stream(
-        self: &Arc<Self>,
+    async fn stream(
+        &self,
         name: &'static str,
         req: Request,
     ) -> Result<tokio::net::UnixStream, CallError> {
-        self.check_alive(name)?;
-        let uds = self.uds.clone();
+        self.inner.check_alive(name)?;
+        let uds = self.inner.uds.clone();
         let s = tokio::task::spawn_blocking(move || {
             AgentClient::open_stream(&uds, &req, ANSWER_TIMEOUT)
         })

@@ -15,7 +15,7 @@ use jevm_runtime::vmm::vm::VmWatch;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, Guest};
 use crate::config::JevmConfig;
 use crate::events::LOST_EXIT_STATUS;
 use crate::layout::{vms_dir, PodLayout};
@@ -119,17 +119,59 @@ impl Life {
 pub struct Pod {
     pub id: String,
     pub layout: PodLayout,
-    pub agent: Arc<Agent>,
+    pub agent: Arc<dyn Guest>,
     pub vm_dir: PathBuf,
     /// The VM's size, for the containers that join it.
     pub size: VmSize,
-    life: Arc<Life>,
+    /// The VM and its watchers; None only for the task service's tests,
+    /// whose pods are a fake guest without a VM.
+    life: Option<Arc<Life>>,
+    /// Set by `stop` for a pod without a VM.
+    stopped: AtomicBool,
     /// The container that started the pod and its guest init PID: CRI
     /// containers join its namespaces.
     pub sandbox: Mutex<Option<(String, u32)>>,
     /// The tap and redirects joining the VM to the pod's network namespace;
     /// undone when the pod stops.
     network: Mutex<Option<PodNetwork>>,
+}
+
+/// What starting a pod takes.
+pub struct PodStart<'a> {
+    pub cfg: &'a JevmConfig,
+    pub id: &'a str,
+    pub layout: PodLayout,
+    pub hostname: String,
+    pub size: VmSize,
+    /// The network namespace the CNI plugins prepared, if any.
+    pub netns: Option<PathBuf>,
+    pub events: mpsc::UnboundedSender<PodEvent>,
+}
+
+/// How the task service gets a pod: [`VmPods`] clones its VM; the task
+/// service's tests hand out pods whose guest is a fake.
+#[async_trait::async_trait]
+pub trait PodStarter: Send + Sync {
+    async fn start(&self, how: PodStart<'_>) -> Result<(Arc<Pod>, StartTimes), String>;
+}
+
+/// Pods in VMs cloned from the template store.
+pub struct VmPods;
+
+#[async_trait::async_trait]
+impl PodStarter for VmPods {
+    async fn start(&self, how: PodStart<'_>) -> Result<(Arc<Pod>, StartTimes), String> {
+        Pod::start(
+            how.cfg,
+            how.id,
+            how.layout,
+            how.hostname,
+            how.size,
+            how.netns,
+            how.events,
+        )
+        .await
+    }
 }
 
 /// How long the VM's start took, for the create→start breakdown.
@@ -236,10 +278,11 @@ impl Pod {
         let pod = Arc::new(Pod {
             id: id.to_string(),
             layout,
-            agent,
+            agent: agent as Arc<dyn Guest>,
             vm_dir,
             size,
-            life: Arc::clone(&life),
+            life: Some(Arc::clone(&life)),
+            stopped: AtomicBool::new(false),
             sandbox: Mutex::new(None),
             network: Mutex::new(network),
         });
@@ -253,7 +296,7 @@ impl Pod {
                 "pod {id:?}: cannot start the VM watcher thread: {e}"
             ));
         }
-        match pod.agent.stream("Events", Request::Events).await {
+        match life.agent.stream("Events", Request::Events).await {
             Ok(stream) => {
                 let h = tokio::spawn(read_events(Arc::clone(&life), stream, events));
                 life.tasks
@@ -286,11 +329,15 @@ impl Pod {
     /// Powers the VM off (forcibly after a few seconds) and waits for its
     /// threads; the VM's run directory goes with it. Idempotent.
     pub async fn stop(&self) {
-        self.life.closing.store(true, Ordering::SeqCst);
-        let vm = self.life.take_vm();
+        self.stopped.store(true, Ordering::SeqCst);
+        let Some(life) = &self.life else {
+            return;
+        };
+        life.closing.store(true, Ordering::SeqCst);
+        let vm = life.take_vm();
         // A lost guest, or one whose VM already stopped, cannot be asked to
         // power off.
-        let lost = self.life.lost.load(Ordering::SeqCst) || self.life.watch.stop_reason().is_some();
+        let lost = life.lost.load(Ordering::SeqCst) || life.watch.stop_reason().is_some();
         if let Some(vm) = vm {
             let id = self.id.clone();
             // Dropping the VM stops its threads and removes its run directory.
@@ -308,7 +355,7 @@ impl Pod {
                 Err(e) => log::error!("pod {id}: VM shutdown thread: {e}"),
             }
         }
-        self.life.abort_tasks();
+        life.abort_tasks();
         // After the VM: the device's fd goes with it, then the tap.
         let network = self
             .network
@@ -334,12 +381,34 @@ impl Pod {
 
     /// The VM died: no more agent calls, teardown without asking it.
     pub fn mark_lost(&self) {
-        self.life.mark_lost();
+        if let Some(life) = &self.life {
+            life.mark_lost();
+        }
     }
 
     /// Being stopped or lost: agent calls would fail or hang.
     pub fn closing(&self) -> bool {
-        self.life.closing.load(Ordering::SeqCst)
+        match &self.life {
+            Some(life) => life.closing.load(Ordering::SeqCst),
+            None => self.stopped.load(Ordering::SeqCst),
+        }
+    }
+
+    /// A pod whose guest is `guest` and that has no VM: for the task
+    /// service's tests, which drive the service against a fake guest.
+    #[cfg(test)]
+    pub fn without_vm(id: &str, layout: PodLayout, guest: Arc<dyn Guest>, size: VmSize) -> Pod {
+        Pod {
+            id: id.to_string(),
+            layout,
+            agent: guest,
+            vm_dir: PathBuf::new(),
+            size,
+            life: None,
+            stopped: AtomicBool::new(false),
+            sandbox: Mutex::new(None),
+            network: Mutex::new(None),
+        }
     }
 }
 

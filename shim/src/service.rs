@@ -102,6 +102,12 @@ impl Shim for Service {
             rx,
             Arc::clone(&unpublished),
         ));
-        TaskService::new(Arc::clone(&self.exit), tx, unpublished, shim_start)
+        TaskService::new(
+            Arc::clone(&self.exit),
+            tx,
+            unpublished,
+            shim_start,
+            Arc::new(crate::pod::VmPods),
+        )
     }
 }

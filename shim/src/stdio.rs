@@ -9,7 +9,6 @@
 //! its end comes from `CloseIO`, after which what is still buffered in the
 //! FIFO is drained and the stream is shut down for writing.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use jevm_protocol::{Request, StdioStream};
@@ -18,7 +17,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::agent::Agent;
+use crate::agent::Guest;
 
 /// The stdio containerd asked for (paths empty when not wanted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,7 +99,7 @@ fn open_stdin(uri: &str) -> Result<pipe::Receiver, String> {
 /// copying. Must run before the process is started. On error nothing is
 /// left open.
 pub async fn attach(
-    agent: &Arc<Agent>,
+    agent: &dyn Guest,
     container_id: &str,
     exec_id: Option<&str>,
     paths: &StdioPaths,

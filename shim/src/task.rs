@@ -38,7 +38,7 @@ use crate::events::{self, outgoing, Outgoing, LOST_EXIT_STATUS};
 use crate::layout::{check_id, PodLayout};
 use crate::lifecycle::{ExitInfo, Lifecycle, StartRefused};
 use crate::mounts;
-use crate::pod::{Pod, PodEvent};
+use crate::pod::{Pod, PodEvent, PodStart, PodStarter};
 use crate::record::{self, BundleRecord};
 use crate::runtime_options;
 use crate::sizing;
@@ -204,6 +204,8 @@ struct Inner {
     create_lock: tokio::sync::Mutex<()>,
     /// From the `start` subcommand to this service existing.
     shim_start: Option<Duration>,
+    /// Where pods come from (VMs; a fake guest in tests).
+    pods: Arc<dyn PodStarter>,
 }
 
 #[derive(Clone)]
@@ -219,6 +221,7 @@ impl TaskService {
         events: mpsc::UnboundedSender<Outgoing>,
         unpublished: Arc<AtomicUsize>,
         shim_start: Option<Duration>,
+        pods: Arc<dyn PodStarter>,
     ) -> TaskService {
         let (pod_tx, mut pod_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -229,6 +232,7 @@ impl TaskService {
             state: Mutex::new(State::default()),
             create_lock: tokio::sync::Mutex::new(()),
             shim_start,
+            pods,
         });
         let weak = Arc::downgrade(&inner);
         tokio::spawn(async move {
@@ -526,17 +530,20 @@ impl TaskService {
                     .and_then(Value::as_str)
                     .filter(|h| !h.is_empty())
                     .map_or_else(host_hostname, str::to_string);
-                let (pod, t) = Pod::start(
-                    &cfg,
-                    &pod_id,
-                    layout,
-                    hostname,
-                    size,
-                    spec::network_namespace_path(&spec),
-                    self.inner.pod_events.clone(),
-                )
-                .await
-                .map_err(|e| status(Code::UNKNOWN, e))?;
+                let (pod, t) = self
+                    .inner
+                    .pods
+                    .start(PodStart {
+                        cfg: &cfg,
+                        id: &pod_id,
+                        layout,
+                        hostname,
+                        size,
+                        netns: spec::network_namespace_path(&spec),
+                        events: self.inner.pod_events.clone(),
+                    })
+                    .await
+                    .map_err(|e| status(Code::UNKNOWN, e))?;
                 timings.shim_start = self.inner.shim_start;
                 timings.template_lookup = Some(t.template_lookup);
                 timings.network = Some(t.network);
@@ -632,7 +639,7 @@ impl TaskService {
             .map_err(agent_err)?;
         timings.agent_create = Some(t.elapsed());
         let t = Instant::now();
-        let copies = match stdio::attach(&pod.agent, &cid, None, &stdio).await {
+        let copies = match stdio::attach(&*pod.agent, &cid, None, &stdio).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = pod
@@ -1059,7 +1066,7 @@ impl Task for TaskService {
             }
             Err(e) => return Err(agent_err(e)),
         };
-        let copies = match stdio::attach(&pod.agent, cid, Some(exec), &stdio).await {
+        let copies = match stdio::attach(&*pod.agent, cid, Some(exec), &stdio).await {
             Ok(c) => c,
             Err(e) => {
                 let _ = pod
@@ -1387,6 +1394,9 @@ impl TaskService {
         Ok(Empty::default())
     }
 }
+
+#[cfg(test)]
+mod service_tests;
 
 #[cfg(test)]
 mod tests {
