@@ -21,12 +21,16 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, CreateContainerRequest, ExecSyncRequest, ImageSpec,
+    ContainerConfig, ContainerMetadata, ContainerStatsFilter, ContainerStatsRequest,
+    ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec,
     ImageStatusRequest, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListContainersRequest, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    LinuxSandboxSecurityContext, ListContainerStatsRequest, ListContainersRequest,
+    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    ReopenContainerLogRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, UpdateContainerResourcesRequest,
 };
+pub use k8s_cri::v1::{ContainerStats, ContainerStatus, LinuxContainerResources, Mount};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Status;
 
@@ -63,6 +67,8 @@ pub struct CriEnv {
     pub log_dir: PathBuf,
     pub cni_bin_dir: PathBuf,
     pub node_netns: String,
+    /// jevm's `run_dir` (pods' shares are `<run_dir>/pods/<sandbox id>/shared`).
+    pub run_dir: PathBuf,
 }
 
 impl CriEnv {
@@ -84,6 +90,7 @@ impl CriEnv {
             log_dir: v("JEVM_CRI_LOG_DIR")?.into(),
             cni_bin_dir: v("JEVM_CNI_BIN_DIR")?.into(),
             node_netns: v("JEVM_CTR_NODE_NETNS")?,
+            run_dir: v("JEVM_RUN_DIR")?.into(),
         })
     }
 
@@ -169,6 +176,9 @@ pub struct PodSpec {
     pub name: String,
     pub hostname: String,
     pub network: PodNetwork,
+    /// The pod's annotations (containerd passes on to the runtime those its
+    /// `pod_annotations` lists, e.g. `io.jevm.vm.*`).
+    pub annotations: HashMap<String, String>,
 }
 
 impl PodSpec {
@@ -180,6 +190,7 @@ impl PodSpec {
             hostname: format!("{test}-{handler}-{n}"),
             name,
             network: PodNetwork::Pod,
+            annotations: HashMap::new(),
         }
     }
 
@@ -200,6 +211,42 @@ impl PodSpec {
 fn unique() -> usize {
     static N: AtomicUsize = AtomicUsize::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A container as the kubelet asks for it: the parts these tests vary.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    pub name: String,
+    /// The kubelet's restart count: 0, then 1 for the first restart.
+    pub attempt: u32,
+    pub command: Vec<String>,
+    /// Volumes, as the kubelet sends them: host paths it prepared.
+    pub mounts: Vec<Mount>,
+    pub resources: Option<LinuxContainerResources>,
+    pub tty: bool,
+}
+
+impl ContainerSpec {
+    pub fn new(name: &str, cmd: &[&str]) -> ContainerSpec {
+        ContainerSpec {
+            name: name.into(),
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A bind mount the kubelet would send for a volume (private propagation,
+/// no SELinux relabel).
+pub fn volume(container_path: &str, host_path: &std::path::Path, readonly: bool) -> Mount {
+    Mount {
+        container_path: container_path.into(),
+        host_path: host_path.display().to_string(),
+        readonly,
+        selinux_relabel: false,
+        propagation: k8s_cri::v1::MountPropagation::PropagationPrivate as i32,
+        ..Default::default()
+    }
 }
 
 /// A connection to containerd's CRI plugin.
@@ -318,6 +365,7 @@ impl Cri {
                 PodNetwork::Node => String::new(),
             },
             log_directory: log_dir.display().to_string(),
+            annotations: spec.annotations.clone(),
             linux: Some(LinuxPodSandboxConfig {
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(spec.namespaces()),
@@ -436,6 +484,124 @@ impl Cri {
             stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
         })
     }
+
+    /// `ContainerStatus` (not verbose).
+    pub fn container_status(&self, id: &str) -> CallResult<ContainerStatus> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "ContainerStatus",
+            *CTR_TIMEOUT,
+            c.container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            }),
+        )?;
+        Ok(r.status.unwrap_or_default())
+    }
+
+    /// `UpdateContainerResources` with Linux resources.
+    pub fn update_resources(&self, id: &str, r: LinuxContainerResources) -> CallResult<()> {
+        let mut c = self.runtime.clone();
+        self.call(
+            "UpdateContainerResources",
+            *CTR_TIMEOUT,
+            c.update_container_resources(UpdateContainerResourcesRequest {
+                container_id: id.into(),
+                linux: Some(r),
+                ..Default::default()
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// `ContainerStats` of one container.
+    pub fn container_stats(&self, id: &str) -> CallResult<ContainerStats> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "ContainerStats",
+            *CTR_TIMEOUT,
+            c.container_stats(ContainerStatsRequest {
+                container_id: id.into(),
+            }),
+        )?;
+        Ok(r.stats.unwrap_or_default())
+    }
+
+    /// `ListContainerStats` of the containers of one pod.
+    pub fn list_container_stats(&self, pod_id: &str) -> CallResult<Vec<ContainerStats>> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "ListContainerStats",
+            *CTR_TIMEOUT,
+            c.list_container_stats(ListContainerStatsRequest {
+                filter: Some(ContainerStatsFilter {
+                    pod_sandbox_id: pod_id.into(),
+                    ..Default::default()
+                }),
+            }),
+        )?;
+        Ok(r.stats)
+    }
+
+    /// `ReopenContainerLog`: CRI closes the container's log file and opens
+    /// its path again (the kubelet calls it after rotating the file).
+    pub fn reopen_log(&self, id: &str) -> CallResult<()> {
+        let mut c = self.runtime.clone();
+        self.call(
+            "ReopenContainerLog",
+            *CTR_TIMEOUT,
+            c.reopen_container_log(ReopenContainerLogRequest {
+                container_id: id.into(),
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// `StopContainer` with a grace period of `timeout_secs`.
+    pub fn stop_container(&self, id: &str, timeout_secs: i64) -> CallResult<()> {
+        let mut c = self.runtime.clone();
+        self.call(
+            "StopContainer",
+            *CTR_TIMEOUT,
+            c.stop_container(StopContainerRequest {
+                container_id: id.into(),
+                timeout: timeout_secs,
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// `RemoveContainer`.
+    pub fn remove_container(&self, id: &str) -> CallResult<()> {
+        let mut c = self.runtime.clone();
+        self.call(
+            "RemoveContainer",
+            *CTR_TIMEOUT,
+            c.remove_container(RemoveContainerRequest {
+                container_id: id.into(),
+            }),
+        )?;
+        Ok(())
+    }
+
+    /// `Exec` (streaming): the URL of containerd's streaming server that
+    /// serves this exec once.
+    pub fn exec_url(&self, id: &str, cmd: &[&str], tty: bool) -> CallResult<String> {
+        let mut c = self.runtime.clone();
+        let r = self.call(
+            "Exec",
+            *CTR_TIMEOUT,
+            c.exec(ExecRequest {
+                container_id: id.into(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                tty,
+                stdin: true,
+                stdout: true,
+                stderr: !tty,
+            }),
+        )?;
+        Ok(r.url)
+    }
 }
 
 /// A pod's status as the tests use it.
@@ -478,23 +644,31 @@ impl Pod<'_> {
     /// `CreateContainer` + `StartContainer` of the busybox image running
     /// `cmd`, with the pod's namespace options. Returns the container id.
     pub fn start_container(&self, name: &str, cmd: &[&str]) -> CallResult<String> {
+        self.run(&ContainerSpec::new(name, cmd))
+    }
+
+    /// `CreateContainer` of `c` in this pod (busybox image, the pod's
+    /// namespace options, log at `<pod log dir>/<name>.log`).
+    pub fn create(&self, c: &ContainerSpec) -> CallResult<String> {
         let config = ContainerConfig {
             metadata: Some(ContainerMetadata {
-                name: name.into(),
-                attempt: 0,
+                name: c.name.clone(),
+                attempt: c.attempt,
             }),
             image: Some(ImageSpec {
                 image: self.cri.env.image.clone(),
                 ..Default::default()
             }),
-            command: cmd.iter().map(|s| s.to_string()).collect(),
-            log_path: format!("{name}.log"),
+            command: c.command.clone(),
+            log_path: format!("{}.log", c.name),
+            mounts: c.mounts.clone(),
+            tty: c.tty,
             linux: Some(LinuxContainerConfig {
+                resources: c.resources.clone(),
                 security_context: Some(LinuxContainerSecurityContext {
                     namespace_options: Some(self.spec.namespaces()),
                     ..Default::default()
                 }),
-                ..Default::default()
             }),
             ..Default::default()
         };
@@ -503,20 +677,45 @@ impl Pod<'_> {
             config: Some(config),
             sandbox_config: Some(self.config.clone()),
         };
-        let mut c = self.cri.runtime.clone();
-        let id = self
+        let mut client = self.cri.runtime.clone();
+        Ok(self
             .cri
-            .call("CreateContainer", *CTR_TIMEOUT, c.create_container(req))?
-            .container_id;
+            .call(
+                "CreateContainer",
+                *CTR_TIMEOUT,
+                client.create_container(req),
+            )?
+            .container_id)
+    }
+
+    /// `StartContainer`.
+    pub fn start(&self, id: &str) -> CallResult<()> {
         let mut c = self.cri.runtime.clone();
         self.cri.call(
             "StartContainer",
             *CTR_TIMEOUT,
             c.start_container(StartContainerRequest {
-                container_id: id.clone(),
+                container_id: id.into(),
             }),
         )?;
+        Ok(())
+    }
+
+    /// [`Pod::create`] + [`Pod::start`]; returns the container id.
+    pub fn run(&self, c: &ContainerSpec) -> CallResult<String> {
+        let id = self.create(c)?;
+        self.start(&id)?;
         Ok(id)
+    }
+
+    /// [`Pod::run`] that panics, naming the runtime, on failure.
+    pub fn must_run(&self, c: &ContainerSpec) -> String {
+        self.run(c).unwrap_or_else(|e| {
+            panic!(
+                "{}: container {} in pod {}: {e:?}",
+                self.handler, c.name, self.spec.name
+            )
+        })
     }
 
     /// [`Pod::start_container`] that panics, naming the runtime, on failure.
@@ -539,15 +738,28 @@ impl Pod<'_> {
         })
     }
 
-    /// A container's log as CRI wrote it (`TIME STREAM TAG LINE` lines).
-    pub fn log(&self, name: &str) -> String {
-        let p = self
-            .cri
+    /// Where CRI writes the log of container `name`.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.cri
             .env
             .log_dir
             .join(&self.spec.name)
-            .join(format!("{name}.log"));
-        std::fs::read_to_string(p).unwrap_or_default()
+            .join(format!("{name}.log"))
+    }
+
+    /// A container's log as CRI wrote it (`TIME STREAM TAG LINE` lines).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// jevm's share of this pod on the host (what its virtio-fs serves).
+    pub fn jevm_share(&self) -> PathBuf {
+        self.cri
+            .env
+            .run_dir
+            .join("pods")
+            .join(&self.id)
+            .join("shared")
     }
 
     fn stop_and_remove(&self) -> CallResult<()> {
@@ -622,6 +834,128 @@ impl Drop for Pod<'_> {
                 "!!! {}: could not stop/remove pod {} ({}): {e:?}",
                 self.handler, self.spec.name, self.id
             );
+        }
+    }
+}
+
+/// What a streaming exec sent back, per channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamOutput {
+    pub stdout: String,
+    pub stderr: String,
+    /// Channel 3: the exec's final status (JSON) or an error text.
+    pub error: String,
+}
+
+/// Drives a streaming exec at `url` (from [`Cri::exec_url`]) over a
+/// websocket with Kubernetes' `v4.channel.k8s.io` subprotocol, as
+/// `kubectl exec` through the API server does: every message is binary,
+/// its first byte the channel (0 stdin, 1 stdout, 2 stderr, 3 error, 4
+/// resize). Sends `input` (channel, bytes) in order, then reads until the
+/// server closes. A plain blocking client: RFC 6455 framing by hand, the
+/// client's frames masked.
+pub fn stream_exec(
+    url: &str,
+    input: &[(u8, Vec<u8>)],
+    timeout: Duration,
+) -> Result<StreamOutput, String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("streaming URL {url:?} is not http://"))?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut s = std::net::TcpStream::connect(host).map_err(|e| format!("connect {host}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    // The key is a nonce the server only hashes back; RFC 6455's example
+    // value serves.
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .map_err(|e| format!("request: {e}"))?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            Ok(_) => return Err(format!("connection closed in the handshake: {head:?}")),
+            Err(e) => return Err(format!("handshake: {e}")),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(format!("no websocket upgrade: {head:?}"));
+    }
+    for (channel, data) in input {
+        let mut payload = vec![*channel];
+        payload.extend_from_slice(data);
+        let mut frame = vec![0x82u8]; // FIN, binary
+        let n = payload.len();
+        if n < 126 {
+            frame.push(0x80 | n as u8);
+        } else {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        let mask = [0x5a, 0xc3, 0x17, 0x88];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&frame).map_err(|e| format!("sending: {e}"))?;
+    }
+    let mut out = StreamOutput::default();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if Instant::now() >= deadline {
+            return Err(format!("no end of the exec within {timeout:?}: {out:?}"));
+        }
+        let mut h = [0u8; 2];
+        match s.read_exact(&mut h) {
+            Ok(()) => {}
+            // The server may just close the connection after its status.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(out),
+            Err(e) => return Err(format!("reading a frame: {e} ({out:?})")),
+        }
+        let opcode = h[0] & 0x0f;
+        let mut len = u64::from(h[1] & 0x7f);
+        if len == 126 {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).map_err(|e| e.to_string())?;
+            len = u64::from(u16::from_be_bytes(l));
+        } else if len == 127 {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).map_err(|e| e.to_string())?;
+            len = u64::from_be_bytes(l);
+        }
+        let mut mask = None;
+        if h[1] & 0x80 != 0 {
+            let mut m = [0u8; 4];
+            s.read_exact(&mut m).map_err(|e| e.to_string())?;
+            mask = Some(m);
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload)
+            .map_err(|e| format!("reading a payload: {e}"))?;
+        if let Some(m) = mask {
+            payload
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b ^= m[i % 4]);
+        }
+        match opcode {
+            8 => return Ok(out),
+            1 | 2 if !payload.is_empty() => {
+                let text = String::from_utf8_lossy(&payload[1..]);
+                match payload[0] {
+                    1 => out.stdout.push_str(&text),
+                    2 => out.stderr.push_str(&text),
+                    3 => out.error.push_str(&text),
+                    _ => {}
+                }
+            }
+            _ => {}
         }
     }
 }
