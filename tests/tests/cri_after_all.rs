@@ -1,7 +1,7 @@
-//! Run after `cri_pods` against the same containerd (`hack/e2e` does): once
-//! every CRI test is done, nothing of theirs may be left: no pod sandbox or
-//! container CRI lists, no pod IP host-local holds, no network namespace CRI
-//! pins, no shim in CRI's namespace.
+//! Run after `cri_pods` and `cri_workloads` against the same containerd
+//! (`hack/e2e` does): once every CRI test is done, nothing of theirs may be
+//! left: no pod sandbox or container CRI lists, no pod IP host-local holds,
+//! no network namespace CRI pins, no shim in CRI's namespace.
 
 use jevm_tests::cri::Cri;
 use jevm_tests::cri_env_or_skip;
