@@ -897,8 +897,9 @@ pub fn stream_exec(
         if n < 126 {
             frame.push(0x80 | n as u8);
         } else {
+            let n = u16::try_from(n).map_err(|_| "an input frame over 64 KiB".to_string())?;
             frame.push(0x80 | 126);
-            frame.extend_from_slice(&(n as u16).to_be_bytes());
+            frame.extend_from_slice(&n.to_be_bytes());
         }
         let mask = [0x5a, 0xc3, 0x17, 0x88];
         frame.extend_from_slice(&mask);
