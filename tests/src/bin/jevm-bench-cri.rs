@@ -7,18 +7,17 @@
 //!
 //! 1. **Pod start to first byte.** A pod whose one container is a busybox
 //!    listener that answers every connection with a word
-//!    (`sh -c 'echo started; exec nc -ll -p 8080 -e echo jevm-bench'`; the
-//!    timestamp CRI gives the `started` log line, the host's clock when
-//!    containerd read it, is reported as a diagnostic). Stages, each from just before
+//!    (`nc -ll -p 8080 -e echo jevm-bench`). Stages, each from just before
 //!    the call to its answer: `RunPodSandbox` (followed by the verbose
 //!    `PodSandboxStatus` that gives the pod IP: that call is timed again on
 //!    its own afterwards and reported, it is a few ms), `CreateContainer`,
 //!    `StartContainer`; then *first byte*: from `StartContainer`'s answer to
 //!    the first byte of the answer read by this process over TCP from the
 //!    pod IP (connect attempts of at most 250 ms each, 2 ms apart while
-//!    refused). Total: from just before `RunPodSandbox` to that byte. One
-//!    warm-up pod per runtime first (jevm's builds the template), reported
-//!    apart; then RUNS rounds, each round one pod per runtime, the order
+//!    refused; when the first refusal came is reported: the pod IP answers
+//!    then, only the listener is not up yet). Total: from just before
+//!    `RunPodSandbox` to that byte. One warm-up pod per runtime first
+//!    (jevm's builds the template), reported apart; then RUNS rounds, each round one pod per runtime, the order
 //!    flipped every round. Every pod is removed (not timed) before the next.
 //! 2. **Throughput over the pod's network.** One pod per runtime listening
 //!    on two ports. Pod→node: this process listens on the bridge's address
@@ -51,7 +50,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use jevm_tests::cri::{ContainerSpec, Cri, CriEnv, Pod, PodSpec, JEVM, RUNC};
@@ -117,8 +116,16 @@ struct Summary {
 }
 
 fn summary(v: &[f64]) -> Summary {
-    assert!(!v.is_empty());
-    let mut s = v.to_vec();
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        let nan = f64::NAN;
+        return Summary {
+            median: nan,
+            p90: nan,
+            min: nan,
+            max: nan,
+        };
+    }
     s.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let n = s.len();
     let median = if n % 2 == 1 {
@@ -178,43 +185,22 @@ struct StartRun {
     total: Duration,
     /// The verbose PodSandboxStatus call alone, timed after the run.
     status_call: Duration,
-    /// When the container's shell wrote its first line (the timestamp CRI
-    /// gave the log line: the host's clock when containerd read it), in ms
-    /// after StartContainer answered.
-    shell_started: Option<f64>,
+    /// From StartContainer's answer to the first refused connect (the pod
+    /// IP answers, nothing listens yet), if any was refused.
+    first_refused: Option<Duration>,
     refused: usize,
     timeouts: usize,
 }
 
-/// The timestamp of the first line of a CRI log
-/// (`2006-01-02T15:04:05.999999999Z07:00 stdout F text`, UTC here).
-fn started_at(log: &str) -> Option<SystemTime> {
-    let ts = log.lines().next()?.split_whitespace().next()?;
-    let (date, time) = ts.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let time = time
-        .strip_suffix('Z')
-        .or_else(|| time.strip_suffix("+00:00"))?;
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|x| x.parse::<i64>());
-    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    let nanos: u32 = format!("{frac:0<9}")[..9].parse().ok()?;
-    // Days since 1970-01-01 of a proleptic Gregorian date.
-    let (y, m) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    let secs = days * 86400 + hh * 3600 + mm * 60 + ss;
-    Some(SystemTime::UNIX_EPOCH + Duration::new(u64::try_from(secs).ok()?, nanos))
-}
-
 /// Connects to `addr` until it answers with a byte; returns when that byte
-/// was read and how many attempts were refused / timed out.
-fn first_byte(addr: SocketAddr, deadline: Instant) -> Result<(Instant, usize, usize)> {
+/// was read, when the first attempt was refused, and how many attempts were
+/// refused / timed out.
+fn first_byte(
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Result<(Instant, Option<Instant>, usize, usize)> {
     let (mut refused, mut timeouts) = (0, 0);
+    let mut first_refused = None;
     let mut last = String::new();
     while Instant::now() < deadline {
         match TcpStream::connect_timeout(&addr, Duration::from_millis(250)) {
@@ -223,7 +209,7 @@ fn first_byte(addr: SocketAddr, deadline: Instant) -> Result<(Instant, usize, us
                 let mut b = [0u8; 1];
                 match s.read(&mut b) {
                     Ok(1) if b[0] == ANSWER.as_bytes()[0] => {
-                        return Ok((Instant::now(), refused, timeouts))
+                        return Ok((Instant::now(), first_refused, refused, timeouts))
                     }
                     Ok(1) => bail!("{addr} answered {:?}, not {ANSWER:?}", b[0] as char),
                     Ok(_) => last = "connected, closed without a byte".into(),
@@ -236,6 +222,9 @@ fn first_byte(addr: SocketAddr, deadline: Instant) -> Result<(Instant, usize, us
                 continue;
             }
             Err(e) => {
+                if e.kind() == std::io::ErrorKind::ConnectionRefused && first_refused.is_none() {
+                    first_refused = Some(Instant::now());
+                }
                 refused += 1;
                 last = format!("connect: {e}");
             }
@@ -275,18 +264,13 @@ fn start_run(cri: &Cri, handler: &'static str) -> Result<StartRun> {
     pod.start(&cid)
         .map_err(|e| anyhow!("{handler}: StartContainer: {e:?}"))?;
     let t3 = Instant::now();
-    let t3_wall = SystemTime::now();
     let addr = SocketAddr::from((pod_ip(&pod)?, ANSWER_PORT));
-    let (t4, refused, timeouts) = first_byte(addr, t3 + Duration::from_secs(120))
+    let (t4, first_refused, refused, timeouts) = first_byte(addr, t3 + Duration::from_secs(120))
         .with_context(|| format!("{handler}: first byte"))?;
     let ts = Instant::now();
     cri.pod_status(&pod.id)
         .map_err(|e| anyhow!("{handler}: PodSandboxStatus: {e:?}"))?;
     let status_call = ts.elapsed();
-    let shell_started = started_at(&pod.log("answer")).map(|t| match t.duration_since(t3_wall) {
-        Ok(d) => ms(d),
-        Err(e) => -ms(e.duration()),
-    });
     let sandbox = pod.id.clone();
     remove(pod);
     Ok(StartRun {
@@ -299,7 +283,7 @@ fn start_run(cri: &Cri, handler: &'static str) -> Result<StartRun> {
         first_byte: t4 - t3,
         total: t4 - t0,
         status_call,
-        shell_started,
+        first_refused: first_refused.map(|t| t - t3),
         refused,
         timeouts,
     })
@@ -307,7 +291,7 @@ fn start_run(cri: &Cri, handler: &'static str) -> Result<StartRun> {
 
 fn print_run(label: &str, r: &StartRun) {
     println!(
-        "  {label:8} {:4}: RunPodSandbox {:8.1}  Create {:8.1}  Start {:8.1}  first byte {:8.1}  total {:8.1} ms   (status call {:.1} ms; shell's first log line at Start{:+.0} ms; connects refused {}, timed out {})",
+        "  {label:8} {:4}: RunPodSandbox {:8.1}  Create {:8.1}  Start {:8.1}  first byte {:8.1}  total {:8.1} ms   (status call {:.1} ms; first refused connect at Start+{:.0} ms; connects refused {}, timed out {})",
         r.handler,
         ms(r.run_pod),
         ms(r.create),
@@ -315,7 +299,7 @@ fn print_run(label: &str, r: &StartRun) {
         ms(r.first_byte),
         ms(r.total),
         ms(r.status_call),
-        r.shell_started.unwrap_or(f64::NAN),
+        r.first_refused.map_or(f64::NAN, ms),
         r.refused,
         r.timeouts
     );
@@ -386,17 +370,14 @@ fn report_start(a: &Args, warm: &[StartRun], runs: &[StartRun]) {
         );
     }
     for h in [RUNC, JEVM] {
-        let v: Vec<f64> = runs
-            .iter()
-            .filter(|r| r.handler == h)
-            .filter_map(|r| r.shell_started)
-            .collect();
-        if !v.is_empty() {
-            println!(
-                "{h}: the container's first log line (host clock, CRI's timestamp) came {:.0} ms (median) after StartContainer answered",
-                median(&v)
-            );
-        }
+        let rs: Vec<&StartRun> = runs.iter().filter(|r| r.handler == h).collect();
+        let v: Vec<f64> = rs.iter().filter_map(|r| r.first_refused).map(ms).collect();
+        println!(
+            "{h}: {} of {} pods refused a connect before answering; the first refusal (the pod IP answers, nothing listens yet) came {:.0} ms (median) after StartContainer answered",
+            v.len(),
+            rs.len(),
+            median(&v)
+        );
     }
     for w in warm {
         println!(
@@ -517,35 +498,26 @@ fn node_to_pod(t: &TputPod<'_>, bytes: u64) -> Result<f64> {
 
 type Rates = HashMap<(&'static str, &'static str), Vec<f64>>;
 
-/// Counters of the node-side veths (in this, the node's, netns):
+/// Counters of the node-side veths, from `/proc/net/dev` (this process's
+/// netns, the node's; /sys/class/net shows the netns sysfs was mounted in):
 /// name → [rx_bytes, rx_packets, tx_bytes, tx_packets].
 fn veth_counters() -> HashMap<String, [u64; 4]> {
-    let mut out = HashMap::new();
-    let Ok(d) = std::fs::read_dir("/sys/class/net") else {
-        return out;
-    };
-    for e in d.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("veth") {
-            continue;
-        }
-        let get = |c: &str| {
-            std::fs::read_to_string(e.path().join("statistics").join(c))
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        out.insert(
-            name,
-            [
-                get("rx_bytes"),
-                get("rx_packets"),
-                get("tx_bytes"),
-                get("tx_packets"),
-            ],
-        );
-    }
-    out
+    let text = std::fs::read_to_string("/proc/net/dev").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let name = name.trim();
+            if !name.starts_with("veth") {
+                return None;
+            }
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes packets ...
+            (f.len() >= 10).then(|| (name.to_string(), [f[0], f[1], f[8], f[9]]))
+        })
+        .collect()
 }
 
 /// Bytes per frame on the busiest veth between two snapshots, received
@@ -981,17 +953,6 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_the_timestamp_of_a_cri_log_line() {
-        let t = started_at("2026-12-04T04:05:00.5Z stdout F started\nmore\n").unwrap();
-        // date -u -d 2026-12-04T04:05:00Z +%s
-        assert_eq!(
-            t,
-            SystemTime::UNIX_EPOCH + Duration::from_millis(1_796_357_100_500)
-        );
-        assert!(started_at("").is_none());
-    }
 
     #[test]
     fn summary_is_nearest_rank() {
