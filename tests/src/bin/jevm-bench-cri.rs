@@ -17,8 +17,9 @@
 //!    refused; when the first refusal came is reported: the pod IP answers
 //!    then, only the listener is not up yet). Total: from just before
 //!    `RunPodSandbox` to that byte. One warm-up pod per runtime first
-//!    (jevm's builds the template), reported apart; then RUNS rounds, each round one pod per runtime, the order
-//!    flipped every round. Every pod is removed (not timed) before the next.
+//!    (jevm's builds the template), reported apart; then RUNS rounds, each
+//!    round one pod per runtime, the order flipped every round. Every pod
+//!    is removed (not timed) before the next.
 //! 2. **Throughput over the pod's network.** One pod per runtime listening
 //!    on two ports. Pod→node: this process listens on the bridge's address
 //!    (the gateway, in the node netns); it connects to the pod's trigger
