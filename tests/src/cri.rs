@@ -179,6 +179,8 @@ pub struct PodSpec {
     /// The pod's annotations (containerd passes on to the runtime those its
     /// `pod_annotations` lists, e.g. `io.jevm.vm.*`).
     pub annotations: HashMap<String, String>,
+    /// `shareProcessNamespace: true`: one PID namespace for the pod.
+    pub share_pid: bool,
 }
 
 impl PodSpec {
@@ -191,6 +193,7 @@ impl PodSpec {
             name,
             network: PodNetwork::Pod,
             annotations: HashMap::new(),
+            share_pid: false,
         }
     }
 
@@ -200,8 +203,12 @@ impl PodSpec {
                 PodNetwork::Pod => NamespaceMode::Pod,
                 PodNetwork::Node => NamespaceMode::Node,
             } as i32,
-            // What the kubelet asks for a pod without shareProcessNamespace.
-            pid: NamespaceMode::Container as i32,
+            // What the kubelet asks for with and without shareProcessNamespace.
+            pid: if self.share_pid {
+                NamespaceMode::Pod
+            } else {
+                NamespaceMode::Container
+            } as i32,
             ipc: NamespaceMode::Pod as i32,
             ..Default::default()
         }

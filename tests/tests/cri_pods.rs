@@ -52,6 +52,7 @@ under_runc_and_jevm!(
     pod_ip_answers_from_the_node,
     pods_reach_each_other_by_pod_ip,
     pod_reaches_a_listener_on_the_node_gateway,
+    containers_see_each_other_only_with_shared_process_namespace,
 );
 
 fn timed(name: &str, handler: &str, f: fn(&str)) {
@@ -222,6 +223,42 @@ fn containers_of_a_pod_share_localhost_and_hostname(handler: &str) {
         );
     }
     remove_clean(pod);
+}
+
+/// With `shareProcessNamespace`, a container sees its sibling's process
+/// (one PID namespace for the pod: the sandbox's); without, it sees only
+/// its own.
+fn containers_see_each_other_only_with_shared_process_namespace(handler: &str) {
+    let env = cri_env_or_skip!();
+    let cri = Cri::connect(&env);
+    for share in [true, false] {
+        let mut spec = PodSpec::new("sharepid", handler);
+        spec.share_pid = share;
+        let pod = run_pod(&cri, handler, &spec);
+        // A sleep whose argument names it, to find in the other container.
+        let marker = "4242424";
+        pod.must_start("sleeper", &["sleep", marker]);
+        let looker = pod.must_start("looker", SLEEP);
+        let deadline = Instant::now() + NET_WAIT;
+        let seen = loop {
+            let ps = pod.exec(
+                &looker,
+                &["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"],
+                EXEC,
+            );
+            assert_ok(handler, "listing processes", &ps);
+            let seen = ps.stdout.contains(&format!("sleep {marker}"));
+            if seen || !share || Instant::now() >= deadline {
+                break seen;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(
+            seen, share,
+            "{handler}: shareProcessNamespace={share}: the sibling's process seen: {seen}"
+        );
+        remove_clean(pod);
+    }
 }
 
 /// The pod IP of PodSandboxStatus is in the CNI subnet and answers from the
