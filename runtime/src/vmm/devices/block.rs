@@ -18,7 +18,6 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{debug, error, warn};
 use virtio_bindings::virtio_blk::{
@@ -34,6 +33,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::{stop_pair, WorkerThread};
 use super::{ActiveQueue, DeviceError, GuestMemory, IrqLine, VirtioDevice, VIRTIO_MMIO_INT_VRING};
 
 /// Size of the single request queue.
@@ -74,18 +74,13 @@ struct Disk {
     serial: [u8; ID_BYTES],
 }
 
-struct Worker {
-    stop: EventFd,
-    handle: JoinHandle<()>,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
     avail_features: u64,
     acked_features: u64,
     config: [u8; CONFIG_LEN],
-    worker: Option<Worker>,
+    worker: Option<WorkerThread<()>>,
 }
 
 impl Block {
@@ -178,31 +173,14 @@ impl Block {
         }
     }
 
-    /// Stops the worker and waits for it; false if it panicked.
+    /// Stops the worker and waits for it; false if it could not be
+    /// stopped or panicked.
     fn stop_worker(&mut self) -> bool {
         let Some(worker) = self.worker.take() else {
             return true;
         };
-        if let Err(e) = worker.stop.write(1) {
-            // Without the stop signal join would hang forever.
-            error!(
-                "{DEVICE_NAME} {}: stopping worker: {e}",
-                self.disk.path.display()
-            );
-            self.worker = Some(worker);
-            return false;
-        }
-        match worker.handle.join() {
-            Ok(()) => true,
-            Err(_) => {
-                error!(
-                    "{DEVICE_NAME} {}: worker thread panicked",
-                    self.disk.path.display()
-                );
-                // The thread is gone either way; nothing still owns the queue.
-                true
-            }
-        }
+        let name = format!("{DEVICE_NAME} {}", self.disk.path.display());
+        worker.stop(&name).is_some()
     }
 }
 
@@ -252,11 +230,7 @@ impl VirtioDevice for Block {
             return Err(self.activate_error("the driver did not set up the request queue".into()));
         }
         let io_err = |what: &str, e: io::Error| self.activate_error(format!("{what}: {e}"));
-        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| io_err("creating stop eventfd", e))?;
-        let worker_stop = stop
-            .try_clone()
-            .map_err(|e| io_err("cloning stop eventfd", e))?;
+        let (stop, worker_stop) = stop_pair().map_err(|e| io_err("creating stop eventfd", e))?;
         // Set up here rather than in the thread so failures reach the
         // transport (and the driver sees NEEDS_RESET) instead of a log line.
         let epoll = Epoll::new().map_err(|e| io_err("creating epoll", e))?;
@@ -273,11 +247,10 @@ impl VirtioDevice for Block {
                 .map_err(|e| io_err("registering with epoll", e))?;
         }
         let mut worker = BlockWorker::new(self.disk.clone(), mem, irq, queue);
-        let handle = std::thread::Builder::new()
-            .name("blk".into())
-            .spawn(move || worker.run(epoll, notify, worker_stop))
-            .map_err(|e| io_err("spawning worker thread", e))?;
-        self.worker = Some(Worker { stop, handle });
+        let thread =
+            WorkerThread::spawn("blk", stop, move || worker.run(epoll, notify, worker_stop))
+                .map_err(|e| io_err("spawning worker thread", e))?;
+        self.worker = Some(thread);
         Ok(())
     }
 

@@ -42,7 +42,6 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuse_backend_rs::api::filesystem::{FileSystem, FsOptions};
@@ -56,6 +55,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::{stop_pair, WorkerThread};
 use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
@@ -169,20 +169,13 @@ impl Backend {
     }
 }
 
-struct WorkerHandle {
-    stop: EventFd,
-    /// The worker hands itself back when it stops, so `pause` can read the
-    /// queue positions.
-    thread: JoinHandle<Worker>,
-}
-
 /// The virtio-fs device.
 pub struct Fs {
     share: Option<PathBuf>,
     config: [u8; CONFIG_LEN],
     backend: Arc<Backend>,
     acked_features: u64,
-    worker: Option<WorkerHandle>,
+    worker: Option<WorkerThread<Worker>>,
 }
 
 impl Fs {
@@ -236,19 +229,7 @@ impl Fs {
 
     fn stop_worker(&mut self) -> Option<Worker> {
         let worker = self.worker.take()?;
-        if let Err(e) = worker.stop.write(1) {
-            // Without the signal the join would hang; a leaked thread beats
-            // a hung VMM.
-            error!("{}: cannot stop the worker thread: {e}", self.name());
-            return None;
-        }
-        match worker.thread.join() {
-            Ok(w) => Some(w),
-            Err(_) => {
-                error!("{}: the worker thread panicked", self.name());
-                None
-            }
-        }
+        worker.stop(&self.name())
     }
 }
 
@@ -305,8 +286,7 @@ impl VirtioDevice for Fs {
             device: DEVICE,
             source,
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err)?;
-        let worker_stop = stop.try_clone().map_err(io_err)?;
+        let (stop, worker_stop) = stop_pair().map_err(io_err)?;
         // Set up here rather than in the thread so failures reach the
         // transport (and the driver sees NEEDS_RESET).
         let epoll = Epoll::new().map_err(io_err)?;
@@ -335,11 +315,7 @@ impl VirtioDevice for Fs {
             epoll,
             stop: worker_stop,
         };
-        let thread = std::thread::Builder::new()
-            .name("fs".into())
-            .spawn(move || worker.run())
-            .map_err(io_err)?;
-        self.worker = Some(WorkerHandle { stop, thread });
+        self.worker = Some(WorkerThread::spawn("fs", stop, move || worker.run()).map_err(io_err)?);
         Ok(())
     }
 

@@ -12,6 +12,7 @@ pub mod mmio;
 pub mod net;
 pub mod serial;
 pub mod vsock;
+mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -32,7 +32,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{debug, error, warn};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -47,6 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_val;
 use vmm_sys_util::ioctl_iow_nr;
 
+use super::worker::{stop_pair, WorkerThread};
 use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
@@ -97,17 +97,12 @@ pub struct NetCounters {
     pub tx_unattached: AtomicU64,
 }
 
-struct WorkerHandle {
-    stop: EventFd,
-    thread: JoinHandle<Worker>,
-}
-
 /// The virtio-net device.
 pub struct Net {
     tap: Option<Arc<File>>,
     acked_features: u64,
     counters: Arc<NetCounters>,
-    worker: Option<WorkerHandle>,
+    worker: Option<WorkerThread<Worker>>,
 }
 
 impl Net {
@@ -167,17 +162,7 @@ impl Net {
 
     fn stop_worker(&mut self) -> Option<Worker> {
         let worker = self.worker.take()?;
-        if let Err(e) = worker.stop.write(1) {
-            error!("{}: cannot stop the worker thread: {e}", self.name());
-            return None;
-        }
-        match worker.thread.join() {
-            Ok(w) => Some(w),
-            Err(_) => {
-                error!("{}: the worker thread panicked", self.name());
-                None
-            }
-        }
+        worker.stop(&self.name())
     }
 }
 
@@ -244,8 +229,7 @@ impl VirtioDevice for Net {
         if let Some(tap) = &self.tap {
             self.set_tap_offloads(tap).map_err(io_err)?;
         }
-        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_err)?;
-        let worker_stop = stop.try_clone().map_err(io_err)?;
+        let (stop, worker_stop) = stop_pair().map_err(io_err)?;
         let epoll = Epoll::new().map_err(io_err)?;
         let add = |fd: i32, events: EventSet, token: u64| {
             epoll
@@ -278,11 +262,7 @@ impl VirtioDevice for Net {
             rx_buf: vec![0u8; MAX_BUFFER],
             tx_buf: vec![0u8; MAX_BUFFER],
         };
-        let thread = std::thread::Builder::new()
-            .name("net".into())
-            .spawn(move || worker.run())
-            .map_err(io_err)?;
-        self.worker = Some(WorkerHandle { stop, thread });
+        self.worker = Some(WorkerThread::spawn("net", stop, move || worker.run()).map_err(io_err)?);
         Ok(())
     }
 

@@ -34,7 +34,6 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use log::{error, warn};
@@ -44,6 +43,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::worker::{stop_pair, WorkerThread};
 use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
@@ -83,10 +83,9 @@ pub struct Vsock {
 }
 
 struct WorkerHandle {
-    stop: EventFd,
     /// The worker hands itself back when it stops, so `pause` can read the
     /// queue positions.
-    thread: JoinHandle<Worker>,
+    thread: WorkerThread<Worker>,
     /// Open connections, published by the worker after every wakeup.
     connections: Arc<AtomicUsize>,
 }
@@ -127,20 +126,7 @@ impl Vsock {
     }
 
     fn stop_worker(&mut self) -> Option<Worker> {
-        let worker = self.worker.take()?;
-        if let Err(e) = worker.stop.write(1) {
-            // Without the signal the join below would hang; the thread keeps
-            // running and is leaked, which beats a hung VMM.
-            error!("vsock: cannot stop the worker thread: {e}");
-            return None;
-        }
-        match worker.thread.join() {
-            Ok(w) => Some(w),
-            Err(_) => {
-                error!("vsock: the worker thread panicked");
-                None
-            }
-        }
+        self.worker.take()?.thread.stop(DEVICE)
     }
 }
 
@@ -226,8 +212,7 @@ impl VirtioDevice for Vsock {
             source,
         };
         let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), listener).map_err(io_err)?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err)?;
-        let worker_stop = stop.try_clone().map_err(io_err)?;
+        let (stop, worker_stop) = stop_pair().map_err(io_err)?;
         for (fd, token) in [
             (worker_stop.as_raw_fd(), TOKEN_STOP),
             (rxq.notify.as_raw_fd(), TOKEN_RXQ),
@@ -253,12 +238,8 @@ impl VirtioDevice for Vsock {
             muxer,
             connections: connections.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name(DEVICE.into())
-            .spawn(move || worker.run())
-            .map_err(io_err)?;
+        let thread = WorkerThread::spawn(DEVICE, stop, move || worker.run()).map_err(io_err)?;
         self.worker = Some(WorkerHandle {
-            stop,
             thread,
             connections,
         });
@@ -564,7 +545,7 @@ mod tests {
         let path = dir.path().join("v.sock");
         let mut a = activate(Vsock::new(GUEST_CID, path.clone()).unwrap());
         let worker = a.dev.worker.as_ref().unwrap();
-        assert_eq!(worker.thread.thread().name(), Some("vsock"));
+        assert_eq!(worker.thread.thread_name(), Some("vsock"));
         a.post_rx(16);
 
         // Host-initiated.
