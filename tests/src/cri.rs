@@ -845,6 +845,31 @@ impl Drop for Pod<'_> {
     }
 }
 
+/// Runs one scenario under `handler`, printing how long it took (the
+/// scenarios' budgets in docs/testing.md come from these lines).
+pub fn timed(name: &str, handler: &str, f: fn(&str)) {
+    let t = Instant::now();
+    f(handler);
+    eprintln!("{name} under {handler}: {:.1} s", t.elapsed().as_secs_f64());
+}
+
+/// RunPodSandbox, failing the test with the runtime and pod named.
+pub fn run_pod<'a>(cri: &'a Cri, handler: &str, spec: &PodSpec) -> Pod<'a> {
+    cri.run_pod(handler, spec)
+        .unwrap_or_else(|e| panic!("{handler}: RunPodSandbox {}: {e:?}", spec.name))
+}
+
+/// Removes the pod and fails, naming the runtime, if it left anything.
+pub fn remove_clean(pod: Pod<'_>) {
+    let (handler, name) = (pod.handler.clone(), pod.spec.name.clone());
+    let left = pod.remove();
+    assert!(
+        left.is_empty(),
+        "{handler}: pod {name} left behind after StopPodSandbox + RemovePodSandbox:\n  {}",
+        left.join("\n  ")
+    );
+}
+
 /// What a streaming exec sent back, per channel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamOutput {

@@ -153,6 +153,22 @@ pub fn leak_since(
     }
 }
 
+/// `/proc/<pid>/smaps_rollup`: each field (Rss, Pss, Private_Dirty, ...)
+/// in KiB.
+pub fn smaps_rollup(pid: u32) -> std::io::Result<std::collections::HashMap<String, u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((
+                k.trim().to_string(),
+                v.trim().trim_end_matches("kB").trim().parse().ok()?,
+            ))
+        })
+        .collect())
+}
+
 /// Running the same `ctr` commands under runc and jevm (containerd tests).
 pub mod api;
 /// Kubernetes' CRI against containerd's CRI plugin, pods under runc and jevm.

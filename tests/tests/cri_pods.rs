@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use jevm_tests::api::CallError;
-use jevm_tests::cri::{Cri, ExecOutput, Pod, PodNetwork, PodSpec, JEVM, RUNC};
+use jevm_tests::cri::{remove_clean, run_pod, Cri, ExecOutput, PodNetwork, PodSpec, JEVM, RUNC};
 use jevm_tests::cri_env_or_skip;
 
 /// CRI's own time limit for one exec (the command is killed after it).
@@ -34,14 +34,14 @@ macro_rules! under_runc_and_jevm {
         mod $scenario {
             #[test]
             fn runc() {
-                super::timed(stringify!($scenario), jevm_tests::cri::RUNC, super::$scenario);
+                jevm_tests::cri::timed(stringify!($scenario), jevm_tests::cri::RUNC, super::$scenario);
             }
             #[test]
             fn jevm() {
                 if jevm_tests::cri::skip_jevm() {
                     return;
                 }
-                super::timed(stringify!($scenario), jevm_tests::cri::JEVM, super::$scenario);
+                jevm_tests::cri::timed(stringify!($scenario), jevm_tests::cri::JEVM, super::$scenario);
             }
         }
     )*};
@@ -54,28 +54,6 @@ under_runc_and_jevm!(
     pod_reaches_a_listener_on_the_node_gateway,
     containers_see_each_other_only_with_shared_process_namespace,
 );
-
-fn timed(name: &str, handler: &str, f: fn(&str)) {
-    let t = Instant::now();
-    f(handler);
-    eprintln!("{name} under {handler}: {:.1} s", t.elapsed().as_secs_f64());
-}
-
-fn run_pod<'a>(cri: &'a Cri, handler: &str, spec: &PodSpec) -> Pod<'a> {
-    cri.run_pod(handler, spec)
-        .unwrap_or_else(|e| panic!("{handler}: RunPodSandbox {}: {e:?}", spec.name))
-}
-
-/// Removes the pod and fails, naming the runtime, if it left anything.
-fn remove_clean(pod: Pod<'_>) {
-    let (handler, name) = (pod.handler.clone(), pod.spec.name.clone());
-    let left = pod.remove();
-    assert!(
-        left.is_empty(),
-        "{handler}: pod {name} left behind after StopPodSandbox + RemovePodSandbox:\n  {}",
-        left.join("\n  ")
-    );
-}
 
 /// A listener that answers every connection with `word` and a newline
 /// (busybox nc: `-ll` keeps listening, `-e` runs a program per connection).

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use jevm_tests::api::CallError;
 use jevm_tests::cri::{
-    stream_exec, volume, ContainerSpec, ContainerStatus, Cri, ExecOutput, LinuxContainerResources,
-    Pod, PodSpec, JEVM,
+    remove_clean, run_pod, stream_exec, volume, ContainerSpec, ContainerStatus, Cri, ExecOutput,
+    LinuxContainerResources, Pod, PodSpec, JEVM,
 };
 use jevm_tests::cri_env_or_skip;
 
@@ -42,14 +42,14 @@ macro_rules! under_runc_and_jevm {
         mod $scenario {
             #[test]
             fn runc() {
-                super::timed(stringify!($scenario), jevm_tests::cri::RUNC, super::$scenario);
+                jevm_tests::cri::timed(stringify!($scenario), jevm_tests::cri::RUNC, super::$scenario);
             }
             #[test]
             fn jevm() {
                 if jevm_tests::cri::skip_jevm() {
                     return;
                 }
-                super::timed(stringify!($scenario), jevm_tests::cri::JEVM, super::$scenario);
+                jevm_tests::cri::timed(stringify!($scenario), jevm_tests::cri::JEVM, super::$scenario);
             }
         }
     )*};
@@ -66,28 +66,6 @@ under_runc_and_jevm!(
     streaming_exec_with_a_tty_over_websocket,
     container_recreated_in_its_pod_runs_and_the_pod_keeps_its_ip,
 );
-
-fn timed(name: &str, handler: &str, f: fn(&str)) {
-    let t = Instant::now();
-    f(handler);
-    eprintln!("{name} under {handler}: {:.1} s", t.elapsed().as_secs_f64());
-}
-
-fn run_pod<'a>(cri: &'a Cri, handler: &str, spec: &PodSpec) -> Pod<'a> {
-    cri.run_pod(handler, spec)
-        .unwrap_or_else(|e| panic!("{handler}: RunPodSandbox {}: {e:?}", spec.name))
-}
-
-/// Removes the pod and fails, naming the runtime, if it left anything.
-fn remove_clean(pod: Pod<'_>) {
-    let (handler, name) = (pod.handler.clone(), pod.spec.name.clone());
-    let left = pod.remove();
-    assert!(
-        left.is_empty(),
-        "{handler}: pod {name} left behind after StopPodSandbox + RemovePodSandbox:\n  {}",
-        left.join("\n  ")
-    );
-}
 
 fn assert_ok(handler: &str, what: &str, o: &ExecOutput) {
     assert_eq!(o.code, 0, "{handler}: {what}: {o:?}");

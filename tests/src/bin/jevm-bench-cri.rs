@@ -618,22 +618,6 @@ fn mem_available_kib() -> Result<u64> {
         .context("MemAvailable in /proc/meminfo")
 }
 
-/// `/proc/<pid>/smaps_rollup` fields in KiB.
-fn smaps_rollup(pid: u32) -> Result<HashMap<String, u64>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .with_context(|| format!("smaps_rollup of {pid}"))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((
-                k.trim().to_string(),
-                v.trim().trim_end_matches("kB").trim().parse().ok()?,
-            ))
-        })
-        .collect())
-}
-
 fn ppid_and_comm(pid: u32) -> Option<(u32, String)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (head, tail) = stat.rsplit_once(')')?;
@@ -729,7 +713,8 @@ fn idle_memory(cri: &Cri, handler: &str, a: &Args) -> Result<MemResult> {
     for pod in &pods {
         let mut m = PodMem::default();
         for (pid, comm) in pod_processes(&cri.env, &pod.id)? {
-            let s = smaps_rollup(pid)?;
+            let s =
+                jevm_tests::smaps_rollup(pid).with_context(|| format!("smaps_rollup of {pid}"))?;
             let f = |k: &str| s.get(k).copied().unwrap_or(0) as f64 / 1024.0;
             m.pss += f("Pss");
             m.rss += f("Rss");

@@ -324,21 +324,6 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[i]
 }
 
-/// `/proc/<pid>/smaps_rollup` fields in KiB.
-fn smaps_rollup(pid: u32) -> Result<std::collections::HashMap<String, u64>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    Ok(text
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            Some((
-                k.trim().to_string(),
-                v.trim().trim_end_matches("kB").trim().parse().ok()?,
-            ))
-        })
-        .collect())
-}
-
 fn run_jevm(a: &Args, args: &[&str]) -> Result<String> {
     let out = Command::new(&a.jevm)
         .args(args)
@@ -449,7 +434,7 @@ fn bench_clone(a: &Args) -> Result<()> {
             if line.starts_with("vmm memory:") {
                 // idle for a moment, then look at it
                 std::thread::sleep(Duration::from_millis(1000));
-                let s = smaps_rollup(pid)?;
+                let s = jevm_tests::smaps_rollup(pid)?;
                 if n > 0 {
                     // The measure: pages only this clone has written.
                     // Private_Clean is reported apart: it is mostly the jevm
