@@ -103,6 +103,9 @@ pub struct CloneOptions {
     /// directory); the agent mounts it at `jevm_protocol::SHARE_MOUNT`.
     /// None: the device stays unattached and nothing is mounted.
     pub share: Option<std::path::PathBuf>,
+    /// The device nodes the guest may create in the share; the caller
+    /// keeps a handle and grants what each container's spec grants.
+    pub share_device_nodes: std::sync::Arc<crate::vmm::devices::fs::DeviceNodeGrants>,
     /// The pod's network: the tap the clone's virtio-net device uses and
     /// the settings the agent gives the guest interface. None: the device
     /// stays unattached and the interface down.
@@ -150,6 +153,7 @@ pub fn clone_from(
             vsock_uds: vsock_uds.clone(),
             console_log: Some(run_dir.join("console.log")),
             share: opts.share.clone(),
+            share_device_nodes: std::sync::Arc::clone(&opts.share_device_nodes),
             tap: opts.network.as_ref().map(|n| std::sync::Arc::clone(&n.tap)),
         },
     )?;

@@ -10,4 +10,7 @@ pub mod agent_client;
 pub mod clone;
 pub mod microvm;
 pub mod template;
+#[cfg(test)]
+#[path = "../../agent/src/test_skip.rs"]
+mod test_skip;
 pub mod vmm;

@@ -11,6 +11,7 @@ use jevm_runtime::agent_client::AgentClient;
 use jevm_runtime::clone::{build_template, clone_from, CloneNetwork, CloneOptions};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{TemplateSpec, TemplateStore};
+use jevm_runtime::vmm::devices::fs::DeviceNodeGrants;
 use jevm_runtime::vmm::vm::VmWatch;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -134,6 +135,9 @@ pub struct Pod {
     /// The tap and redirects joining the VM to the pod's network namespace;
     /// undone when the pod stops.
     network: Mutex<Option<PodNetwork>>,
+    /// The device nodes the guest may create in the share: what the specs
+    /// of the pod's containers grant (`devices::fs::device_nodes`).
+    pub share_device_nodes: Arc<DeviceNodeGrants>,
 }
 
 /// What starting a pod takes.
@@ -208,6 +212,8 @@ impl Pod {
         let store = TemplateStore::new(&cfg.template_dir);
         let vms = vms_dir(&cfg.run_dir);
         let share = layout.shared();
+        let share_device_nodes = Arc::new(DeviceNodeGrants::default());
+        let device_nodes = Arc::clone(&share_device_nodes);
         let pod_id = id.to_string();
         let (vm, network, times) = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
@@ -234,6 +240,7 @@ impl Pod {
             let opts = CloneOptions {
                 hostname,
                 share: Some(share),
+                share_device_nodes: device_nodes,
                 network: clone_network,
             };
             let t2 = Instant::now();
@@ -285,6 +292,7 @@ impl Pod {
             stopped: AtomicBool::new(false),
             sandbox: Mutex::new(None),
             network: Mutex::new(network),
+            share_device_nodes,
         });
         let l = Arc::clone(&life);
         if let Err(e) = std::thread::Builder::new()
@@ -408,6 +416,7 @@ impl Pod {
             stopped: AtomicBool::new(false),
             sandbox: Mutex::new(None),
             network: Mutex::new(None),
+            share_device_nodes: Arc::default(),
         }
     }
 }

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use jevm_runtime::vmm::devices::fs::{DeviceKind, DeviceRule};
 use serde_json::Value;
 
 use crate::layout::{guest_mount, guest_rootfs};
@@ -106,6 +107,59 @@ pub fn use_vm_network(spec: &mut Value) {
     {
         list.retain(|n| n.get("type").and_then(Value::as_str) != Some("network"));
     }
+}
+
+/// The device cgroup rules of `linux.resources.devices`, which also say
+/// what device nodes the container may create in the share. A rule the
+/// device cgroup could not read either (a type other than `a`, `c`, `b`; a
+/// negative or out-of-range number other than -1) is refused, naming it.
+pub fn device_rules(spec: &Value) -> Result<Vec<DeviceRule>, String> {
+    let Some(list) = spec
+        .get("linux")
+        .and_then(|l| l.get("resources"))
+        .and_then(|r| r.get("devices"))
+    else {
+        return Ok(Vec::new());
+    };
+    let list = list
+        .as_array()
+        .ok_or("linux.resources.devices is not a list")?;
+    list.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let bad = |what: &str| format!("linux.resources.devices[{i}]: {what}: {d}");
+            let kind = match d.get("type").and_then(Value::as_str).unwrap_or("a") {
+                "a" => DeviceKind::All,
+                "c" => DeviceKind::Char,
+                "b" => DeviceKind::Block,
+                _ => return Err(bad("type is not a, c or b")),
+            };
+            let number = |key: &str| -> Result<Option<u32>, String> {
+                match d.get(key) {
+                    None | Some(Value::Null) => Ok(None),
+                    Some(v) => match v.as_i64() {
+                        Some(-1) => Ok(None),
+                        Some(n) => u32::try_from(n)
+                            .map(Some)
+                            .map_err(|_| bad(&format!("{key} out of range"))),
+                        None => Err(bad(&format!("{key} is not a number"))),
+                    },
+                }
+            };
+            Ok(DeviceRule {
+                allow: d.get("allow").and_then(Value::as_bool).unwrap_or(false),
+                kind,
+                major: number("major")?,
+                minor: number("minor")?,
+                // Without an access string a denial covers mknod and a grant
+                // does not: the share is the host's to protect.
+                mknod: match d.get("access").and_then(Value::as_str) {
+                    Some(a) => a.contains('m'),
+                    None => !d.get("allow").and_then(Value::as_bool).unwrap_or(false),
+                },
+            })
+        })
+        .collect()
 }
 
 /// An OCI bind mount whose host source the shim binds into the share.
@@ -242,6 +296,52 @@ pub fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_rules_read_as_the_device_cgroup_reads_them() {
+        let spec = serde_json::json!({"linux": {"resources": {"devices": [
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 136, "access": "rw"},
+            {"allow": true, "type": "b", "major": -1, "minor": null, "access": "m"},
+            {"allow": true, "type": "b"},
+        ]}}});
+        let rules = device_rules(&spec).unwrap();
+        let r = |allow, kind, major, minor, mknod| DeviceRule {
+            allow,
+            kind,
+            major,
+            minor,
+            mknod,
+        };
+        assert_eq!(
+            rules,
+            vec![
+                r(false, DeviceKind::All, None, None, true),
+                r(true, DeviceKind::Char, Some(1), Some(3), true),
+                r(true, DeviceKind::Char, Some(136), None, false),
+                r(true, DeviceKind::Block, None, None, true),
+                r(true, DeviceKind::Block, None, None, false),
+            ]
+        );
+        assert_eq!(device_rules(&serde_json::json!({})).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_device_rule_the_cgroup_could_not_read_is_refused_naming_it() {
+        for bad in [
+            serde_json::json!({"type": "x", "allow": true}),
+            serde_json::json!({"type": "c", "major": -2}),
+            serde_json::json!({"type": "c", "minor": "3"}),
+            serde_json::json!({"type": "c", "major": 5_000_000_000_i64}),
+        ] {
+            let spec = serde_json::json!({"linux": {"resources": {"devices": [bad]}}});
+            let e = device_rules(&spec).unwrap_err();
+            assert!(e.contains("linux.resources.devices[0]"), "{e}");
+        }
+        let spec = serde_json::json!({"linux": {"resources": {"devices": {}}}});
+        assert!(device_rules(&spec).is_err());
+    }
     use serde_json::json;
 
     fn sample() -> Value {

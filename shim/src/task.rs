@@ -440,11 +440,16 @@ struct CreateUndo {
     new_pod: Option<Arc<Pod>>,
     new_pod_dir: Option<PathBuf>,
     container_dir: Option<PathBuf>,
+    /// The pod whose share was granted this container's device nodes.
+    device_grant: Option<(Arc<Pod>, String)>,
     bundle: PathBuf,
 }
 
 impl CreateUndo {
     async fn run(self, svc: &TaskService) {
+        if let Some((pod, cid)) = &self.device_grant {
+            pod.share_device_nodes.revoke(cid);
+        }
         if let Some(pod) = &self.new_pod {
             svc.state().pods.remove(&pod.id);
             pod.stop().await;
@@ -582,6 +587,10 @@ impl TaskService {
             .map(|p| bundle.join(p));
         let binds = spec::rewrite(&mut spec, &cid, &bundle, ns)
             .map_err(|e| invalid(format!("container {cid:?}: {e}")))?;
+        let device_rules =
+            spec::device_rules(&spec).map_err(|e| invalid(format!("container {cid:?}: {e}")))?;
+        pod.share_device_nodes.grant(&cid, device_rules);
+        undo.device_grant = Some((Arc::clone(&pod), cid.clone()));
 
         // The container's part of the share.
         let t = Instant::now();
@@ -709,6 +718,7 @@ impl Task for TaskService {
             new_pod: None,
             new_pod_dir: None,
             container_dir: None,
+            device_grant: None,
             bundle: bundle.clone(),
         };
         let input = CreateInput {
@@ -927,6 +937,7 @@ impl Task for TaskService {
             }
             let dir = pod.layout.container(cid);
             let _ = tokio::task::spawn_blocking(move || mounts::teardown(&dir)).await;
+            pod.share_device_nodes.revoke(cid);
             let bundle = self.state().containers.remove(cid).map(|c| c.bundle);
             if let Some(b) = bundle {
                 record::remove(Path::new(&b));

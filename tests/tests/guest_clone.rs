@@ -363,6 +363,7 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
             hostname: "bad-share".into(),
             share: Some(missing.clone()),
             network: None,
+            ..Default::default()
         },
     );
     match refused {
@@ -386,6 +387,7 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
             hostname: "with-share".into(),
             share: Some(share.clone()),
             network: None,
+            ..Default::default()
         },
     )
     .expect("clone with a share");
@@ -470,5 +472,6 @@ fn named(hostname: &str) -> CloneOptions {
         hostname: hostname.into(),
         share: None,
         network: None,
+        ..Default::default()
     }
 }

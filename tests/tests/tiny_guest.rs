@@ -141,6 +141,7 @@ fn saved_vm_restores_into_independent_copy_on_write_clones() {
                 vsock_uds: dir.path().join(format!("{name}.vsock")),
                 console_log: None,
                 share: None,
+                share_device_nodes: Default::default(),
                 tap: None,
             },
         )

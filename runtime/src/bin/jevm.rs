@@ -152,6 +152,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         hostname: format!("jevm-clone-{i}"),
                         share: share.clone(),
                         network: None,
+                        ..Default::default()
                     },
                 )?;
                 println!(

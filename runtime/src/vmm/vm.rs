@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::boot::{self, BootError};
 use super::bus::Bus;
 use super::devices::block::Block;
-use super::devices::fs::{Fs, VIRTIO_ID_FS};
+use super::devices::fs::{DeviceNodeGrants, Fs, VIRTIO_ID_FS};
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
 use super::devices::net::{Net, VIRTIO_ID_NET};
 use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleNote, ConsoleSink, COM1_IRQ};
@@ -129,6 +129,8 @@ pub struct RestoreConfig {
     /// The directory the clone's virtio-fs device serves (a pod's shared
     /// directory). None leaves the device unattached, as in the template.
     pub share: Option<PathBuf>,
+    /// The device nodes the guest may create in the share.
+    pub share_device_nodes: Arc<DeviceNodeGrants>,
     /// The tap the clone's virtio-net device sends and receives on (a
     /// pod's, made in its network namespace). None leaves the device
     /// unattached, as in the template.
@@ -352,7 +354,7 @@ impl Vm {
         let (fs_name, fs) = match &cfg.share {
             Some(dir) => (
                 format!("virtio-fs {}", dir.display()),
-                Fs::with_share(SHARE_TAG, dir),
+                Fs::with_share(SHARE_TAG, dir, Arc::clone(&cfg.share_device_nodes)),
             ),
             None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
         };

@@ -531,6 +531,7 @@ fn bench_tiny_clone(a: &Args) -> Result<()> {
                 vsock_uds: dir.path().join(format!("v{n}")),
                 console_log: None,
                 share: None,
+                share_device_nodes: Default::default(),
                 tap: None,
             },
         )?;

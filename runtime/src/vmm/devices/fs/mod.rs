@@ -34,6 +34,9 @@
 //!   server does not negotiate FUSE_DIRECT_IO_ALLOW_MMAP), which programs in
 //!   a container rootfs rely on; `always` and writeback would let the guest
 //!   keep stale data or hold writes the host cannot see yet.
+//! - Device nodes: a MKNOD of a character or block device is answered
+//!   EPERM unless a container of the pod was granted it
+//!   (`device_nodes.rs`), before the server sees it.
 //! - Writes are refused where the host made the tree read-only (e.g. a
 //!   read-only bind mount inside the share): the server's own `open` or
 //!   `create` gets EROFS and passes it on.
@@ -44,11 +47,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fuse_backend_rs::abi::fuse_abi::{InHeader, MknodIn, Opcode, OutHeader};
 use fuse_backend_rs::api::filesystem::{FileSystem, FsOptions};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, error, warn};
+
+mod device_nodes;
+pub use device_nodes::{DeviceKind, DeviceNodeGrants, DeviceRule};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -98,14 +105,56 @@ impl FileSystem for Unattached {
     }
 }
 
+/// The MKNOD in `request` when it would make a device node the pod was not
+/// granted: its header, to answer it, and the node asked for.
+fn refused_mknod(request: &Reader<'_, ()>, grants: &DeviceNodeGrants) -> Option<InHeader> {
+    // A copy: the server reads the request from its start.
+    let mut r = request.clone();
+    let header: InHeader = r.read_obj().ok()?;
+    if header.opcode != Opcode::Mknod as u32 {
+        return None;
+    }
+    // Too short a request is the server's to refuse.
+    let args: MknodIn = r.read_obj().ok()?;
+    if grants.allows_mknod(args.mode, args.rdev) {
+        return None;
+    }
+    if let Some(n) = grants.count_refusal() {
+        warn!(
+            "{DEVICE}: refused the guest's mknod of device {}:{} (mode {:o}): no container of the pod was granted it ({n} refused so far; logged at powers of two)",
+            libc::major(args.rdev.into()),
+            libc::minor(args.rdev.into()),
+            args.mode
+        );
+    }
+    Some(header)
+}
+
+/// Answers `request` with `-errno` and no body; returns the reply's length.
+fn reply_error(writer: &mut Writer<'_, ()>, request: InHeader, errno: i32) -> io::Result<usize> {
+    let out = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique: request.unique,
+    };
+    io::Write::write_all(writer, vm_memory::ByteValued::as_slice(&out))?;
+    Ok(writer.bytes_written())
+}
+
 /// Who answers the guest's FUSE requests.
 enum Backend {
     Unattached(Server<Unattached>),
-    Share(Server<Arc<PassthroughFs>>),
+    Share {
+        server: Server<Arc<PassthroughFs>>,
+        device_nodes: Arc<DeviceNodeGrants>,
+    },
 }
 
 impl Backend {
-    fn for_share(share: Option<&Path>) -> Result<Backend, FsError> {
+    fn for_share(
+        share: Option<&Path>,
+        device_nodes: &Arc<DeviceNodeGrants>,
+    ) -> Result<Backend, FsError> {
         let Some(dir) = share else {
             return Ok(Backend::Unattached(Server::new(Unattached)));
         };
@@ -135,7 +184,10 @@ impl Backend {
         let fs = PassthroughFs::new(cfg).map_err(|e| fail(e.to_string()))?;
         fs.import()
             .map_err(|e| fail(format!("opening as root: {e}")))?;
-        Ok(Backend::Share(Server::new(Arc::new(fs))))
+        Ok(Backend::Share {
+            server: Server::new(Arc::new(fs)),
+            device_nodes: Arc::clone(device_nodes),
+        })
     }
 
     /// Serves one request chain; returns the number of reply bytes written.
@@ -147,7 +199,7 @@ impl Backend {
                 return 0;
             }
         };
-        let writer: Writer<'_, ()> = match VirtioFsWriter::new(mem, chain) {
+        let mut writer: Writer<'_, ()> = match VirtioFsWriter::new(mem, chain) {
             Ok(w) => w.into(),
             Err(e) => {
                 debug!("{DEVICE}: unwritable reply buffers: {e}");
@@ -155,8 +207,20 @@ impl Backend {
             }
         };
         let res = match self {
-            Backend::Unattached(s) => s.handle_message(reader, writer, None, None),
-            Backend::Share(s) => s.handle_message(reader, writer, None, None),
+            Backend::Unattached(s) => s
+                .handle_message(reader, writer, None, None)
+                .map_err(|e| e.to_string()),
+            Backend::Share {
+                server,
+                device_nodes,
+            } => match refused_mknod(&reader, device_nodes) {
+                Some(refusal) => {
+                    reply_error(&mut writer, refusal, libc::EPERM).map_err(|e| e.to_string())
+                }
+                None => server
+                    .handle_message(reader, writer, None, None)
+                    .map_err(|e| e.to_string()),
+            },
         };
         match res {
             // A reply is at most the chain's writable length, itself < 4 GiB.
@@ -172,6 +236,7 @@ impl Backend {
 /// The virtio-fs device.
 pub struct Fs {
     share: Option<PathBuf>,
+    device_nodes: Arc<DeviceNodeGrants>,
     config: [u8; CONFIG_LEN],
     backend: Arc<Backend>,
     acked_features: u64,
@@ -181,12 +246,18 @@ pub struct Fs {
 impl Fs {
     /// A device with no directory behind it (every boot and template VM).
     pub fn unattached(tag: &str) -> Result<Fs, FsError> {
-        Self::build(tag, None)
+        Self::build(tag, None, Arc::default())
     }
 
     /// A device serving `share` (a directory; symlinks in the path are
-    /// resolved once, here, by the host).
-    pub fn with_share(tag: &str, share: &Path) -> Result<Fs, FsError> {
+    /// resolved once, here, by the host), where the guest may create the
+    /// device nodes `device_nodes` grants (its owner changes them as
+    /// containers come and go).
+    pub fn with_share(
+        tag: &str,
+        share: &Path,
+        device_nodes: Arc<DeviceNodeGrants>,
+    ) -> Result<Fs, FsError> {
         let fail = |cause: String| FsError::Share {
             path: share.to_owned(),
             cause,
@@ -196,10 +267,14 @@ impl Fs {
         if !meta.is_dir() {
             return Err(fail("not a directory".into()));
         }
-        Self::build(tag, Some(dir))
+        Self::build(tag, Some(dir), device_nodes)
     }
 
-    fn build(tag: &str, share: Option<PathBuf>) -> Result<Fs, FsError> {
+    fn build(
+        tag: &str,
+        share: Option<PathBuf>,
+        device_nodes: Arc<DeviceNodeGrants>,
+    ) -> Result<Fs, FsError> {
         if tag.is_empty() || tag.len() > TAG_LEN {
             return Err(FsError::Tag(tag.to_owned()));
         }
@@ -207,8 +282,9 @@ impl Fs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Ok(Fs {
-            backend: Arc::new(Backend::for_share(share.as_deref())?),
+            backend: Arc::new(Backend::for_share(share.as_deref(), &device_nodes)?),
             share,
+            device_nodes,
             config,
             acked_features: 0,
             worker: None,
@@ -325,7 +401,7 @@ impl VirtioDevice for Fs {
         // A driver that starts over starts a new FUSE session: the old
         // session's inodes and open files must not outlive it.
         self.backend = Arc::new(
-            Backend::for_share(self.share.as_deref()).unwrap_or_else(|e| {
+            Backend::for_share(self.share.as_deref(), &self.device_nodes).unwrap_or_else(|e| {
                 warn!("{e}; the device is unattached from now on");
                 Backend::Unattached(Server::new(Unattached))
             }),
@@ -468,9 +544,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fuse_backend_rs::abi::fuse_abi::{
-        EntryOut, InHeader, InitIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ROOT_ID,
-    };
+    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InitIn, OpenIn, OpenOut, ReadIn, ROOT_ID};
     use std::time::Instant;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -614,7 +688,7 @@ mod tests {
     #[test]
     fn share_serves_a_host_file_and_dot_dot_at_the_root_stays_at_the_root() {
         let (_dir, share) = scratch();
-        let fs = Fs::with_share(TAG, &share).unwrap();
+        let fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
         let b = backend_of(&fs);
         let mem = guest_memory();
         assert_eq!(init(b, &mem).error, 0);
@@ -646,7 +720,7 @@ mod tests {
     #[test]
     fn symlinks_in_the_share_are_not_followed_on_the_host() {
         let (_dir, share) = scratch();
-        let fs = Fs::with_share(TAG, &share).unwrap();
+        let fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
         let b = backend_of(&fs);
         let mem = guest_memory();
         assert_eq!(init(b, &mem).error, 0);
@@ -663,11 +737,79 @@ mod tests {
     fn share_must_be_an_existing_directory_and_errors_name_it() {
         let (dir, share) = scratch();
         let missing = dir.path().join("nope");
-        let msg = Fs::with_share(TAG, &missing).err().unwrap().to_string();
+        let msg = Fs::with_share(TAG, &missing, Arc::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains(&*missing.to_string_lossy()), "{msg}");
         let file = share.join("hello");
-        let msg = Fs::with_share(TAG, &file).err().unwrap().to_string();
+        let msg = Fs::with_share(TAG, &file, Arc::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("not a directory"), "{msg}");
+    }
+
+    /// FUSE MKNOD of `name` in the root; the reply's errno, 0 on success.
+    fn mknod(backend: &Backend, mem: &GuestMemory, name: &str, mode: u32, rdev: u32) -> i32 {
+        let args = MknodIn {
+            mode,
+            rdev,
+            umask: 0,
+            padding: 0,
+        };
+        let mut body = args.as_slice().to_vec();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        -call(backend, mem, Opcode::Mknod, ROOT_ID, &body).0.error
+    }
+
+    #[test]
+    fn the_guest_makes_only_the_device_nodes_a_container_was_granted() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            crate::test_skip::skipped("needs root to make device nodes");
+            return;
+        }
+        let (_dir, share) = scratch();
+        let grants = Arc::new(DeviceNodeGrants::default());
+        let fs = Fs::with_share(TAG, &share, Arc::clone(&grants)).unwrap();
+        let b = backend_of(&fs);
+        let mem = guest_memory();
+        assert_eq!(init(b, &mem).error, 0);
+        let chr = libc::S_IFCHR | 0o666;
+        let null = libc::makedev(1, 3) as u32;
+        let disk = libc::makedev(8, 0) as u32;
+
+        assert_eq!(mknod(b, &mem, "null", chr, null), libc::EPERM);
+        assert_eq!(
+            mknod(b, &mem, "sda", libc::S_IFBLK | 0o600, disk),
+            libc::EPERM
+        );
+        assert!(!share.join("null").exists() && !share.join("sda").exists());
+        // What is not a device is the server's as ever.
+        assert_eq!(mknod(b, &mem, "fifo", libc::S_IFIFO | 0o644, 0), 0);
+        assert_eq!(mknod(b, &mem, "whiteout", chr, 0), 0);
+
+        grants.grant(
+            "c1",
+            vec![DeviceRule {
+                allow: true,
+                kind: DeviceKind::Char,
+                major: Some(1),
+                minor: Some(3),
+                mknod: true,
+            }],
+        );
+        assert_eq!(mknod(b, &mem, "null", chr, null), 0);
+        let made = std::fs::metadata(share.join("null")).unwrap();
+        assert_eq!(std::os::unix::fs::MetadataExt::rdev(&made), null as u64);
+        assert_eq!(
+            mknod(b, &mem, "sda", libc::S_IFBLK | 0o600, disk),
+            libc::EPERM
+        );
+        grants.revoke("c1");
+        assert_eq!(mknod(b, &mem, "null2", chr, null), libc::EPERM);
     }
 
     fn wait_for_interrupt(irq: &IrqLine) {
@@ -681,7 +823,7 @@ mod tests {
     #[test]
     fn worker_serves_the_request_queue_and_pause_reports_queue_positions() {
         let (_dir, share) = scratch();
-        let mut fs = Fs::with_share(TAG, &share).unwrap();
+        let mut fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
         let mem = guest_memory();
         // Rings of the two queues apart from each other and from the buffers.
         let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
