@@ -15,6 +15,68 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::spec::HostBind;
 
+/// Makes the pod's directory and its share. The pod directory is 0700, so
+/// no one but root on the host reaches what the guest writes; the share is
+/// bound onto itself `nosuid,nodev`, so a set-uid file or a device node the
+/// guest creates there is inert on the host (the mounts later placed inside
+/// it are sealed the same way, see [`seal`]).
+pub fn make_pod_dir(pod_dir: &Path, share: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let fail = |what: &Path, e: String| format!("{}: {e}", what.display());
+    if let Some(parent) = pod_dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| fail(parent, cause(&e)))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(pod_dir)
+        .map_err(|e| fail(pod_dir, cause(&e)))?;
+    std::fs::create_dir(share).map_err(|e| fail(share, cause(&e)))?;
+    mount(
+        Some(share),
+        share,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| fail(share, format!("binding onto itself: {}", errno_text(e))))?;
+    seal(share)
+}
+
+/// Remounts every mount at or under `target` `nosuid,nodev`, keeping the
+/// flags it had (read-only, noexec...). A recursive bind carries the
+/// source's submounts, each with its own flags: each is sealed.
+pub fn seal(target: &Path) -> Result<(), String> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+    for point in mounts_under(&info, target) {
+        let have = statvfs(&point)
+            .map_err(|e| format!("{}: statvfs: {}", point.display(), errno_text(e)))?
+            .flags();
+        let mut flags =
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        for (st, ms) in [
+            (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+            (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+            (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        ] {
+            if have.contains(st) {
+                flags |= ms;
+            }
+        }
+        mount(None::<&str>, &point, None::<&str>, flags, None::<&str>).map_err(|e| {
+            format!(
+                "{}: remounting nosuid,nodev: {}",
+                point.display(),
+                errno_text(e)
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Mounts containerd's rootfs mounts (usually one overlay) on `target`, in
 /// order, as runc's shim does on `bundle/rootfs`.
 pub fn mount_rootfs(cid: &str, mounts: &[Mount], target: &Path) -> Result<(), String> {
@@ -275,5 +337,66 @@ mod tests {
         assert!(!d.exists());
         assert!(Path::new("/etc").exists());
         remove_tree(&d).unwrap();
+    }
+
+    /// A pod directory as create makes it, a read-only recursive bind with
+    /// a submount inside its share: everything under the share is nosuid,
+    /// nodev, read-only stays read-only, and teardown leaves nothing.
+    #[test]
+    fn the_share_and_every_mount_in_it_are_nosuid_nodev() {
+        use nix::sys::statvfs::{statvfs, FsFlags};
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            crate::test_skip::skipped("needs root to mount");
+            return;
+        }
+        let scratch = tempfile::tempdir().unwrap();
+        let pod = scratch.path().join("pods/p1");
+        let share = pod.join("shared");
+        make_pod_dir(&pod, &share).unwrap();
+        let mode = std::fs::metadata(&pod).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "pod directory mode {mode:o}");
+
+        // A host volume with a tmpfs inside: the recursive bind brings it.
+        let volume = scratch.path().join("volume");
+        std::fs::create_dir_all(volume.join("sub")).unwrap();
+        mount(
+            Some("tmpfs"),
+            &volume.join("sub"),
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let c1 = share.join("c1");
+        std::fs::create_dir_all(c1.join("mounts")).unwrap();
+        let b = HostBind {
+            index: 0,
+            source: volume.clone(),
+            readonly: true,
+            recursive: true,
+        };
+        let target = c1.join("mounts/0");
+        bind("c1", &b, &target).unwrap();
+        seal(&c1).unwrap();
+
+        let flags = |p: &Path| statvfs(p).unwrap().flags();
+        for p in [share.clone(), target.clone(), target.join("sub")] {
+            let f = flags(&p);
+            assert!(
+                f.contains(FsFlags::ST_NOSUID | FsFlags::ST_NODEV),
+                "{}: {f:?}",
+                p.display()
+            );
+        }
+        assert!(flags(&target).contains(FsFlags::ST_RDONLY));
+        assert!(
+            !flags(&volume.join("sub")).contains(FsFlags::ST_NOSUID),
+            "sealing the share changed the host's own mount"
+        );
+
+        assert!(teardown(&pod));
+        assert!(!pod.exists());
+        umount2(&volume.join("sub"), MntFlags::MNT_DETACH).unwrap();
     }
 }

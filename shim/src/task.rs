@@ -515,13 +515,10 @@ impl TaskService {
                     let d = layout.dir().to_owned();
                     let _ = tokio::task::spawn_blocking(move || mounts::teardown(&d)).await;
                 }
-                std::fs::create_dir_all(layout.shared()).map_err(|e| {
-                    status(
-                        Code::UNKNOWN,
-                        format!("pod {pod_id:?}: {}: {e}", layout.shared().display()),
-                    )
-                })?;
+                // Undone from here on: a failure may leave a mount.
                 undo.new_pod_dir = Some(layout.dir().to_owned());
+                mounts::make_pod_dir(layout.dir(), &layout.shared())
+                    .map_err(|e| status(Code::UNKNOWN, format!("pod {pod_id:?}: {e}")))?;
                 let rec = BundleRecord {
                     container_id: cid.clone(),
                     pod_id: pod_id.clone(),
@@ -621,7 +618,9 @@ impl TaskService {
             for b in &binds {
                 mounts::bind(&c, b, &layout.mount(&c, b.index))?;
             }
-            Ok(())
+            // Everything the guest reaches: no set-uid file or device node
+            // it makes may work on the host.
+            mounts::seal(&layout.container(&c)).map_err(|e| format!("container {c:?}: {e}"))
         })
         .await
         .map_err(|e| {
