@@ -789,6 +789,80 @@ fn shim_killed_mid_run() {
     assert_same("shim killed", &r, &j);
 }
 
+/// A root container makes a device node it is allowed (`/dev/null`'s) and
+/// a set-uid copy of busybox owned by uid 1000 in its rootfs. Inside, both
+/// runtimes behave the same. On the host, through the path each runtime
+/// mounts the rootfs at, runc's node opens and its set-uid file runs as
+/// uid 1000: the container planted both on the host. jevm's share is
+/// nosuid,nodev under a 0700 pod directory: the node does not open and the
+/// file runs as whoever starts it.
+#[test]
+fn a_root_containers_device_node_and_setuid_file_are_inert_on_the_host() {
+    let env = ctr_env_or_skip!();
+    let script = "mknod /null-copy c 1 3 && echo mknod=ok; \
+        cp /bin/busybox /id && chown 1000:1000 /id && chmod 4755 /id && echo suid=ok; \
+        /id -u; echo ready > /ready; sleep 1000000";
+    let (r, j) = both(|rt| {
+        let id = id("plant", rt);
+        env.run_detached(rt, &id, &[], &sh(script));
+        // The rootfs mount on the host: the bundle's for runc, the pod
+        // share's for jevm.
+        let suffix = format!("/{id}/rootfs");
+        let rootfs = jevm_tests::ctr::mounts()
+            .into_iter()
+            .find(|m| m.ends_with(&suffix))
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| panic!("{rt}: no rootfs mount of {id}"));
+        let deadline = std::time::Instant::now() + *CTR_TIMEOUT;
+        while !rootfs.join("ready").exists() {
+            assert!(std::time::Instant::now() < deadline, "{rt}: {id} never got ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let made = std::fs::symlink_metadata(rootfs.join("null-copy"))
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
+        assert!(made, "{rt}: the container made no device node: is mknod refused?");
+        let node = std::fs::File::open(rootfs.join("null-copy"))
+            .map(drop)
+            .map_err(|e| e.kind());
+        let run_id = std::process::Command::new(rootfs.join("id"))
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .map_err(|e| e.kind());
+        let pod_dir_mode = (rt == JEVM).then(|| {
+            use std::os::unix::fs::PermissionsExt;
+            let dir = env.run_dir.join("pods").join(&id);
+            std::fs::metadata(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .permissions()
+                .mode()
+                & 0o777
+        });
+        env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
+        env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
+        let logs = env.ctr_out(&["task", "delete", &id]);
+        env.ctr_out(&["containers", "delete", &id]);
+        env.assert_gone(&id);
+        env.remove_ctr_fifos(&id);
+        (logs.code, node, run_id, pod_dir_mode, rootfs)
+    });
+    assert_eq!(r.0, 0, "runc: {r:?}");
+    assert!(r.1.is_ok(), "runc: the planted node did not open: {r:?}");
+    assert_eq!(r.2, Ok("1000".into()), "runc: the set-uid file: {r:?}");
+    assert_eq!(j.0, 0, "jevm: {j:?}");
+    assert_eq!(
+        j.1,
+        Err(std::io::ErrorKind::PermissionDenied),
+        "jevm: a device node the guest made opened on the host: {j:?}"
+    );
+    assert_eq!(
+        j.2,
+        Ok("0".into()),
+        "jevm: a set-uid file the guest made ran set-uid on the host: {j:?}"
+    );
+    assert_eq!(j.3, Some(0o700), "jevm: the pod directory: {j:?}");
+}
+
 /// The error a failed `ctr run` prints and what must be left: nothing.
 fn failing_run(env: &Env, rt: &str, name: &str, args: Vec<String>) -> Outcome {
     let id = id(name, rt);
