@@ -55,6 +55,8 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use log::{debug, error, warn};
 
 mod device_nodes;
+#[cfg(test)]
+mod fuzz;
 pub use device_nodes::{DeviceKind, DeviceNodeGrants, DeviceRule};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
