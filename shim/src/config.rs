@@ -286,6 +286,35 @@ fn io_cause(e: std::io::Error) -> String {
     }
 }
 
+/// Hostile config text (a runtime config file, or the body containerd
+/// passes in the runtime options): parsed or refused with a message, never
+/// a panic; what parses keeps the documented limits.
+#[cfg(test)]
+mod fuzz {
+    use jevm_protocol::fuzzing::mutated;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const SEED: &str = "kernel = \"/usr/share/jevm/vmlinux\"\nvcpus = 2\nmemory_mib = 512\n\
+        max_vcpus = 4\nmax_memory_mib = 2048\nliveness_timeout_secs = 10\nlog_level = \"info\"\n";
+
+    proptest! {
+        #[test]
+        fn fuzz_config_text_is_parsed_or_refused(bytes in mutated(vec![SEED.as_bytes().to_vec()], 256)) {
+            let Ok(text) = std::str::from_utf8(&bytes) else {
+                return Ok(());
+            };
+            if let Ok(c) = parse(text) {
+                prop_assert!((1..=jevm_runtime::vmm::vm::MAX_VCPUS).contains(&c.vcpus));
+                prop_assert!((MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&c.memory_mib));
+                prop_assert!(c.max_vcpus.is_none_or(|m| m >= c.vcpus));
+                prop_assert!(c.max_memory_mib.is_none_or(|m| m >= c.memory_mib));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

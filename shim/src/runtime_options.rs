@@ -59,6 +59,44 @@ fn skip(input: &mut CodedInputStream, wire: u32) -> Result<(), String> {
     r.map_err(|e| e.to_string())
 }
 
+/// Hostile runtime options (protobuf from containerd's config, any bytes):
+/// decoded or refused with a message, never a panic.
+#[cfg(test)]
+mod fuzz {
+    use jevm_protocol::fuzzing::mutated;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn seed() -> Vec<u8> {
+        let mut v = Vec::new();
+        for (n, s) in [
+            (1u8, &b"io.containerd.jevm.v1.Config"[..]),
+            (2, b"/etc/jevm/pod.toml"),
+            (3, b"vcpus = 2"),
+        ] {
+            v.push((n << 3) | 2);
+            v.push(s.len() as u8);
+            v.extend_from_slice(s);
+        }
+        v
+    }
+
+    proptest! {
+        #[test]
+        fn fuzz_runtime_options_are_decoded_or_refused(value in mutated(vec![seed()], 128)) {
+            let any = Any {
+                type_url: TYPE.into(),
+                value,
+                ..Default::default()
+            };
+            if let Err(e) = decode(Some(&any)) {
+                prop_assert!(e.starts_with("runtime options ("), "{e}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -815,12 +815,18 @@ fn a_root_containers_device_node_and_setuid_file_are_inert_on_the_host() {
             .unwrap_or_else(|| panic!("{rt}: no rootfs mount of {id}"));
         let deadline = std::time::Instant::now() + *CTR_TIMEOUT;
         while !rootfs.join("ready").exists() {
-            assert!(std::time::Instant::now() < deadline, "{rt}: {id} never got ready");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{rt}: {id} never got ready"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         let made = std::fs::symlink_metadata(rootfs.join("null-copy"))
             .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_char_device(&m.file_type()));
-        assert!(made, "{rt}: the container made no device node: is mknod refused?");
+        assert!(
+            made,
+            "{rt}: the container made no device node: is mknod refused?"
+        );
         let node = std::fs::File::open(rootfs.join("null-copy"))
             .map(drop)
             .map_err(|e| e.kind());

@@ -54,32 +54,15 @@ mod erased {
     }
 }
 
-/// A seed with some bytes replaced, inserted or cut, or plain noise.
+/// A seed with some bytes replaced, inserted or cut, or plain noise, or a
+/// plausible length prefix in front of noise (it reaches the JSON parser).
 fn hostile_frame() -> impl Strategy<Value = Vec<u8>> {
-    let mutated = (
-        0..seeds().len(),
-        proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 0..8),
-    )
-        .prop_map(|(i, edits)| {
-            let mut f = seeds()[i].clone();
-            for (at, byte, op) in edits {
-                let at = at % (f.len() + 1);
-                match op {
-                    0 if at < f.len() => f[at] = byte,
-                    1 => f.insert(at, byte),
-                    _ => f.truncate(at),
-                }
-            }
-            f
-        });
-    let noise = proptest::collection::vec(any::<u8>(), 0..256);
-    // A plausible length prefix in front of noise reaches the JSON parser.
     let framed_noise = proptest::collection::vec(any::<u8>(), 0..256).prop_map(|body| {
         let mut f = (body.len() as u32).to_be_bytes().to_vec();
         f.extend_from_slice(&body);
         f
     });
-    prop_oneof![mutated, noise, framed_noise]
+    prop_oneof![crate::fuzzing::mutated(seeds(), 256), framed_noise]
 }
 
 /// Parses `bytes` as a `T` frame; what it accepts must round-trip.

@@ -27,6 +27,8 @@
 //! in `lock`.
 
 mod fsutil;
+#[cfg(test)]
+mod fuzz;
 mod hash;
 mod lock;
 pub mod store;

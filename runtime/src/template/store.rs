@@ -687,7 +687,7 @@ fn seal(staging: &Path, km: &KeyMaterial, spec: &TemplateSpec) -> Result<Manifes
     Ok(manifest)
 }
 
-fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, TemplateError> {
+pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, TemplateError> {
     let versions: ManifestVersions = serde_json::from_slice(bytes)
         .map_err(|e| TemplateError::corrupt(path, format!("not a jevm template manifest: {e}")))?;
     if versions.format_version != TEMPLATE_FORMAT_VERSION || versions.jevm_version != JEVM_VERSION {
