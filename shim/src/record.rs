@@ -57,10 +57,11 @@ pub fn cleanup_after_dead_shim(bundle: &Path, cid: &str) -> u32 {
     let layout = PodLayout::at(r.pod_dir.clone());
     teardown(&layout.container(cid));
     // Other containers of the pod keep `shared/` non-empty; each of their
-    // own deletes gets here too, and the last one removes the pod.
-    let shared = layout.shared();
-    let last = match std::fs::remove_dir(&shared) {
-        Ok(()) => true,
+    // own deletes gets here too, and the last one removes the pod. (The
+    // share is a mount point, bound onto itself: it is unmounted with the
+    // pod, not removed here.)
+    let last = match std::fs::read_dir(layout.shared()) {
+        Ok(mut entries) => entries.next().is_none(),
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     };
     if last {
@@ -85,6 +86,10 @@ mod tests {
         let _ = std::fs::remove_dir_all(&base);
         let layout = PodLayout::new(&base.join("run"), "pod");
         let vm_dir = base.join("run/vms/vm-1-2");
+        // As create makes it: with root, the share is a mount point.
+        if nix::unistd::geteuid().is_root() {
+            crate::mounts::make_pod_dir(layout.dir(), &layout.shared()).unwrap();
+        }
         for c in ["c1", "c2"] {
             std::fs::create_dir_all(layout.rootfs(c)).unwrap();
             std::fs::create_dir_all(layout.mounts(c)).unwrap();
@@ -109,6 +114,8 @@ mod tests {
         assert!(layout.container("c2").exists() && vm_dir.exists());
         assert_eq!(cleanup_after_dead_shim(&bundles[1], "c2"), 7);
         assert!(!layout.dir().exists() && !vm_dir.exists());
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert_eq!(crate::mounts::mounts_under(&info, &base), Vec::<PathBuf>::new());
         assert!(!bundles[1].join(FILE).exists());
         // A second delete finds nothing and does not fail.
         assert_eq!(cleanup_after_dead_shim(&bundles[1], "c2"), 0);
