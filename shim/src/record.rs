@@ -115,7 +115,10 @@ mod tests {
         assert_eq!(cleanup_after_dead_shim(&bundles[1], "c2"), 7);
         assert!(!layout.dir().exists() && !vm_dir.exists());
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert_eq!(crate::mounts::mounts_under(&info, &base), Vec::<PathBuf>::new());
+        assert_eq!(
+            crate::mounts::mounts_under(&info, &base),
+            Vec::<PathBuf>::new()
+        );
         assert!(!bundles[1].join(FILE).exists());
         // A second delete finds nothing and does not fail.
         assert_eq!(cleanup_after_dead_shim(&bundles[1], "c2"), 0);
