@@ -33,6 +33,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{ActiveQueue, DeviceError, GuestMemory, IrqLine, VirtioDevice, VIRTIO_MMIO_INT_VRING};
 
@@ -383,6 +384,8 @@ struct BlockWorker {
     irq: Arc<IrqLine>,
     queue: Queue,
     buf: Vec<u8>,
+    /// Rings the guest made unusable (a bad address or index).
+    guest_errors: GuestErrors,
 }
 
 impl BlockWorker {
@@ -393,6 +396,7 @@ impl BlockWorker {
             irq,
             queue,
             buf: Vec::new(),
+            guest_errors: GuestErrors::default(),
         }
     }
 
@@ -438,7 +442,11 @@ impl BlockWorker {
         let mut empty_passes = 0;
         loop {
             if let Err(e) = self.queue.disable_notification(&self.mem) {
-                error!("{DEVICE_NAME} {}: queue: {e}", self.disk.path.display());
+                guest_warn!(
+                    self.guest_errors,
+                    "{DEVICE_NAME} {}: queue: {e}",
+                    self.disk.path.display()
+                );
                 break;
             }
             let mut popped = false;
@@ -448,7 +456,11 @@ impl BlockWorker {
                 let request = split_chain(chain);
                 let len = self.handle_request(request);
                 if let Err(e) = self.queue.add_used(&self.mem, head, len) {
-                    error!("{DEVICE_NAME} {}: used ring: {e}", self.disk.path.display());
+                    guest_warn!(
+                        self.guest_errors,
+                        "{DEVICE_NAME} {}: used ring: {e}",
+                        self.disk.path.display()
+                    );
                 }
                 used_any = true;
             }
@@ -465,7 +477,11 @@ impl BlockWorker {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    error!("{DEVICE_NAME} {}: queue: {e}", self.disk.path.display());
+                    guest_warn!(
+                        self.guest_errors,
+                        "{DEVICE_NAME} {}: queue: {e}",
+                        self.disk.path.display()
+                    );
                     break;
                 }
             }

@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod fs;
+pub mod guest_errors;
 pub mod mmio;
 pub mod net;
 pub mod serial;

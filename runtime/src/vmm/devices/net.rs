@@ -46,6 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_val;
 use vmm_sys_util::ioctl_iow_nr;
 
+use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
@@ -95,6 +96,8 @@ pub struct NetCounters {
     /// Sent while the device had no tap (a template, a clone without a
     /// network).
     pub tx_unattached: AtomicU64,
+    /// Rings the guest made unusable (a bad address or index).
+    pub guest_errors: GuestErrors,
 }
 
 /// The virtio-net device.
@@ -377,7 +380,11 @@ impl Worker {
         loop {
             let queue = &mut self.queues[TX].queue;
             if let Err(e) = queue.disable_notification(&self.mem) {
-                error!("{}: transmit queue: {e}", self.name);
+                guest_warn!(
+                    self.counters.guest_errors,
+                    "{}: transmit queue: {e}",
+                    self.name
+                );
                 break;
             }
             let mut popped = false;
@@ -403,7 +410,11 @@ impl Worker {
                     }
                 }
                 if let Err(e) = self.queues[TX].queue.add_used(&self.mem, head, 0) {
-                    error!("{}: transmit queue: used ring: {e}", self.name);
+                    guest_warn!(
+                        self.counters.guest_errors,
+                        "{}: transmit queue: used ring: {e}",
+                        self.name
+                    );
                 }
                 used_any = true;
             }
@@ -419,7 +430,11 @@ impl Worker {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    error!("{}: transmit queue: {e}", self.name);
+                    guest_warn!(
+                        self.counters.guest_errors,
+                        "{}: transmit queue: {e}",
+                        self.name
+                    );
                     break;
                 }
             }
@@ -453,7 +468,12 @@ impl Worker {
                     }
                 },
             };
-            match next_rx_chain(&mut self.queues[RX].queue, &self.mem, &self.name) {
+            match next_rx_chain(
+                &mut self.queues[RX].queue,
+                &self.mem,
+                &self.name,
+                &self.counters.guest_errors,
+            ) {
                 Some(chain) => {
                     let head = chain.head_index();
                     let len = match write_chain(&self.mem, chain, &self.rx_buf[..len]) {
@@ -467,7 +487,11 @@ impl Worker {
                         }
                     };
                     if let Err(e) = self.queues[RX].queue.add_used(&self.mem, head, len) {
-                        error!("{}: receive queue: used ring: {e}", self.name);
+                        guest_warn!(
+                            self.counters.guest_errors,
+                            "{}: receive queue: used ring: {e}",
+                            self.name
+                        );
                     }
                     used_any = true;
                 }
@@ -491,9 +515,10 @@ fn next_rx_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemory,
     name: &str,
+    errors: &GuestErrors,
 ) -> Option<virtio_queue::DescriptorChain<&'m GuestMemory>> {
     if let Err(e) = queue.disable_notification(mem) {
-        error!("{name}: receive queue: {e}");
+        guest_warn!(errors, "{name}: receive queue: {e}");
         return None;
     }
     if let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -503,7 +528,7 @@ fn next_rx_chain<'m>(
         Ok(true) => queue.pop_descriptor_chain(mem),
         Ok(false) => None,
         Err(e) => {
-            error!("{name}: receive queue: {e}");
+            guest_warn!(errors, "{name}: receive queue: {e}");
             None
         }
     }

@@ -12,8 +12,9 @@
 //! allowed: none of them reaches a device.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
+
+use crate::vmm::devices::guest_errors::GuestErrors;
 
 /// A device class of an OCI `LinuxDeviceCgroup` rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +49,7 @@ impl DeviceRule {
 #[derive(Debug, Default)]
 pub struct DeviceNodeGrants {
     by_container: RwLock<HashMap<String, Vec<DeviceRule>>>,
-    refused: AtomicU64,
+    refused: GuestErrors,
 }
 
 impl DeviceNodeGrants {
@@ -80,11 +81,9 @@ impl DeviceNodeGrants {
             .any(|rules| container_allows(rules, kind, major, minor))
     }
 
-    /// Counts a refused MKNOD; the count when it is worth a log line (the
-    /// first, then at powers of two: a guest cannot flood the log).
-    pub fn count_refusal(&self) -> Option<u64> {
-        let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        n.is_power_of_two().then_some(n)
+    /// The refused MKNODs, for the rate-limited log.
+    pub fn refusals(&self) -> &GuestErrors {
+        &self.refused
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<DeviceRule>>> {

@@ -64,6 +64,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
@@ -121,14 +122,13 @@ fn refused_mknod(request: &Reader<'_, ()>, grants: &DeviceNodeGrants) -> Option<
     if grants.allows_mknod(args.mode, args.rdev) {
         return None;
     }
-    if let Some(n) = grants.count_refusal() {
-        warn!(
-            "{DEVICE}: refused the guest's mknod of device {}:{} (mode {:o}): no container of the pod was granted it ({n} refused so far; logged at powers of two)",
-            libc::major(args.rdev.into()),
-            libc::minor(args.rdev.into()),
-            args.mode
-        );
-    }
+    guest_warn!(
+        grants.refusals(),
+        "{DEVICE}: refused the guest's mknod of device {}:{} (mode {:o}): no container of the pod was granted it",
+        libc::major(args.rdev.into()),
+        libc::minor(args.rdev.into()),
+        args.mode
+    );
     Some(header)
 }
 
@@ -392,6 +392,7 @@ impl VirtioDevice for Fs {
             backend: self.backend.clone(),
             epoll,
             stop: worker_stop,
+            guest_errors: GuestErrors::default(),
         };
         self.worker = Some(WorkerThread::spawn("fs", stop, move || worker.run()).map_err(io_err)?);
         Ok(())
@@ -440,6 +441,8 @@ struct Worker {
     backend: Arc<Backend>,
     epoll: Epoll,
     stop: EventFd,
+    /// Rings the guest made unusable (a bad address or index).
+    guest_errors: GuestErrors,
 }
 
 impl Worker {
@@ -493,6 +496,7 @@ impl Worker {
             irq,
             queues,
             backend,
+            guest_errors,
             ..
         } = self;
         let queue: &mut Queue = &mut queues[index].queue;
@@ -503,7 +507,7 @@ impl Worker {
         let mut empty_passes = 0;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
-                error!("{name}: queue {index}: {e}");
+                guest_warn!(guest_errors, "{name}: queue {index}: {e}");
                 break;
             }
             let mut popped = false;
@@ -512,7 +516,7 @@ impl Worker {
                 let head = chain.head_index();
                 let len = backend.handle(mem, chain);
                 if let Err(e) = queue.add_used(&*mem, head, len) {
-                    error!("{name}: queue {index}: used ring: {e}");
+                    guest_warn!(guest_errors, "{name}: queue {index}: used ring: {e}");
                 }
                 used_any = true;
             }
@@ -528,7 +532,7 @@ impl Worker {
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    error!("{name}: queue {index}: {e}");
+                    guest_warn!(guest_errors, "{name}: queue {index}: {e}");
                     break;
                 }
             }

@@ -33,6 +33,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::conn::{pending, ConnKey, ConnState, Connection, CONN_BUF_ALLOC};
 use super::packet::*;
 use super::sys::connect_nonblocking;
+use crate::vmm::devices::guest_errors::{guest_warn, GuestErrors};
 use crate::vmm::devices::GuestMemory;
 
 /// Epoll tokens. Connection and handshake streams use tokens from
@@ -112,6 +113,8 @@ pub struct Muxer {
     scratch: Vec<u8>,
     request_timeout: Duration,
     close_timeout: Duration,
+    /// What the guest got wrong, rate-limited in the log.
+    guest_errors: GuestErrors,
 }
 
 impl Muxer {
@@ -139,7 +142,15 @@ impl Muxer {
             scratch: vec![0; MAX_PKT_DATA as usize],
             request_timeout: REQUEST_TIMEOUT,
             close_timeout: CLOSE_TIMEOUT,
+            guest_errors: GuestErrors::default(),
         })
+    }
+
+    /// Guest mistakes counted so far (malformed packets and buffers,
+    /// protocol violations).
+    #[cfg(test)]
+    pub fn guest_error_count(&self) -> u64 {
+        self.guest_errors.count()
     }
 
     /// Open connections, in any state.
@@ -230,10 +241,16 @@ impl Muxer {
             let head = chain.head_index();
             match read_tx_chain(mem, &mut chain, &mut self.scratch) {
                 Ok(hdr) => self.guest_packet(&hdr),
-                Err(e) => warn!("vsock: dropping malformed packet from the guest: {e}"),
+                Err(e) => guest_warn!(
+                    self.guest_errors,
+                    "vsock: dropping malformed packet from the guest: {e}"
+                ),
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
-                warn!("vsock: cannot return tx buffer {head} to the guest: {e}");
+                guest_warn!(
+                    self.guest_errors,
+                    "vsock: cannot return tx buffer {head} to the guest: {e}"
+                );
             }
             used = true;
         }
@@ -261,18 +278,22 @@ impl Muxer {
                     }
                 }
                 Ok(_) => {
-                    warn!("vsock: guest receive buffer {head} has no room for data, returning it unused");
+                    guest_warn!(self.guest_errors, "vsock: guest receive buffer {head} has no room for data, returning it unused");
                     0
                 }
                 Err(e) => {
-                    warn!(
+                    guest_warn!(
+                        self.guest_errors,
                         "vsock: guest receive buffer {head} is malformed, returning it unused: {e}"
                     );
                     0
                 }
             };
             if let Err(e) = queue.add_used(mem, head, len) {
-                warn!("vsock: cannot return rx buffer {head} to the guest: {e}");
+                guest_warn!(
+                    self.guest_errors,
+                    "vsock: cannot return rx buffer {head} to the guest: {e}"
+                );
             }
             used = true;
         }
@@ -284,14 +305,17 @@ impl Muxer {
     /// A packet from the guest; its payload is `scratch[..hdr.len]`.
     fn guest_packet(&mut self, hdr: &Header) {
         if hdr.src_cid != self.guest_cid {
-            warn!(
+            guest_warn!(
+                self.guest_errors,
                 "vsock: dropping packet with source CID {} (the guest's CID is {})",
-                hdr.src_cid, self.guest_cid
+                hdr.src_cid,
+                self.guest_cid
             );
             return;
         }
         if hdr.dst_cid != HOST_CID || hdr.type_ != TYPE_STREAM {
-            warn!(
+            guest_warn!(
+                self.guest_errors,
                 "vsock: refusing packet to CID {} of socket type {}: only stream sockets to the host (CID {HOST_CID}) are served",
                 hdr.dst_cid, hdr.type_
             );
@@ -315,7 +339,10 @@ impl Muxer {
                     );
                     self.ctrl_q.push_back(hdr.rst_reply());
                 }
-                op => warn!("vsock: dropping packet with unknown op {op}"),
+                op => guest_warn!(
+                    self.guest_errors,
+                    "vsock: dropping packet with unknown op {op}"
+                ),
             }
             return;
         };
@@ -329,7 +356,10 @@ impl Muxer {
                 // The guest's answer to our shutdown: finish with a reset.
                 ConnState::Closing => self.kill(key, true),
                 ConnState::LocalInit => {
-                    warn!("vsock: shutdown before the guest accepted connection {key:?}");
+                    guest_warn!(
+                        self.guest_errors,
+                        "vsock: shutdown before the guest accepted connection {key:?}"
+                    );
                     self.kill(key, true);
                 }
             },
@@ -337,12 +367,16 @@ impl Muxer {
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => conn.pending |= pending::CREDIT_UPDATE,
             OP_REQUEST => {
-                warn!(
+                guest_warn!(
+                    self.guest_errors,
                     "vsock: guest requested connection {key:?} that is already open, resetting it"
                 );
                 self.kill(key, true);
             }
-            op => warn!("vsock: dropping packet with unknown op {op} on {key:?}"),
+            op => guest_warn!(
+                self.guest_errors,
+                "vsock: dropping packet with unknown op {op} on {key:?}"
+            ),
         }
         self.refresh(key);
     }
@@ -357,18 +391,27 @@ impl Muxer {
             // We are tearing the connection down; late data has nowhere to go.
             ConnState::Closing => return,
             ConnState::LocalInit => {
-                warn!("vsock: data on connection {key:?} before the guest accepted it");
+                guest_warn!(
+                    self.guest_errors,
+                    "vsock: data on connection {key:?} before the guest accepted it"
+                );
                 self.kill(key, true);
                 return;
             }
         }
         if conn.guest_shut & SHUTDOWN_SEND != 0 {
-            warn!("vsock: data on connection {key:?} after the guest shut it down");
+            guest_warn!(
+                self.guest_errors,
+                "vsock: data on connection {key:?} after the guest shut it down"
+            );
             self.kill(key, true);
             return;
         }
         if conn.tx_buffered() + len > CONN_BUF_ALLOC as usize {
-            warn!("vsock: guest overran its credit on connection {key:?}, resetting it");
+            guest_warn!(
+                self.guest_errors,
+                "vsock: guest overran its credit on connection {key:?}, resetting it"
+            );
             self.kill(key, true);
             return;
         }
@@ -384,7 +427,10 @@ impl Muxer {
             return;
         };
         if conn.state != ConnState::LocalInit {
-            warn!("vsock: unexpected response on connection {key:?}, resetting it");
+            guest_warn!(
+                self.guest_errors,
+                "vsock: unexpected response on connection {key:?}, resetting it"
+            );
             self.kill(key, true);
             return;
         }
@@ -1508,6 +1554,8 @@ mod tests {
         t.send(ghdr(42, GUEST_PORT, 1234), &[]);
         t.send(ghdr(OP_RST, GUEST_PORT, 1234), &[]);
         t.assert_quiet();
+        // Wrong CID, wrong type, unknown op; a reset of nothing is no error.
+        assert_eq!(t.mux.guest_error_count(), 3);
     }
 
     #[test]
@@ -1539,6 +1587,9 @@ mod tests {
         // The reset still goes out once a good buffer arrives.
         t.g.post_rx(1);
         assert_eq!(t.next().0.op, OP_RST);
+        // Four bad tx chains, two bad rx buffers: counted, so the log can
+        // be rate-limited.
+        assert_eq!(t.mux.guest_error_count(), 6);
     }
 
     #[test]
