@@ -1089,4 +1089,54 @@ mod tests {
         assert!(err.is_err());
         assert!(block.worker.is_none());
     }
+
+    proptest::proptest! {
+        /// Hostile request chains: a header with any type and sector, data
+        /// descriptors of any length and direction, addresses past guest
+        /// memory. Each chain completes (used) without a panic, a used
+        /// length never passes the writable room, and the disk keeps its
+        /// size (a request past the end never grows it); a read-only disk
+        /// is never written.
+        #[test]
+        fn fuzz_block_requests_of_hostile_chains(
+            req_type in proptest::prop_oneof![0u32..=8, proptest::num::u32::ANY],
+            sector in proptest::prop_oneof![0u64..SECTORS + 2, proptest::num::u64::ANY],
+            descs in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::strategy::Just(HDR),
+                        proptest::strategy::Just(DATA),
+                        proptest::strategy::Just(STATUS),
+                        proptest::strategy::Just(0x10_0000 - 4),
+                        proptest::num::u64::ANY,
+                    ],
+                    proptest::prop_oneof![0u32..1100, proptest::num::u32::ANY],
+                    proptest::bool::ANY,
+                ),
+                0..4,
+            ),
+            read_only in proptest::bool::ANY,
+        ) {
+            let f = disk_file();
+            let before = std::fs::read(f.path()).unwrap();
+            let block = Block::new(f.path(), read_only).unwrap();
+            let mem = guest_memory();
+            let mut d = Driver::new(&mem, &block);
+            d.header(req_type, sector);
+            let mut chain = vec![(HDR, 16, Dir::R)];
+            chain.extend(descs.iter().map(|(a, l, w)| (*a, *l, if *w { Dir::W } else { Dir::R })));
+            let room: u64 = chain
+                .iter()
+                .filter(|c| matches!(c.2, Dir::W))
+                .map(|c| u64::from(c.1))
+                .sum();
+            let (_, used) = d.submit(&chain);
+            proptest::prop_assert!(u64::from(used) <= room, "used {used} of {room}");
+            let after = std::fs::read(f.path()).unwrap();
+            proptest::prop_assert_eq!(after.len(), before.len());
+            if read_only {
+                proptest::prop_assert!(after == before, "a read-only disk was written");
+            }
+        }
+    }
 }
