@@ -21,7 +21,7 @@
 use std::io;
 use std::sync::Arc;
 
-use log::{debug, error, warn};
+use log::{debug, warn};
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
@@ -33,6 +33,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::guest_errors::{guest_warn, GuestErrors};
 use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
     VIRTIO_MMIO_INT_CONFIG,
@@ -182,6 +183,8 @@ pub struct MmioTransport {
     irq: Arc<IrqLine>,
     notify: Vec<EventFd>,
     state: MmioState,
+    /// Status writes the device could not honour (rate-limited in the log).
+    guest_errors: GuestErrors,
 }
 
 impl MmioTransport {
@@ -223,6 +226,7 @@ impl MmioTransport {
             mem,
             irq,
             notify,
+            guest_errors: GuestErrors::default(),
             state: MmioState {
                 queues,
                 ..Default::default()
@@ -597,10 +601,16 @@ impl MmioTransport {
                         self.state.activated = true;
                         return;
                     }
-                    Err(e) => error!("{}: activation failed: {e}", self.name()),
+                    Err(e) => {
+                        guest_warn!(self.guest_errors, "{}: activation failed: {e}", self.name())
+                    }
                 }
             }
-            Err(e) => warn!("{}: driver set DRIVER_OK with {e}", self.name()),
+            Err(e) => guest_warn!(
+                self.guest_errors,
+                "{}: driver set DRIVER_OK with {e}",
+                self.name()
+            ),
         }
         self.state.status |= S_NEEDS_RESET;
         self.raise(VIRTIO_MMIO_INT_CONFIG);
@@ -647,7 +657,7 @@ impl MmioTransport {
             if !self.device.reset() {
                 // The device is still running its queues; re-activating it
                 // would give two owners the same rings. Stay broken instead.
-                error!("{}: device cannot be reset", self.name());
+                guest_warn!(self.guest_errors, "{}: device cannot be reset", self.name());
                 self.state.status |= S_NEEDS_RESET;
                 self.raise(VIRTIO_MMIO_INT_CONFIG);
                 return;
