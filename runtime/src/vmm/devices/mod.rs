@@ -155,6 +155,27 @@ pub enum DeviceError {
     },
 }
 
+/// The queues an activation hands a device, checked: the device is not
+/// active already (`active`) and got exactly `N` queues.
+pub fn activation_queues<const N: usize>(
+    device: &'static str,
+    active: bool,
+    queues: Vec<ActiveQueue>,
+) -> Result<[ActiveQueue; N], DeviceError> {
+    if active {
+        return Err(DeviceError::Activate {
+            device,
+            cause: "already active".into(),
+        });
+    }
+    queues
+        .try_into()
+        .map_err(|q: Vec<ActiveQueue>| DeviceError::Activate {
+            device,
+            cause: format!("expected {N} queues, got {}", q.len()),
+        })
+}
+
 /// Copies `config[offset..]` into `data`; bytes past the end of the config
 /// space read as 0 (the driver may probe beyond what a device offers).
 pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {

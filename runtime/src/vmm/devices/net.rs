@@ -212,19 +212,8 @@ impl VirtioDevice for Net {
         irq: Arc<IrqLine>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), DeviceError> {
-        if self.worker.is_some() {
-            return Err(DeviceError::Activate {
-                device: DEVICE,
-                cause: "already active".into(),
-            });
-        }
         let queues: [ActiveQueue; 2] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<ActiveQueue>| DeviceError::Activate {
-                    device: DEVICE,
-                    cause: format!("expected 2 queues, got {}", q.len()),
-                })?;
+            super::activation_queues(DEVICE, self.worker.is_some(), queues)?;
         let io_err = |source| DeviceError::Io {
             device: DEVICE,
             source,

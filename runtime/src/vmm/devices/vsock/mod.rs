@@ -179,19 +179,8 @@ impl VirtioDevice for Vsock {
         irq: Arc<IrqLine>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), DeviceError> {
-        if self.worker.is_some() {
-            return Err(DeviceError::Activate {
-                device: DEVICE,
-                cause: "already active".into(),
-            });
-        }
         let [rxq, txq, evq]: [ActiveQueue; 3] =
-            queues
-                .try_into()
-                .map_err(|q: Vec<ActiveQueue>| DeviceError::Activate {
-                    device: DEVICE,
-                    cause: format!("expected 3 queues, got {}", q.len()),
-                })?;
+            super::activation_queues(DEVICE, self.worker.is_some(), queues)?;
         let listener = match self.listener.take() {
             Some(l) => l,
             // A reset closed it; the socket file is still ours.
