@@ -8,6 +8,7 @@
 
 pub mod agent_client;
 pub mod clone;
+pub mod jail;
 pub mod microvm;
 pub mod template;
 #[cfg(test)]

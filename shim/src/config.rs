@@ -44,6 +44,11 @@ pub struct JevmConfig {
     /// A guest whose agent answers no ping for this long is declared hung:
     /// its VM is stopped and its tasks exit. 0 turns the check off.
     pub liveness_timeout_secs: u64,
+    /// What a VMM thread meets when it makes a syscall outside its
+    /// allow-list (docs/security.md): `kill` (report it, end the VMM),
+    /// `log` (let it through, the kernel logs it: for updating the lists)
+    /// or `off`.
+    pub seccomp: String,
 }
 
 impl Default for JevmConfig {
@@ -60,6 +65,7 @@ impl Default for JevmConfig {
             kernel_params: String::new(),
             log_level: None,
             liveness_timeout_secs: 10,
+            seccomp: "kill".into(),
         }
     }
 }
@@ -155,6 +161,10 @@ pub fn load(source: &Source, body: Option<&[u8]>) -> Result<JevmConfig, ConfigEr
 const MAX_MEMORY_MIB: u32 = jevm_runtime::vmm::layout::MAX_MEM_MIB;
 
 impl JevmConfig {
+    pub fn jail_mode(&self) -> Result<jevm_runtime::jail::Mode, String> {
+        self.seccomp.parse()
+    }
+
     /// The most vCPUs a pod may ask for.
     pub fn max_vcpus(&self) -> u8 {
         self.max_vcpus.unwrap_or_else(|| {
@@ -209,6 +219,7 @@ pub fn parse(text: &str) -> Result<JevmConfig, String> {
             format!("log_level = {l:?} is not one of error, warn, info, debug, trace, off")
         })?;
     }
+    cfg.jail_mode().map_err(|e| format!("seccomp = {e}"))?;
     // Beyond a day the check is off in all but name; a typo is likelier.
     if cfg.liveness_timeout_secs > 86_400 {
         return Err(format!(
@@ -388,6 +399,10 @@ mod tests {
             ("vcpus = \"two\"", "string"),
             ("liveness_timeout_secs = -1", "expected u64"),
             ("liveness_timeout_secs = 100000", "liveness_timeout_secs"),
+            (
+                "seccomp = \"strict\"",
+                "seccomp = \"strict\" is not one of kill, log, off",
+            ),
         ] {
             let e = parse(text).unwrap_err();
             assert!(e.contains(needle), "{text}: {e}");

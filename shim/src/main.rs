@@ -76,10 +76,72 @@ fn configured_log_level() -> Option<String> {
     config::load(&source, None).ok()?.log_level
 }
 
-#[tokio::main]
-async fn main() {
+/// The capabilities the serving shim keeps, for the whole pod's life:
+/// mounts and namespaces (SYS_ADMIN), the tap and its tc filters
+/// (NET_ADMIN), and what the virtio-fs server needs to act as the guest's
+/// users on the share (see jevm_runtime::jail). Everything else (module
+/// loading, raw I/O, ptrace, the clock, the audit and MAC controls, ...)
+/// goes before any thread starts, so no thread has it.
+const SHIM_CAPABILITIES: &[caps::Capability] = &[
+    caps::Capability::CAP_SYS_ADMIN,
+    caps::Capability::CAP_NET_ADMIN,
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_SETFCAP,
+    caps::Capability::CAP_MKNOD,
+];
+
+/// The serving shim (neither `start` nor `delete`, which containerd runs
+/// as short-lived commands): drops the capabilities it never needs and
+/// points stderr at containerd's shim log (the `log` FIFO in the bundle,
+/// the working directory), so a panic or a jailed thread's last words
+/// reach containerd's log instead of /dev/null.
+fn prepare_serving_process() {
+    if let Err(e) = jevm_runtime::jail::limit_process_capabilities(SHIM_CAPABILITIES) {
+        eprintln!("containerd-shim-jevm-v2: cannot drop capabilities: {e}");
+        std::process::exit(1);
+    }
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(log) = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("log")
+    {
+        let _ = nix::unistd::dup2(log.as_raw_fd(), libc::STDERR_FILENO);
+    }
+}
+
+fn main() {
     process_start();
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let action = args.last().map(String::as_str);
+    let serving = !matches!(action, Some("start" | "delete"))
+        && !args
+            .iter()
+            .any(|a| ["-v", "--version", "-version", "-info", "--info"].contains(&a.as_str()));
+    if serving {
+        prepare_serving_process();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("containerd-shim-jevm-v2: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(run(args));
+}
+
+async fn run(args: Vec<String>) {
     if args
         .iter()
         .any(|a| a == "-v" || a == "--version" || a == "-version")

@@ -504,6 +504,10 @@ impl TaskService {
                 }
                 cfg.check_guest_files(&source)
                     .map_err(|e| precondition(e.to_string()))?;
+                // Before the first VM thread: its threads enter this jail.
+                let mode = cfg.jail_mode().map_err(invalid)?;
+                jevm_runtime::jail::init(mode)
+                    .map_err(|e| precondition(format!("pod {pod_id:?}: {e}")))?;
                 let size = sizing::vm_size(&cfg, &spec, &pod_id).map_err(invalid)?;
                 sizing::check_fits(size, &spec, &cid).map_err(invalid)?;
                 let layout = PodLayout::new(&cfg.run_dir, &pod_id);

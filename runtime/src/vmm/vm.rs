@@ -8,6 +8,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use jevm_protocol::SHARE_TAG;
+
+use crate::jail::ThreadKind;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
@@ -94,6 +96,8 @@ pub enum VmError {
     Device { name: String, cause: String },
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     #[error("cannot save the VM: {0}")]
     Save(String),
     #[error("cannot restore the VM from its saved state: {0}")]
@@ -148,7 +152,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     kvm: Kvm,
     ctl: Arc<VmControl>,
-    vcpu_threads: Vec<JoinHandle<VcpuFd>>,
+    vcpu_threads: Vec<JoinHandle<Option<VcpuFd>>>,
     /// vCPUs handed back by their threads after a stop, for saving.
     stopped_vcpus: Vec<VcpuFd>,
     console: Arc<Mutex<ConsoleLog>>,
@@ -473,12 +477,17 @@ impl Vm {
             vm_fd: Some(vm_fd),
             ram: Some(ram),
         };
+        // The process's jail (jail.rs), unless its owner set one up with
+        // another mode already: vCPUs run guest code from here on.
+        if crate::jail::mode().is_none() {
+            crate::jail::init(crate::jail::Mode::default())?;
+        }
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (bus, ctl) = (bus.clone(), ctl.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(fd, id as u8, bus, ctl))
-                .map_err(VmError::Thread)?;
+            let handle = crate::jail::spawn(&format!("vcpu{id}"), ThreadKind::Vcpu, move || {
+                vcpu::run(fd, id as u8, bus, ctl)
+            })
+            .map_err(VmError::Thread)?;
             vm.vcpu_threads.push(handle);
         }
         Ok(vm)
@@ -537,7 +546,8 @@ impl Vm {
         }
         for t in self.vcpu_threads.drain(..) {
             match t.join() {
-                Ok(fd) => self.stopped_vcpus.push(fd),
+                Ok(Some(fd)) => self.stopped_vcpus.push(fd),
+                Ok(None) => {}
                 Err(_) => log::error!("a vCPU thread panicked"),
             }
         }

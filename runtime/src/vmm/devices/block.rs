@@ -36,6 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{ActiveQueue, DeviceError, GuestMemory, IrqLine, VirtioDevice, VIRTIO_MMIO_INT_VRING};
+use crate::jail::ThreadKind;
 
 /// Size of the single request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -248,9 +249,10 @@ impl VirtioDevice for Block {
                 .map_err(|e| io_err("registering with epoll", e))?;
         }
         let mut worker = BlockWorker::new(self.disk.clone(), mem, irq, queue);
-        let thread =
-            WorkerThread::spawn("blk", stop, move || worker.run(epoll, notify, worker_stop))
-                .map_err(|e| io_err("spawning worker thread", e))?;
+        let thread = WorkerThread::spawn("blk", ThreadKind::Block, stop, move || {
+            worker.run(epoll, notify, worker_stop)
+        })
+        .map_err(|e| io_err("spawning worker thread", e))?;
         self.worker = Some(thread);
         Ok(())
     }

@@ -52,6 +52,7 @@ use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
 };
+use crate::jail::ThreadKind;
 
 /// Virtio device ID of a network card (virtio 1.2, 5.1).
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -254,7 +255,10 @@ impl VirtioDevice for Net {
             rx_buf: vec![0u8; MAX_BUFFER],
             tx_buf: vec![0u8; MAX_BUFFER],
         };
-        self.worker = Some(WorkerThread::spawn("net", stop, move || worker.run()).map_err(io_err)?);
+        self.worker = Some(
+            WorkerThread::spawn("net", ThreadKind::Net, stop, move || worker.run())
+                .map_err(io_err)?,
+        );
         Ok(())
     }
 

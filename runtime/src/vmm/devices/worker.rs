@@ -7,13 +7,15 @@ use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
 
 use log::error;
+
+use crate::jail::{self, ThreadKind};
 use vmm_sys_util::eventfd::EventFd;
 
 /// A running worker. `W` is what the thread hands back when it stops: the
 /// worker itself where `pause` must read its queue positions.
 pub(super) struct WorkerThread<W> {
     stop: EventFd,
-    thread: JoinHandle<W>,
+    thread: JoinHandle<Option<W>>,
 }
 
 /// The stop signal: the device keeps one end, the worker polls the other
@@ -25,16 +27,28 @@ pub(super) fn stop_pair() -> io::Result<(EventFd, EventFd)> {
 }
 
 impl<W: Send + 'static> WorkerThread<W> {
-    /// Runs `run` on a thread called `thread_name` (what `ps -L` and a
-    /// seccomp report show).
+    /// Runs `run` on a thread called `thread_name` (what `ps -L` shows),
+    /// in the jail of `kind` (crate::jail): it serves guest input.
     pub(super) fn spawn(
         thread_name: &str,
+        kind: ThreadKind,
         stop: EventFd,
         run: impl FnOnce() -> W + Send + 'static,
     ) -> io::Result<Self> {
-        let thread = std::thread::Builder::new()
-            .name(thread_name.into())
-            .spawn(run)?;
+        let thread = jail::spawn(thread_name, kind, run)?;
+        Ok(WorkerThread { stop, thread })
+    }
+
+    /// [`WorkerThread::spawn`] for a worker that serves a directory: it
+    /// may reach files by path only beneath `dir` (None: none at all).
+    pub(super) fn spawn_beneath(
+        thread_name: &str,
+        kind: ThreadKind,
+        dir: Option<std::path::PathBuf>,
+        stop: EventFd,
+        run: impl FnOnce() -> W + Send + 'static,
+    ) -> io::Result<Self> {
+        let thread = jail::spawn_beneath(thread_name, kind, dir, run)?;
         Ok(WorkerThread { stop, thread })
     }
 
@@ -56,7 +70,7 @@ impl<W: Send + 'static> WorkerThread<W> {
             return None;
         }
         match self.thread.join() {
-            Ok(w) => Some(w),
+            Ok(w) => w,
             Err(_) => {
                 error!("{device}: the worker thread panicked");
                 None

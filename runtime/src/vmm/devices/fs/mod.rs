@@ -70,6 +70,7 @@ use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
 };
+use crate::jail::ThreadKind;
 
 /// Virtio device ID of a file system device (virtio 1.2, 5.11).
 pub const VIRTIO_ID_FS: u32 = 26;
@@ -383,7 +384,16 @@ impl VirtioDevice for Fs {
             stop: worker_stop,
             guest_errors: GuestErrors::default(),
         };
-        self.worker = Some(WorkerThread::spawn("fs", stop, move || worker.run()).map_err(io_err)?);
+        self.worker = Some(
+            WorkerThread::spawn_beneath(
+                "fs",
+                ThreadKind::Fs,
+                self.share.clone(),
+                stop,
+                move || worker.run(),
+            )
+            .map_err(io_err)?,
+        );
         Ok(())
     }
 

@@ -48,6 +48,7 @@ use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
 };
+use crate::jail::ThreadKind;
 use muxer::{Muxer, TOKEN_RXQ, TOKEN_STOP, TOKEN_TXQ};
 
 const DEVICE: &str = "vsock";
@@ -227,7 +228,8 @@ impl VirtioDevice for Vsock {
             muxer,
             connections: connections.clone(),
         };
-        let thread = WorkerThread::spawn(DEVICE, stop, move || worker.run()).map_err(io_err)?;
+        let thread = WorkerThread::spawn(DEVICE, ThreadKind::Vsock, stop, move || worker.run())
+            .map_err(io_err)?;
         self.worker = Some(WorkerHandle {
             thread,
             connections,

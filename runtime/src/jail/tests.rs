@@ -1,0 +1,329 @@
+//! The jail is process-wide (a SIGSYS handler, filters that end the
+//! process), so each scenario runs in a child: this test binary run again
+//! on one test with `JEVM_JAIL_CHILD` naming the scenario.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const CHILD: &str = "JEVM_JAIL_CHILD";
+
+/// Runs `scenario` in a child process (the test named `child_runner` of
+/// this binary) and returns its exit status and stderr.
+fn run_child(scenario: &str) -> (Option<i32>, String) {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "jail::tests::child_runner",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, scenario)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Not a test of its own: the body of the child processes.
+#[test]
+fn child_runner() {
+    let Ok(scenario) = std::env::var(CHILD) else {
+        return;
+    };
+    match scenario.as_str() {
+        "denied" => {
+            init(Mode::Kill).unwrap();
+            let t = spawn("vcpu0", ThreadKind::Vcpu, || {
+                // SAFETY: getppid has no arguments and no side effects;
+                // the filter stops it first.
+                unsafe { libc::getppid() }
+            })
+            .unwrap();
+            let _ = t.join();
+            eprintln!("the denied syscall returned");
+            std::process::exit(0);
+        }
+        "logged" => {
+            init(Mode::Log).unwrap();
+            let t = spawn("vcpu0", ThreadKind::Vcpu, || {
+                // SAFETY: as above; in log mode it runs.
+                unsafe { libc::getppid() }
+            })
+            .unwrap();
+            assert!(t.join().unwrap().unwrap() > 0);
+            std::process::exit(0);
+        }
+        "spawn-from-jail" => {
+            init(Mode::Kill).unwrap();
+            // A vCPU (no clone in its list) activating a device gets the
+            // worker from the spawner, jailed as a worker.
+            let t = spawn("vcpu0", ThreadKind::Vcpu, || {
+                let w = spawn("fs", ThreadKind::Fs, current).unwrap();
+                (current(), w.join().unwrap().unwrap())
+            })
+            .unwrap();
+            let (vcpu, fs) = t.join().unwrap().unwrap();
+            assert_eq!((vcpu, fs), (Some(ThreadKind::Vcpu), Some(ThreadKind::Fs)));
+            std::process::exit(0);
+        }
+        "capabilities" => {
+            // Log mode: the vCPU list has no capget to look with.
+            init(Mode::Log).unwrap();
+            let held = |set| caps::read(None, set).unwrap();
+            let root = held(CapSet::Permitted);
+            let vcpu = spawn("vcpu0", ThreadKind::Vcpu, move || {
+                (held(CapSet::Effective), held(CapSet::Permitted))
+            })
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+            assert!(vcpu.0.is_empty() && vcpu.1.is_empty(), "{vcpu:?}");
+            let fs = spawn("fs", ThreadKind::Fs, move || held(CapSet::Permitted))
+                .unwrap()
+                .join()
+                .unwrap()
+                .unwrap();
+            let want: CapsHashSet = ThreadKind::Fs
+                .capabilities()
+                .intersection(&root)
+                .copied()
+                .collect();
+            assert_eq!(fs, want);
+            // The spawning thread keeps what it had.
+            assert_eq!(held(CapSet::Permitted), root);
+            std::process::exit(0);
+        }
+        "beneath" => {
+            init(Mode::Kill).unwrap();
+            let share = std::env::temp_dir().join(format!("jevm-jail-{}", std::process::id()));
+            std::fs::create_dir_all(share.join("sub")).unwrap();
+            std::fs::write(share.join("sub/f"), "in").unwrap();
+            let inside = share.join("sub/f");
+            let t = spawn_beneath("fs", ThreadKind::Fs, Some(share.clone()), move || {
+                let read_in = std::fs::read_to_string(&inside).map_err(|e| e.kind());
+                let made = std::fs::write(inside.with_file_name("new"), "x").map_err(|e| e.kind());
+                let read_out = std::fs::read("/etc/passwd").map_err(|e| e.raw_os_error());
+                (read_in, made, read_out)
+            })
+            .unwrap();
+            let (read_in, made, read_out) = t.join().unwrap().unwrap();
+            let _ = std::fs::remove_dir_all(&share);
+            assert_eq!(read_in, Ok("in".to_string()));
+            assert_eq!(made, Ok(()));
+            if landlock_supported() {
+                assert_eq!(read_out.map(|_| ()), Err(Some(libc::EACCES)));
+            } else {
+                eprintln!("this kernel has no Landlock: the outside read was not refused");
+            }
+            // Unattached: no file by path at all.
+            let t = spawn_beneath("fs", ThreadKind::Fs, None, || {
+                std::fs::read("/etc/passwd")
+                    .map_err(|e| e.raw_os_error())
+                    .map(|_| ())
+            })
+            .unwrap();
+            let r = t.join().unwrap().unwrap();
+            if landlock_supported() {
+                assert_eq!(r, Err(Some(libc::EACCES)));
+            }
+            std::process::exit(0);
+        }
+        "cost" => {
+            let t0 = Instant::now();
+            init(Mode::Kill).unwrap();
+            let compile = t0.elapsed();
+            let mut enters = Vec::new();
+            for _ in 0..50 {
+                let t = spawn("vcpu", ThreadKind::Vcpu, || ()).unwrap();
+                t.join().unwrap();
+                let t = std::thread::spawn(|| {
+                    let t0 = Instant::now();
+                    enter(ThreadKind::Fs).unwrap();
+                    t0.elapsed()
+                });
+                enters.push(t.join().unwrap());
+            }
+            enters.sort();
+            // The parts: capabilities alone, and the filter alone.
+            let mut caps_only = Vec::new();
+            let mut filter_only = Vec::new();
+            let prog: BpfProgram = allowlists::filter(ThreadKind::Fs, SeccompAction::Trap)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            for _ in 0..50 {
+                let keep = ThreadKind::Fs.capabilities();
+                caps_only.push(
+                    std::thread::spawn(move || {
+                        let t0 = Instant::now();
+                        for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+                            let _ = caps::set(None, set, &keep);
+                        }
+                        t0.elapsed()
+                    })
+                    .join()
+                    .unwrap(),
+                );
+                let p = prog.clone();
+                filter_only.push(
+                    std::thread::spawn(move || {
+                        let t0 = Instant::now();
+                        seccompiler::apply_filter(&p).unwrap();
+                        t0.elapsed()
+                    })
+                    .join()
+                    .unwrap(),
+                );
+            }
+            let median = |v: &mut Vec<Duration>| {
+                v.sort();
+                v[v.len() / 2]
+            };
+            eprintln!(
+                "jail cost: compiling all filters {compile:?}; entering the fs jail median {:?}, max {:?} (capabilities {:?}, seccomp filter {:?}; {} BPF instructions)",
+                enters[enters.len() / 2],
+                enters[enters.len() - 1],
+                median(&mut caps_only),
+                median(&mut filter_only),
+                prog.len(),
+            );
+            assert!(enters[enters.len() / 2] < Duration::from_millis(5));
+            std::process::exit(0);
+        }
+        other => panic!("unknown scenario {other}"),
+    }
+}
+
+/// Whether this kernel enforces Landlock (ABI version query).
+fn landlock_supported() -> bool {
+    // SAFETY: the version query takes no pointer (NULL, 0) and changes nothing.
+    let abi = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32, // LANDLOCK_CREATE_RULESET_VERSION
+        )
+    };
+    abi >= 1
+}
+
+#[test]
+fn a_file_server_thread_reaches_files_only_beneath_its_directory() {
+    let (code, stderr) = run_child("beneath");
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn a_denied_syscall_is_reported_with_its_number_and_ends_the_process() {
+    let (code, stderr) = run_child("denied");
+    assert_eq!(code, Some(sigsys::EXIT_STATUS), "{stderr}");
+    let want = format!(
+        "jevm: seccomp: a vcpu thread made syscall {}, which its allow-list does not hold",
+        libc::SYS_getppid
+    );
+    assert!(stderr.contains(&want), "{stderr}");
+    assert!(!stderr.contains("the denied syscall returned"), "{stderr}");
+}
+
+#[test]
+fn in_log_mode_a_syscall_outside_the_list_goes_through() {
+    let (code, stderr) = run_child("logged");
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn a_jailed_thread_gets_its_workers_from_the_spawner() {
+    let (code, stderr) = run_child("spawn-from-jail");
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn jailed_threads_keep_only_their_kinds_capabilities() {
+    let (code, stderr) = run_child("capabilities");
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn entering_a_jail_costs_microseconds() {
+    let (code, stderr) = run_child("cost");
+    assert_eq!(code, Some(0), "{stderr}");
+    eprintln!(
+        "{}",
+        stderr
+            .lines()
+            .find(|l| l.starts_with("jail cost"))
+            .unwrap_or("")
+    );
+}
+
+#[test]
+fn every_filter_compiles_and_lets_the_handler_report_and_exit() {
+    for kind in ThreadKind::ALL {
+        allowlists::filter(kind, SeccompAction::Trap).unwrap();
+        let allowed = allowlists::allowed(kind);
+        for nr in [
+            libc::SYS_write,
+            libc::SYS_exit_group,
+            libc::SYS_rt_sigreturn,
+        ] {
+            assert!(allowed.contains(&nr), "{kind:?} lacks {nr}");
+        }
+        // No jailed thread creates threads or runs programs.
+        for nr in [
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_execve,
+            libc::SYS_fork,
+        ] {
+            assert!(!allowed.contains(&nr), "{kind:?} allows {nr}");
+        }
+    }
+    assert_eq!("kill".parse(), Ok(Mode::Kill));
+    assert!("strict"
+        .parse::<Mode>()
+        .unwrap_err()
+        .contains("kill, log, off"));
+}
+
+#[test]
+#[ignore = "a measurement: cargo test --release -p jevm-runtime jail::tests::filter_install_cost -- --ignored --nocapture"]
+fn filter_install_cost() {
+    use seccompiler::{SeccompFilter, TargetArch};
+    for n in [1usize, 10, 40, 80] {
+        // Syscall numbers nothing uses, so the measuring thread runs on.
+        let rules = (0..n as i64).map(|i| (400 + i, vec![])).collect();
+        let f = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Trap,
+            TargetArch::x86_64,
+        )
+        .unwrap();
+        let prog: BpfProgram = f.try_into().unwrap();
+        let mut t = Vec::new();
+        for _ in 0..30 {
+            let p = prog.clone();
+            t.push(
+                std::thread::spawn(move || {
+                    let t0 = Instant::now();
+                    seccompiler::apply_filter(&p).unwrap();
+                    t0.elapsed()
+                })
+                .join()
+                .unwrap(),
+            );
+        }
+        t.sort();
+        eprintln!(
+            "{n} syscalls, {} instructions: median {:?}",
+            prog.len(),
+            t[t.len() / 2]
+        );
+    }
+}
