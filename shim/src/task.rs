@@ -942,10 +942,13 @@ impl Task for TaskService {
             let _ = tokio::task::spawn_blocking(move || mounts::teardown(&dir)).await;
             pod.share_device_nodes.revoke(cid);
             let bundle = self.state().containers.remove(cid).map(|c| c.bundle);
+            self.release_pod_if_empty(&pod).await;
+            // Only now: should this process die while it ends the pod (a
+            // VMM thread stopped by its jail, a SIGKILL), containerd's
+            // `delete` of the bundle finds the record and ends the pod.
             if let Some(b) = bundle {
                 record::remove(Path::new(&b));
             }
-            self.release_pod_if_empty(&pod).await;
             self.publish(outgoing(TaskDelete {
                 container_id: cid.to_string(),
                 pid,

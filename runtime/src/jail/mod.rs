@@ -10,7 +10,8 @@
 //! Filters stack and are inherited by threads a jailed thread creates, so
 //! no jailed thread creates threads: a device activated by the guest (on a
 //! vCPU) gets its worker from the spawner, an unjailed thread started by
-//! [`init`].
+//! [`init`], which also does the little set-up a vCPU may need beyond its
+//! list ([`outside`]).
 //!
 //! The filters are compiled once per process, in [`init`]; entering the
 //! jail is then one `capset` and one `seccomp` call per thread.
@@ -51,6 +52,18 @@ impl std::str::FromStr for Mode {
             "off" => Ok(Mode::Off),
             other => Err(format!("{other:?} is not one of kill, log, off")),
         }
+    }
+}
+
+impl Mode {
+    /// `JEVM_SECCOMP` when it names a mode, else [`Mode::Kill`]: for
+    /// programs that embed the VMM without a config file of their own
+    /// (the `jevm` command, tests).
+    pub fn from_env() -> Mode {
+        std::env::var("JEVM_SECCOMP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default()
     }
 }
 
@@ -326,22 +339,7 @@ fn spawn_confined<W: Send + 'static>(
         Some(run())
     };
     let builder = std::thread::Builder::new().name(name.into());
-    let handle = match JAIL.get() {
-        Some(jail) if current().is_some() => {
-            let (tx, rx) = mpsc::sync_channel(1);
-            let job: Job = Box::new(move || {
-                let _ = tx.send(builder.spawn(body));
-            });
-            jail.spawner
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .send(job)
-                .map_err(|_| io::Error::other("the jail's spawner thread is gone"))?;
-            rx.recv()
-                .map_err(|_| io::Error::other("the jail's spawner thread is gone"))??
-        }
-        _ => builder.spawn(body)?,
-    };
+    let handle = outside(move || builder.spawn(body))??;
     match ready_rx.recv() {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(e)) => {
@@ -355,6 +353,29 @@ fn spawn_confined<W: Send + 'static>(
             )))
         }
     }
+}
+
+/// Runs `f` outside the jail: on the spawner when the calling thread is
+/// jailed, else right here. For the set-up a guest's request leads to on
+/// a vCPU (a device reset opens a new file-server session, an activation
+/// starts a worker) that the vCPU's own list does not allow. Err when the
+/// spawner is gone.
+pub fn outside<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io::Result<T> {
+    let jail = match JAIL.get() {
+        Some(jail) if current().is_some() => jail,
+        _ => return Ok(f()),
+    };
+    let gone = || io::Error::other("the jail's spawner thread is gone");
+    let (tx, rx) = mpsc::sync_channel(1);
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    jail.spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(job)
+        .map_err(|_| gone())?;
+    rx.recv().map_err(|_| gone())
 }
 
 /// Drops, for the whole process, every capability not in `keep`: from the

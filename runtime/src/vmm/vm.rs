@@ -480,7 +480,7 @@ impl Vm {
         // The process's jail (jail.rs), unless its owner set one up with
         // another mode already: vCPUs run guest code from here on.
         if crate::jail::mode().is_none() {
-            crate::jail::init(crate::jail::Mode::default())?;
+            crate::jail::init(crate::jail::Mode::from_env())?;
         }
         for (id, fd) in vcpus.into_iter().enumerate() {
             let (bus, ctl) = (bus.clone(), ctl.clone());

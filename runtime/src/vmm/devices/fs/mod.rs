@@ -402,12 +402,16 @@ impl VirtioDevice for Fs {
         self.acked_features = 0;
         // A driver that starts over starts a new FUSE session: the old
         // session's inodes and open files must not outlive it.
-        self.backend = Arc::new(
-            Backend::for_share(self.share.as_deref(), &self.device_nodes).unwrap_or_else(|e| {
-                warn!("{e}; the device is unattached from now on");
-                Backend::Unattached(Server::new(Unattached))
-            }),
-        );
+        // The driver resets from a vCPU, whose jail opens no files: the
+        // new session is opened outside it.
+        let (share, nodes) = (self.share.clone(), self.device_nodes.clone());
+        let fresh = crate::jail::outside(move || Backend::for_share(share.as_deref(), &nodes))
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        self.backend = Arc::new(fresh.unwrap_or_else(|e| {
+            warn!("{e}; the device is unattached from now on");
+            Backend::Unattached(Server::new(Unattached))
+        }));
         true
     }
 
