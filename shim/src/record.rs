@@ -76,6 +76,31 @@ pub fn cleanup_after_dead_shim(bundle: &Path, cid: &str) -> u32 {
     r.pid
 }
 
+/// Removes the socket of the dead shim that served `bundle` (its
+/// `address` file names it, `unix:///run/containerd/s/<hash>`): containerd
+/// leaves it behind when a shim is killed, as runc's shim does. Only when
+/// nothing listens on it any more: a pod's containers share one shim, and
+/// containerd also runs `delete` after a failed start while the pod's shim
+/// lives on.
+pub fn remove_dead_socket(bundle: &Path) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let Some(path) = address.trim().strip_prefix("unix://") else {
+        return;
+    };
+    match std::os::unix::net::UnixStream::connect(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Ok(()) => log::info!("removed the dead shim's socket {path}"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::warn!("cannot remove the dead shim's socket {path}: {e}"),
+            }
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +145,25 @@ mod tests {
             Vec::<PathBuf>::new()
         );
         assert!(!bundles[1].join(FILE).exists());
+        // The dead shim's socket goes; a live one stays.
+        let dead = base.join("dead.sock");
+        drop(std::os::unix::net::UnixListener::bind(&dead).unwrap());
+        std::fs::write(
+            bundles[0].join("address"),
+            format!("unix://{}\n", dead.display()),
+        )
+        .unwrap();
+        remove_dead_socket(&bundles[0]);
+        assert!(!dead.exists());
+        let live = base.join("live.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+        std::fs::write(
+            bundles[1].join("address"),
+            format!("unix://{}", live.display()),
+        )
+        .unwrap();
+        remove_dead_socket(&bundles[1]);
+        assert!(live.exists());
         // A second delete finds nothing and does not fail.
         assert_eq!(cleanup_after_dead_shim(&bundles[1], "c2"), 0);
         std::fs::remove_dir_all(&base).unwrap();

@@ -69,10 +69,12 @@ impl Shim for Service {
             err: e,
         })?;
         let id = self.id.clone();
-        let pid =
-            tokio::task::spawn_blocking(move || record::cleanup_after_dead_shim(&bundle, &id))
-                .await
-                .unwrap_or(0);
+        let pid = tokio::task::spawn_blocking(move || {
+            record::remove_dead_socket(&bundle);
+            record::cleanup_after_dead_shim(&bundle, &id)
+        })
+        .await
+        .unwrap_or(0);
         Ok(DeleteResponse {
             pid,
             exit_status: LOST_EXIT_STATUS,
