@@ -80,6 +80,9 @@ const VCPU: &[Allow] = &[
 
 /// virtio-blk: reads and writes on the already-open disk image.
 const BLOCK: &[Allow] = &[
+    // descriptor flags of the image (seen by hack/seccomp-learn in the
+    // guest_boot block test)
+    Any(libc::SYS_fcntl),
     Any(libc::SYS_epoll_wait),
     Any(libc::SYS_epoll_pwait),
     Any(libc::SYS_epoll_ctl),
