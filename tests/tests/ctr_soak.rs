@@ -37,9 +37,12 @@ fn control(action: &str) {
     assert!(st.success(), "{script} {action}: {st}");
 }
 
+/// Where containerd 1.6 and the shim crate put shim sockets.
+const SHIM_SOCKETS: &str = "/run/containerd/s/";
+
 /// containerd's shim sockets (`/run/containerd/s/<hash>`): one per shim.
 fn shim_sockets() -> BTreeSet<String> {
-    std::fs::read_dir("/run/containerd/s")
+    std::fs::read_dir(SHIM_SOCKETS)
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -89,6 +92,15 @@ fn cycle(env: &Env, id: &str, kill_shim: bool, gate: &RwLock<()>) -> Result<(), 
         let s = env.wait_status(id, "RUNNING", *CTR_TIMEOUT);
         if s.as_deref() != Some("RUNNING") {
             return Err(format!("not running: {s:?}"));
+        }
+        // The shim's socket is where the leak check looks for it.
+        let address = std::fs::read_to_string(env.task_state_dir().join(id).join("address"))
+            .map_err(|e| format!("the bundle's address file: {e}"))?;
+        let socket = address.trim().trim_start_matches("unix://");
+        if !socket.starts_with(SHIM_SOCKETS) || !Path::new(socket).exists() {
+            return Err(format!(
+                "the shim's socket {socket} is not in {SHIM_SOCKETS}"
+            ));
         }
     }
     {
