@@ -101,6 +101,22 @@ pub fn remove_dead_socket(bundle: &Path) {
     }
 }
 
+/// Every path under `dir` (for tests that compare what is left).
+#[cfg(test)]
+pub fn walk_for_tests(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.is_symlink() {
+                out.extend(walk_for_tests(&p));
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

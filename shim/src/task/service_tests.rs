@@ -410,3 +410,99 @@ async fn an_exec_the_guest_refused_is_added_and_its_start_answers_the_guest_erro
     let e = h.start("c4", "").await.unwrap_err();
     assert_eq!(code(&e), Code::FAILED_PRECONDITION);
 }
+
+/// The run directory's file system fills up while a pod is created: with
+/// no room at all, and with room for only the first 1..6 files and
+/// directories create makes, create fails naming the pod, the path and the
+/// cause, and leaves nothing behind (no pod directory, no mount, no record
+/// in the bundle, no pod started); or, given room enough, succeeds.
+#[tokio::test]
+async fn a_full_run_directory_fails_create_with_the_cause_and_leaves_nothing() {
+    let Some(h) = Harness::new() else { return };
+    let run = h.run_dir();
+    std::fs::create_dir_all(&run).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &run,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k,nr_inodes=32"),
+    )
+    .unwrap();
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(run.clone());
+    // The shim's top-level directories (`pods`, `vms`) may stay, as
+    // after any pod; nothing inside them may.
+    let listing = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = crate::record::walk_for_tests(dir)
+            .into_iter()
+            .filter(|p| *p != dir.join("pods") && *p != dir.join("vms"))
+            .collect();
+        v.sort();
+        v
+    };
+    let mut failures = 0;
+    for free in 0..7 {
+        let id = format!("c{free}");
+        // Fill it, then free `free` inodes.
+        let mut n = 0;
+        while std::fs::write(run.join(format!("filler{n}")), b"").is_ok() {
+            n += 1;
+        }
+        for k in 0..free.min(n) {
+            std::fs::remove_file(run.join(format!("filler{k}"))).unwrap();
+        }
+        let before = listing(&run);
+        match h.create(&id).await {
+            Err(err) => {
+                failures += 1;
+                let text = format!("{err:?}").to_lowercase();
+                assert!(
+                    text.contains("no space left on device") && text.contains(&id),
+                    "{free} free: {text}"
+                );
+                assert_eq!(listing(&run), before, "{free} free: create left something");
+                let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+                // Only the test's own full tmpfs.
+                assert_eq!(
+                    crate::mounts::mounts_under(&info, &run),
+                    [run.clone()],
+                    "{free} free"
+                );
+                assert!(
+                    !h.dir
+                        .path()
+                        .join("bundles")
+                        .join(&id)
+                        .join(crate::record::FILE)
+                        .exists(),
+                    "{free} free: the bundle record stayed"
+                );
+            }
+            Ok(_) => {
+                // Room enough: it is a pod like any other; end it.
+                h.svc
+                    .delete(
+                        &ctx(),
+                        DeleteRequest {
+                            id: id.clone(),
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+            }
+        }
+        for entry in std::fs::read_dir(&run).unwrap().flatten() {
+            if entry.file_name().to_string_lossy().starts_with("filler") {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
+        }
+    }
+    assert!(failures >= 2, "the file system never ran out during create");
+}
