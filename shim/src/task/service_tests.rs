@@ -471,7 +471,7 @@ async fn a_full_run_directory_fails_create_with_the_cause_and_leaves_nothing() {
                 // Only the test's own full tmpfs.
                 assert_eq!(
                     crate::mounts::mounts_under(&info, &run),
-                    [run.clone()],
+                    std::slice::from_ref(&run),
                     "{free} free"
                 );
                 assert!(
