@@ -751,6 +751,9 @@ fn shim_killed_mid_run() {
         );
         let shims = env.shims(Some(&id));
         assert_eq!(shims.len(), 1, "{rt}: one shim for {id}: {shims:?}");
+        let address = std::fs::read_to_string(env.task_state_dir().join(&id).join("address"))
+            .unwrap_or_default();
+        let socket = address.trim().trim_start_matches("unix://").to_string();
         // SAFETY: kill(2) on a PID we just found serving our own container.
         unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) };
         // containerd notices the dead shim, reports the exit and cleans up
@@ -771,6 +774,16 @@ fn shim_killed_mid_run() {
         // delete` removes them: with containerd 1.6 and runc they stay. They
         // are ctr's, not the runtime's: compare, then remove them.
         let fifo_names = env.remove_ctr_fifos(&id);
+        // The dead shim's socket in containerd's shim directory: runc's
+        // stays (said, and removed here); jevm's `delete` removes it.
+        let socket_left = !socket.is_empty() && std::path::Path::new(&socket).exists();
+        if socket_left {
+            eprintln!("{rt}: the killed shim's socket {socket} was left behind");
+            let _ = std::fs::remove_file(&socket);
+        }
+        if rt == JEVM {
+            assert!(!socket.is_empty() && !socket_left, "jevm left {socket:?}");
+        }
         (
             status,
             delete.code,
