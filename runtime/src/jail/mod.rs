@@ -250,8 +250,14 @@ fn enter_confined(kind: ThreadKind, files: Option<Option<&Path>>) -> Result<(), 
         source,
     })?;
     let keep: CapsHashSet = keep.intersection(&held).copied().collect();
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        caps::set(None, set, &keep).map_err(|source| JailError::Capabilities {
+    // Inheritable only ever shrinks to nothing: raising a capability there
+    // needs it in the bounding set, and no jailed thread runs a program.
+    for (set, caps) in [
+        (CapSet::Effective, &keep),
+        (CapSet::Permitted, &keep),
+        (CapSet::Inheritable, &CapsHashSet::new()),
+    ] {
+        caps::set(None, set, caps).map_err(|source| JailError::Capabilities {
             kind: kind.name(),
             source,
         })?;
@@ -380,7 +386,8 @@ pub fn outside<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> io:
 
 /// Drops, for the whole process, every capability not in `keep`: from the
 /// bounding set (when the process may still change it) and from this
-/// thread's effective, permitted, inheritable and ambient sets. Call it
+/// thread's effective and permitted sets; its inheritable and ambient sets
+/// are emptied (the shim runs no program that would inherit them). Call it
 /// before the process starts any thread, which inherit the result.
 pub fn limit_process_capabilities(keep: &[Capability]) -> Result<(), caps::errors::CapsError> {
     let keep: CapsHashSet = keep.iter().copied().collect();
@@ -393,8 +400,9 @@ pub fn limit_process_capabilities(keep: &[Capability]) -> Result<(), caps::error
         }
     }
     caps::clear(None, CapSet::Ambient)?;
+    caps::clear(None, CapSet::Inheritable)?;
     let keep: CapsHashSet = keep.intersection(&held).copied().collect();
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+    for set in [CapSet::Effective, CapSet::Permitted] {
         caps::set(None, set, &keep)?;
     }
     Ok(())
