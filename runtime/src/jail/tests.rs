@@ -137,6 +137,37 @@ fn child_runner() {
             }
             std::process::exit(0);
         }
+        "process-capabilities" => {
+            let had = caps::read(None, CapSet::Permitted).unwrap();
+            let had_bounding = caps::read(None, CapSet::Bounding).unwrap();
+            let setpcap = had.contains(&Capability::CAP_SETPCAP);
+            limit_process_capabilities(&[Capability::CAP_SYS_ADMIN, Capability::CAP_NET_ADMIN])
+                .unwrap();
+            let keep: CapsHashSet = [Capability::CAP_SYS_ADMIN, Capability::CAP_NET_ADMIN]
+                .into_iter()
+                .collect();
+            let want: CapsHashSet = keep.intersection(&had).copied().collect();
+            // A thread started afterwards has the same.
+            let (permitted, effective, inheritable, bounding) = std::thread::spawn(|| {
+                (
+                    caps::read(None, CapSet::Permitted).unwrap(),
+                    caps::read(None, CapSet::Effective).unwrap(),
+                    caps::read(None, CapSet::Inheritable).unwrap(),
+                    caps::read(None, CapSet::Bounding).unwrap(),
+                )
+            })
+            .join()
+            .unwrap();
+            assert_eq!(permitted, want);
+            assert_eq!(effective, want);
+            assert!(inheritable.is_empty());
+            if setpcap {
+                let want_bounding: CapsHashSet =
+                    keep.intersection(&had_bounding).copied().collect();
+                assert_eq!(bounding, want_bounding);
+            }
+            std::process::exit(0);
+        }
         "cost" => {
             let t0 = Instant::now();
             init(Mode::Kill).unwrap();
@@ -250,6 +281,12 @@ fn a_jailed_thread_gets_its_workers_from_the_spawner() {
 #[test]
 fn jailed_threads_keep_only_their_kinds_capabilities() {
     let (code, stderr) = run_child("capabilities");
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn the_shim_process_keeps_only_the_capabilities_it_names() {
+    let (code, stderr) = run_child("process-capabilities");
     assert_eq!(code, Some(0), "{stderr}");
 }
 
