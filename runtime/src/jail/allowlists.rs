@@ -63,6 +63,14 @@ const COMMON: &[Allow] = &[
     Any(libc::SYS_exit_group),
 ];
 
+/// Every device worker: its epoll loop over the queue eventfds, its stop
+/// eventfd and (vsock, net) its sockets or tap.
+const EVENT_LOOP: &[Allow] = &[
+    Any(libc::SYS_epoll_wait),
+    Any(libc::SYS_epoll_pwait),
+    Any(libc::SYS_epoll_ctl),
+];
+
 /// A vCPU: KVM_RUN, and what the guest's MMIO and port writes reach on this
 /// thread: device registers, activation (queue eventfds, irqfds; the worker
 /// thread itself is created by the unjailed spawner), reset (stopping a
@@ -83,9 +91,6 @@ const BLOCK: &[Allow] = &[
     // descriptor flags of the image (seen by hack/seccomp-learn in the
     // guest_boot block test)
     Any(libc::SYS_fcntl),
-    Any(libc::SYS_epoll_wait),
-    Any(libc::SYS_epoll_pwait),
-    Any(libc::SYS_epoll_ctl),
     Any(libc::SYS_pread64),
     Any(libc::SYS_pwrite64),
     Any(libc::SYS_preadv),
@@ -98,20 +103,12 @@ const BLOCK: &[Allow] = &[
 ];
 
 /// virtio-net: frames between the queues and the already-open tap.
-const NET: &[Allow] = &[
-    Any(libc::SYS_epoll_wait),
-    Any(libc::SYS_epoll_pwait),
-    Any(libc::SYS_epoll_ctl),
-    Any(libc::SYS_readv),
-];
+const NET: &[Allow] = &[Any(libc::SYS_readv)];
 
 /// virtio-vsock: the muxer, which connects guest streams to the pod's Unix
 /// sockets under the run directory and accepts the host's.
 const VSOCK: &[Allow] = &[
     Ioctls(&[FIONBIO, FIONREAD, FIOCLEX]),
-    Any(libc::SYS_epoll_wait),
-    Any(libc::SYS_epoll_pwait),
-    Any(libc::SYS_epoll_ctl),
     Any(libc::SYS_socket),
     Any(libc::SYS_connect),
     Any(libc::SYS_accept4),
@@ -129,9 +126,6 @@ const VSOCK: &[Allow] = &[
 /// acting with the guest caller's uid/gid (per-thread setresuid/setresgid)
 /// and dropping CAP_FSETID around writes (capget/capset).
 const FS: &[Allow] = &[
-    Any(libc::SYS_epoll_wait),
-    Any(libc::SYS_epoll_pwait),
-    Any(libc::SYS_epoll_ctl),
     Any(libc::SYS_openat),
     Any(libc::SYS_open_by_handle_at),
     Any(libc::SYS_name_to_handle_at),
@@ -185,14 +179,21 @@ const FS: &[Allow] = &[
     Any(libc::SYS_umask),
 ];
 
-fn list(kind: ThreadKind) -> &'static [Allow] {
+/// The lists a kind's filter allows, besides COMMON.
+fn lists(kind: ThreadKind) -> &'static [&'static [Allow]] {
     match kind {
-        ThreadKind::Vcpu => VCPU,
-        ThreadKind::Block => BLOCK,
-        ThreadKind::Net => NET,
-        ThreadKind::Vsock => VSOCK,
-        ThreadKind::Fs => FS,
+        ThreadKind::Vcpu => &[VCPU],
+        ThreadKind::Block => &[EVENT_LOOP, BLOCK],
+        ThreadKind::Net => &[EVENT_LOOP, NET],
+        ThreadKind::Vsock => &[EVENT_LOOP, VSOCK],
+        ThreadKind::Fs => &[EVENT_LOOP, FS],
     }
+}
+
+fn all(kind: ThreadKind) -> impl Iterator<Item = &'static Allow> {
+    COMMON
+        .iter()
+        .chain(lists(kind).iter().flat_map(|l| l.iter()))
 }
 
 /// The filter for `kind`: allow what its list holds, `mismatch` for the
@@ -202,7 +203,7 @@ pub(super) fn filter(
     mismatch: SeccompAction,
 ) -> Result<SeccompFilter, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for allow in COMMON.iter().chain(list(kind)) {
+    for allow in all(kind) {
         match allow {
             Any(nr) => {
                 rules.insert(*nr, Vec::new());
@@ -231,9 +232,7 @@ pub(super) fn filter(
 /// The syscall numbers a kind may make, for docs and tests.
 #[cfg(test)]
 pub(super) fn allowed(kind: ThreadKind) -> Vec<i64> {
-    COMMON
-        .iter()
-        .chain(list(kind))
+    all(kind)
         .map(|a| match a {
             Any(nr) => *nr,
             Ioctls(_) => libc::SYS_ioctl,

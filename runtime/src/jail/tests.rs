@@ -28,6 +28,13 @@ fn run_child(scenario: &str) -> (Option<i32>, String) {
     )
 }
 
+/// Runs `scenario` in a child that must exit 0; returns its stderr.
+fn child_passes(scenario: &str) -> String {
+    let (code, stderr) = run_child(scenario);
+    assert_eq!(code, Some(0), "{scenario}: {stderr}");
+    stderr
+}
+
 /// Not a test of its own: the body of the child processes.
 #[test]
 fn child_runner() {
@@ -250,8 +257,7 @@ fn landlock_supported() -> bool {
 
 #[test]
 fn a_file_server_thread_reaches_files_only_beneath_its_directory() {
-    let (code, stderr) = run_child("beneath");
-    assert_eq!(code, Some(0), "{stderr}");
+    child_passes("beneath");
 }
 
 #[test]
@@ -268,32 +274,27 @@ fn a_denied_syscall_is_reported_with_its_number_and_ends_the_process() {
 
 #[test]
 fn in_log_mode_a_syscall_outside_the_list_goes_through() {
-    let (code, stderr) = run_child("logged");
-    assert_eq!(code, Some(0), "{stderr}");
+    child_passes("logged");
 }
 
 #[test]
 fn a_jailed_thread_gets_its_workers_from_the_spawner() {
-    let (code, stderr) = run_child("spawn-from-jail");
-    assert_eq!(code, Some(0), "{stderr}");
+    child_passes("spawn-from-jail");
 }
 
 #[test]
 fn jailed_threads_keep_only_their_kinds_capabilities() {
-    let (code, stderr) = run_child("capabilities");
-    assert_eq!(code, Some(0), "{stderr}");
+    child_passes("capabilities");
 }
 
 #[test]
 fn the_shim_process_keeps_only_the_capabilities_it_names() {
-    let (code, stderr) = run_child("process-capabilities");
-    assert_eq!(code, Some(0), "{stderr}");
+    child_passes("process-capabilities");
 }
 
 #[test]
 fn entering_a_jail_costs_microseconds() {
-    let (code, stderr) = run_child("cost");
-    assert_eq!(code, Some(0), "{stderr}");
+    let stderr = child_passes("cost");
     eprintln!(
         "{}",
         stderr
