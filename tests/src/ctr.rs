@@ -303,6 +303,17 @@ impl Env {
         }
     }
 
+    /// Files in the jevm run directory beyond the shim's top-level
+    /// directories (`pods`, `vms`, which stay like containerd's own under
+    /// /run/containerd), as leftover lines: after the last pod, a leak.
+    pub fn run_dir_leftovers(&self) -> Vec<String> {
+        walk(&self.run_dir)
+            .into_iter()
+            .filter(|f| !["pods", "vms"].iter().any(|d| *f == self.run_dir.join(d)))
+            .map(|f| format!("file in run_dir: {}", f.display()))
+            .collect()
+    }
+
     /// Where containerd keeps the task bundles of our namespace.
     pub fn task_state_dir(&self) -> PathBuf {
         self.state
@@ -633,6 +644,16 @@ pub fn mounts() -> Vec<String> {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
+        .collect()
+}
+
+/// Mounts at or under `prefix`, as leftover lines ("mount PATH").
+pub fn mounts_under(prefix: &Path) -> Vec<String> {
+    let prefix = prefix.display().to_string();
+    mounts()
+        .into_iter()
+        .filter(|m| m.starts_with(&prefix))
+        .map(|m| format!("mount {m}"))
         .collect()
 }
 

@@ -2,7 +2,7 @@
 //! every test is done, nothing may be left: no task, container, active
 //! snapshot, shim, VM, mount, FIFO, socket or file of ours.
 
-use jevm_tests::ctr::{mounts, processes, walk};
+use jevm_tests::ctr::{mounts_under, processes, walk};
 use jevm_tests::ctr_env_or_skip;
 use std::time::{Duration, Instant};
 
@@ -38,21 +38,9 @@ fn nothing_is_left_after_all_tests() {
                 left.push(format!("process {pid}: {cmd}"));
             }
         }
-        for m in mounts() {
-            if m.starts_with(&env.base.display().to_string())
-                || m.starts_with(&env.run_dir.display().to_string())
-            {
-                left.push(format!("mount {m}"));
-            }
-        }
-        left.extend(
-            walk(&env.run_dir)
-                .into_iter()
-                // The shim's top-level directories stay, like containerd's
-                // own under /run/containerd; anything inside them is a leak.
-                .filter(|f| !["pods", "vms"].iter().any(|d| *f == env.run_dir.join(d)))
-                .map(|f| format!("file in run_dir: {}", f.display())),
-        );
+        // The run directory lies under the base.
+        left.extend(mounts_under(&env.base));
+        left.extend(env.run_dir_leftovers());
         left.extend(
             walk(&env.task_state_dir())
                 .into_iter()

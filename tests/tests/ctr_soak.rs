@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use jevm_tests::ctr::{mounts, processes, walk, Env, Events, CTR_TIMEOUT, JEVM};
+use jevm_tests::ctr::{mounts_under, processes, walk, Env, Events, CTR_TIMEOUT, JEVM};
 use jevm_tests::ctr_env_or_skip;
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -218,18 +218,8 @@ fn cycles_with_killed_shims_and_a_containerd_restart_leave_nothing() {
                 .filter(|c| c.contains(&run))
                 .map(|c| format!("container {c}")),
         );
-        left.extend(
-            mounts()
-                .into_iter()
-                .filter(|m| m.starts_with(&env.run_dir.display().to_string()))
-                .map(|m| format!("mount {m}")),
-        );
-        left.extend(
-            walk(&env.run_dir)
-                .into_iter()
-                .filter(|f| !["pods", "vms"].iter().any(|d| *f == env.run_dir.join(d)))
-                .map(|f| format!("file in run_dir: {}", f.display())),
-        );
+        left.extend(mounts_under(&env.run_dir));
+        left.extend(env.run_dir_leftovers());
         left.extend(
             walk(&env.task_state_dir())
                 .into_iter()
