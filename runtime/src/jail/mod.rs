@@ -149,6 +149,8 @@ pub enum JailError {
     },
     #[error("cannot install the SIGSYS handler: {0}")]
     Handler(io::Error),
+    #[error("cannot start the jail's spawner thread: {0}")]
+    Spawner(io::Error),
     #[error("the jail is already set up with mode {0:?}")]
     ModeChanged(Mode),
 }
@@ -207,7 +209,7 @@ pub fn init(mode: Mode) -> Result<(), JailError> {
                 job();
             }
         })
-        .map_err(JailError::Handler)?;
+        .map_err(JailError::Spawner)?;
     let _ = JAIL.set(Jail {
         mode,
         filters,
