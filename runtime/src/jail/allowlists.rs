@@ -16,12 +16,14 @@ use seccompiler::{
 
 use super::ThreadKind;
 
-/// A syscall with no argument checks, or `ioctl` limited to some requests.
+/// A syscall with no argument checks, or `ioctl`/`prctl` limited to some
+/// requests.
 enum Allow {
     Any(i64),
     Ioctls(&'static [u64]),
+    Prctls(&'static [u64]),
 }
-use Allow::{Any, Ioctls};
+use Allow::{Any, Ioctls, Prctls};
 
 // KVM ioctl numbers (linux/kvm.h, _IO(KVMIO=0xAE, n) and friends).
 const KVM_RUN: u64 = 0xae80;
@@ -61,6 +63,8 @@ const COMMON: &[Allow] = &[
     Any(libc::SYS_rt_sigaction),
     Any(libc::SYS_exit),
     Any(libc::SYS_exit_group),
+    // A thread jailed ahead takes the name of the work it is given.
+    Prctls(&[libc::PR_SET_NAME as u64]),
 ];
 
 /// Every device worker: its epoll loop over the queue eventfds, its stop
@@ -177,6 +181,11 @@ const FS: &[Allow] = &[
     Any(libc::SYS_capget),
     Any(libc::SYS_capset),
     Any(libc::SYS_umask),
+    // Confining itself beneath the share once it is given one (it may have
+    // entered its jail ahead); Landlock can only take access away.
+    Any(libc::SYS_landlock_create_ruleset),
+    Any(libc::SYS_landlock_add_rule),
+    Any(libc::SYS_landlock_restrict_self),
 ];
 
 /// The lists a kind's filter allows, besides COMMON.
@@ -208,11 +217,15 @@ pub(super) fn filter(
             Any(nr) => {
                 rules.insert(*nr, Vec::new());
             }
-            Ioctls(requests) => {
-                let entry = rules.entry(libc::SYS_ioctl).or_default();
+            Ioctls(requests) | Prctls(requests) => {
+                let (nr, arg) = match allow {
+                    Ioctls(_) => (libc::SYS_ioctl, 1),
+                    _ => (libc::SYS_prctl, 0),
+                };
+                let entry = rules.entry(nr).or_default();
                 for &request in requests.iter() {
                     entry.push(SeccompRule::new(vec![SeccompCondition::new(
-                        1,
+                        arg,
                         SeccompCmpArgLen::Dword,
                         SeccompCmpOp::Eq,
                         request,
@@ -236,6 +249,7 @@ pub(super) fn allowed(kind: ThreadKind) -> Vec<i64> {
         .map(|a| match a {
             Any(nr) => *nr,
             Ioctls(_) => libc::SYS_ioctl,
+            Prctls(_) => libc::SYS_prctl,
         })
         .collect()
 }

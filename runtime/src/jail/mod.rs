@@ -14,13 +14,19 @@
 //! list ([`outside`]).
 //!
 //! The filters are compiled once per process, in [`init`]; entering the
-//! jail is then one `capset` and one `seccomp` call per thread.
+//! jail is then one `capset` and one `seccomp` call per thread, and a VM
+//! about to start has its threads enter ahead ([`prepare`], `ahead.rs`),
+//! so that starting one on the clone's path costs a wake-up.
 
+mod ahead;
 mod allowlists;
 mod sigsys;
 
+use std::any::Any;
 use std::cell::Cell;
+use std::ffi::CString;
 use std::io;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -160,6 +166,7 @@ struct Jail {
     /// Indexed by `ThreadKind as usize - 1`; empty with `Mode::Off`.
     filters: Vec<BpfProgram>,
     spawner: Mutex<mpsc::Sender<Job>>,
+    ahead: ahead::Pool,
 }
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -214,6 +221,7 @@ pub fn init(mode: Mode) -> Result<(), JailError> {
         mode,
         filters,
         spawner: Mutex::new(tx),
+        ahead: ahead::Pool::default(),
     });
     match JAIL.get() {
         Some(j) if j.mode != mode => Err(JailError::ModeChanged(j.mode)),
@@ -226,26 +234,18 @@ pub fn mode() -> Option<Mode> {
     JAIL.get().map(|j| j.mode)
 }
 
+/// The jail, when one is set up and not off.
+fn active() -> Option<&'static Jail> {
+    JAIL.get().filter(|j| j.mode != Mode::Off)
+}
+
 /// Puts the calling thread in the jail of `kind`: drops the capabilities
 /// the kind does not keep, then installs its filter. Without [`init`], or
 /// with `Mode::Off`, does nothing.
 pub fn enter(kind: ThreadKind) -> Result<(), JailError> {
-    enter_confined(kind, None)
-}
-
-/// [`enter`], and before the filter, when `files` is given, confine the
-/// thread's access to files by path to beneath `files` (nothing at all
-/// when that is None) with Landlock. The thread's descriptors opened
-/// before stay usable; what it opens later by path (including through
-/// /proc/self/fd) must lie beneath the directory, whatever is mounted
-/// there later.
-fn enter_confined(kind: ThreadKind, files: Option<Option<&Path>>) -> Result<(), JailError> {
-    let Some(jail) = JAIL.get() else {
+    let Some(jail) = active() else {
         return Ok(());
     };
-    if jail.mode == Mode::Off {
-        return Ok(());
-    }
     let keep = kind.capabilities();
     let held = caps::read(None, CapSet::Permitted).map_err(|source| JailError::Capabilities {
         kind: kind.name(),
@@ -264,12 +264,6 @@ fn enter_confined(kind: ThreadKind, files: Option<Option<&Path>>) -> Result<(), 
             source,
         })?;
     }
-    if let Some(beneath) = files {
-        landlock_beneath(beneath).map_err(|source| JailError::Landlock {
-            kind: kind.name(),
-            source,
-        })?;
-    }
     CURRENT.with(|c| c.set(kind as u8));
     seccompiler::apply_filter(&jail.filters[kind as usize - 1]).map_err(|source| {
         JailError::Install {
@@ -277,6 +271,54 @@ fn enter_confined(kind: ThreadKind, files: Option<Option<&Path>>) -> Result<(), 
             source,
         }
     })
+}
+
+/// Has the spawner start `count` threads of `kind` that enter their jail
+/// and park (fewer when some are parked or starting already), for a VM
+/// about to start: [`spawn`] then hands its work to one of them. Returns
+/// at once; without a jail, does nothing.
+pub fn prepare(kind: ThreadKind, count: usize) {
+    let Some(jail) = active() else {
+        return;
+    };
+    let more = jail.ahead.reserve(kind, count);
+    let spawner = jail.spawner.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..more {
+        let job: Job = Box::new(move || {
+            if let Some(jail) = active() {
+                jail.ahead.start_one(kind);
+            }
+        });
+        if spawner.send(job).is_err() {
+            // The spawner is gone: nothing will start; let takers know.
+            jail.ahead.unreserve(kind, 1);
+        }
+    }
+}
+
+/// On a thread in its jail, about to run `work`: the work's thread name
+/// (what `ps -L` shows), then Landlock when the work serves a directory.
+/// Landlock comes last because it depends on the work, not the kind (the
+/// thread may have parked ahead); the kinds that use it allow its calls.
+fn run_work(kind: ThreadKind, work: ahead::Work) -> ahead::Output {
+    if let Ok(name) = CString::new(work.name.as_str()) {
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of which the
+        // kernel keeps the first 15 bytes; `name` outlives the call.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
+    if let (Some(beneath), Some(_)) = (&work.files, active()) {
+        if let Err(source) = landlock_beneath(beneath.as_deref()) {
+            let e = JailError::Landlock {
+                kind: kind.name(),
+                source,
+            };
+            let _ = work.started.send(Err(e.to_string()));
+            return None;
+        }
+    }
+    let _ = work.started.send(Ok(()));
+    drop(work.started);
+    Some((work.run)())
 }
 
 /// Landlock: every file access right is handled, and granted only beneath
@@ -289,7 +331,11 @@ fn landlock_beneath(dir: Option<&Path>) -> Result<(), landlock::RulesetError> {
         RulesetStatus, ABI,
     };
     let all = AccessFs::from_all(ABI::V3);
-    let mut ruleset = Ruleset::default().handle_access(all)?.create()?;
+    // The seccomp filter already set no_new_privs.
+    let mut ruleset = Ruleset::default()
+        .handle_access(all)?
+        .create()?
+        .no_new_privs(false);
     if let Some(dir) = dir {
         ruleset = ruleset.add_rules(path_beneath_rules([dir], all))?;
     }
@@ -308,15 +354,41 @@ pub fn current() -> Option<ThreadKind> {
     ThreadKind::from_u8(CURRENT.with(|c| c.get()))
 }
 
-/// Starts a thread named `name` that enters the jail of `kind` before it
-/// runs `run`. A jailed caller (a vCPU activating a device) may not create
-/// threads, so the spawner does it; the call returns once the new thread
-/// is in its jail, or with the reason it could not get there.
+/// A thread in its jail, started by [`spawn`]; `W` is what its work returns.
+pub struct Thread<W> {
+    handle: JoinHandle<ahead::Output>,
+    name: String,
+    _returns: PhantomData<fn() -> W>,
+}
+
+impl<W: 'static> Thread<W> {
+    /// Waits for the thread: Err when it panicked, Ok(None) when it never
+    /// ran its work.
+    pub fn join(self) -> std::thread::Result<Option<W>> {
+        let out = self.handle.join()?;
+        Ok(out.and_then(|b| b.downcast::<W>().ok()).map(|b| *b))
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// The name it was started with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Starts a thread named `name` that runs `run` in the jail of `kind`: a
+/// thread [`prepare`]d ahead when there is one, else a new one. A jailed
+/// caller (a vCPU activating a device) may not create threads, so the
+/// spawner does it; the call returns once the thread is in its jail, or
+/// with the reason it could not get there.
 pub fn spawn<W: Send + 'static>(
     name: &str,
     kind: ThreadKind,
     run: impl FnOnce() -> W + Send + 'static,
-) -> io::Result<JoinHandle<Option<W>>> {
+) -> io::Result<Thread<W>> {
     spawn_confined(name, kind, None, run)
 }
 
@@ -327,7 +399,7 @@ pub fn spawn_beneath<W: Send + 'static>(
     kind: ThreadKind,
     dir: Option<PathBuf>,
     run: impl FnOnce() -> W + Send + 'static,
-) -> io::Result<JoinHandle<Option<W>>> {
+) -> io::Result<Thread<W>> {
     spawn_confined(name, kind, Some(dir), run)
 }
 
@@ -336,20 +408,39 @@ fn spawn_confined<W: Send + 'static>(
     kind: ThreadKind,
     files: Option<Option<PathBuf>>,
     run: impl FnOnce() -> W + Send + 'static,
-) -> io::Result<JoinHandle<Option<W>>> {
-    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
-    let body = move || {
-        if let Err(e) = enter_confined(kind, files.as_ref().map(Option::as_deref)) {
-            let _ = ready_tx.send(Err(e.to_string()));
-            return None;
-        }
-        let _ = ready_tx.send(Ok(()));
-        Some(run())
+) -> io::Result<Thread<W>> {
+    let (started_tx, started_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    let work = ahead::Work {
+        name: name.into(),
+        files,
+        run: Box::new(move || Box::new(run()) as Box<dyn Any + Send>),
+        started: started_tx,
     };
-    let builder = std::thread::Builder::new().name(name.into());
-    let handle = outside(move || builder.spawn(body))??;
-    match ready_rx.recv() {
-        Ok(Ok(())) => Ok(handle),
+    let unassigned = match active().and_then(|j| j.ahead.take(kind)) {
+        Some(parked) => parked.assign(work),
+        None => Err(work),
+    };
+    let handle = match unassigned {
+        Ok(handle) => handle,
+        Err(work) => {
+            let builder = std::thread::Builder::new().name(name.into());
+            let body = move || {
+                if let Err(e) = enter(kind) {
+                    let _ = work.started.send(Err(e.to_string()));
+                    return None;
+                }
+                run_work(kind, work)
+            };
+            outside(move || builder.spawn(body))??
+        }
+    };
+    let started = started_rx.recv();
+    match started {
+        Ok(Ok(())) => Ok(Thread {
+            handle,
+            name: name.into(),
+            _returns: PhantomData,
+        }),
         Ok(Err(e)) => {
             let _ = handle.join();
             Err(io::Error::other(e))

@@ -175,23 +175,87 @@ fn child_runner() {
             }
             std::process::exit(0);
         }
+        "ahead" => {
+            init(Mode::Kill).unwrap();
+            prepare(ThreadKind::Fs, 1);
+            prepare(ThreadKind::Vcpu, 2);
+            // Asking again for what is on its way adds nothing.
+            prepare(ThreadKind::Vcpu, 2);
+            wait_parked(ThreadKind::Fs, 1);
+            wait_parked(ThreadKind::Vcpu, 2);
+            let share = std::env::temp_dir().join(format!("jevm-ahead-{}", std::process::id()));
+            std::fs::create_dir_all(&share).unwrap();
+            std::fs::write(share.join("f"), "in").unwrap();
+            let inside = share.join("f");
+            let (go_tx, go_rx) = mpsc::channel::<()>();
+            let t = spawn_beneath("fs-ahead", ThreadKind::Fs, Some(share.clone()), move || {
+                let read_in = std::fs::read_to_string(&inside).map_err(|e| e.kind());
+                let read_out = std::fs::read("/etc/passwd").map_err(|e| e.raw_os_error());
+                // SAFETY: gettid has no arguments.
+                let tid = unsafe { libc::gettid() };
+                let _ = go_rx.recv();
+                (current(), read_in, read_out.map(|_| ()), tid)
+            })
+            .unwrap();
+            // The parked thread took the work: none left, and it carries
+            // the work's name.
+            assert_eq!(JAIL.get().unwrap().ahead.parked(ThreadKind::Fs), 0);
+            let tids: Vec<String> = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            let named = tids.iter().any(|tid| {
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap()
+                    == "fs-ahead\n"
+            });
+            assert!(named, "no thread is called fs-ahead");
+            go_tx.send(()).unwrap();
+            let (kind, read_in, read_out, _tid) = t.join().unwrap().unwrap();
+            let _ = std::fs::remove_dir_all(&share);
+            assert_eq!(kind, Some(ThreadKind::Fs));
+            assert_eq!(read_in, Ok("in".to_string()));
+            if landlock_supported() {
+                assert_eq!(read_out, Err(Some(libc::EACCES)));
+            }
+            // A parked vCPU is in its jail: a syscall outside its list
+            // still ends the process (the parent checks the report).
+            let t = spawn("vcpu0", ThreadKind::Vcpu, || {
+                // SAFETY: getppid has no arguments; the filter stops it.
+                unsafe { libc::getppid() }
+            })
+            .unwrap();
+            let _ = t.join();
+            eprintln!("the denied syscall returned");
+            std::process::exit(0);
+        }
         "cost" => {
             let t0 = Instant::now();
             init(Mode::Kill).unwrap();
             let compile = t0.elapsed();
-            let mut enters = Vec::new();
+            let dir = std::env::temp_dir();
+            // A thread started on the spot (what a VM started without
+            // preparing pays) and one started ahead (what a clone pays),
+            // both timed from the spawn call to the thread running its
+            // work in the fs jail, Landlock included.
+            let mut fresh = Vec::new();
+            let mut ahead = Vec::new();
             for _ in 0..50 {
-                let t = spawn("vcpu", ThreadKind::Vcpu, || ()).unwrap();
-                t.join().unwrap();
-                let t = std::thread::spawn(|| {
-                    let t0 = Instant::now();
-                    enter(ThreadKind::Fs).unwrap();
+                let t0 = Instant::now();
+                let t = spawn_beneath("fs", ThreadKind::Fs, Some(dir.clone()), move || {
                     t0.elapsed()
-                });
-                enters.push(t.join().unwrap());
+                })
+                .unwrap();
+                fresh.push(t.join().unwrap().unwrap());
+                prepare(ThreadKind::Fs, 1);
+                wait_parked(ThreadKind::Fs, 1);
+                let t0 = Instant::now();
+                let t = spawn_beneath("fs", ThreadKind::Fs, Some(dir.clone()), move || {
+                    t0.elapsed()
+                })
+                .unwrap();
+                ahead.push(t.join().unwrap().unwrap());
             }
-            enters.sort();
-            // The parts: capabilities alone, and the filter alone.
+            // The parts of entering: capabilities alone, and the filter alone.
             let mut caps_only = Vec::new();
             let mut filter_only = Vec::new();
             let prog: BpfProgram = allowlists::filter(ThreadKind::Fs, SeccompAction::Trap)
@@ -226,18 +290,30 @@ fn child_runner() {
                 v.sort();
                 v[v.len() / 2]
             };
+            let ahead_median = median(&mut ahead);
             eprintln!(
-                "jail cost: compiling all filters {compile:?}; entering the fs jail median {:?}, max {:?} (capabilities {:?}, seccomp filter {:?}; {} BPF instructions)",
-                enters[enters.len() / 2],
-                enters[enters.len() - 1],
+                "jail cost: compiling all filters {compile:?}; starting an fs thread (spawn call to its work running) median {:?} started on the spot, {ahead_median:?} jailed ahead; entering parts: capabilities {:?}, seccomp filter {:?} ({} BPF instructions)",
+                median(&mut fresh),
                 median(&mut caps_only),
                 median(&mut filter_only),
                 prog.len(),
             );
-            assert!(enters[enters.len() / 2] < Duration::from_millis(5));
+            assert!(
+                ahead_median < Duration::from_millis(1),
+                "a thread jailed ahead took {ahead_median:?} to start its work"
+            );
             std::process::exit(0);
         }
         other => panic!("unknown scenario {other}"),
+    }
+}
+
+/// Waits (at most 5 s) until `count` threads of `kind` are parked.
+fn wait_parked(kind: ThreadKind, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while JAIL.get().unwrap().ahead.parked(kind) < count {
+        assert!(Instant::now() < deadline, "no {kind:?} thread parked");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -293,7 +369,18 @@ fn the_shim_process_keeps_only_the_capabilities_it_names() {
 }
 
 #[test]
-fn entering_a_jail_costs_microseconds() {
+fn a_thread_jailed_ahead_takes_the_work_its_name_and_its_confinement() {
+    let (code, stderr) = run_child("ahead");
+    assert_eq!(code, Some(sigsys::EXIT_STATUS), "{stderr}");
+    assert!(
+        stderr.contains("jevm: seccomp: a vcpu thread made syscall"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("the denied syscall returned"), "{stderr}");
+}
+
+#[test]
+fn a_thread_jailed_ahead_starts_in_microseconds() {
     let stderr = child_passes("cost");
     eprintln!(
         "{}",

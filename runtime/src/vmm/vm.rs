@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use jevm_protocol::SHARE_TAG;
@@ -152,7 +151,7 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     kvm: Kvm,
     ctl: Arc<VmControl>,
-    vcpu_threads: Vec<JoinHandle<Option<VcpuFd>>>,
+    vcpu_threads: Vec<crate::jail::Thread<VcpuFd>>,
     /// vCPUs handed back by their threads after a stop, for saving.
     stopped_vcpus: Vec<VcpuFd>,
     console: Arc<Mutex<ConsoleLog>>,
@@ -250,6 +249,38 @@ fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, VmError> {
     Ok(evt)
 }
 
+/// Sets the process's jail up (jail/), unless its owner did with a mode of
+/// its own, and has it start this VM's threads ahead while the VM is
+/// built: its vCPUs and the workers of the devices (by virtio type) the
+/// guest has or will have activated.
+fn jail_threads_ahead(vcpus: usize, devices: impl IntoIterator<Item = u32>) -> Result<(), VmError> {
+    if crate::jail::mode().is_none() {
+        crate::jail::init(crate::jail::Mode::from_env())?;
+    }
+    let mut workers = [0usize; 4];
+    for device_type in devices {
+        match device_type {
+            VIRTIO_ID_VSOCK => workers[0] += 1,
+            VIRTIO_ID_FS => workers[1] += 1,
+            VIRTIO_ID_NET => workers[2] += 1,
+            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => workers[3] += 1,
+            _ => {}
+        }
+    }
+    let kinds = [
+        ThreadKind::Vsock,
+        ThreadKind::Fs,
+        ThreadKind::Net,
+        ThreadKind::Block,
+    ];
+    // Workers first: a restore activates them before its vCPUs start.
+    for (kind, count) in kinds.into_iter().zip(workers) {
+        crate::jail::prepare(kind, count);
+    }
+    crate::jail::prepare(ThreadKind::Vcpu, vcpus);
+    Ok(())
+}
+
 impl Vm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(cfg: &VmConfig) -> Result<Vm, VmError> {
@@ -273,6 +304,15 @@ impl Vm {
                 .into());
             }
         }
+        let vsock = cfg.vsock_uds.is_some().then_some(VIRTIO_ID_VSOCK);
+        let disks = cfg.disks.iter().map(|_| virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK);
+        jail_threads_ahead(
+            cfg.vcpus as usize,
+            vsock
+                .into_iter()
+                .chain([VIRTIO_ID_FS, VIRTIO_ID_NET])
+                .chain(disks),
+        )?;
         vcpu::install_kick_handler();
         let Base { kvm, vm_fd, ram } = base(memory::create(cfg.mem_mib)?)?;
 
@@ -377,6 +417,14 @@ impl Vm {
             Some(tap) => Net::with_tap(Arc::clone(tap)),
             None => Net::unattached(),
         });
+        jail_threads_ahead(
+            state.vcpus.len(),
+            state
+                .devices
+                .iter()
+                .filter(|d| d.transport.activated)
+                .map(|d| d.device_type),
+        )?;
         vcpu::install_kick_handler();
         let Base { kvm, vm_fd, ram } = base(memory::map_template(
             &cfg.memory,
@@ -477,7 +525,7 @@ impl Vm {
             vm_fd: Some(vm_fd),
             ram: Some(ram),
         };
-        // The process's jail (jail.rs), unless its owner set one up with
+        // The process's jail (jail/), unless its owner set one up with
         // another mode already: vCPUs run guest code from here on.
         if crate::jail::mode().is_none() {
             crate::jail::init(crate::jail::Mode::from_env())?;

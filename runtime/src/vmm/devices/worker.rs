@@ -4,7 +4,6 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::thread::JoinHandle;
 
 use log::error;
 
@@ -15,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 /// worker itself where `pause` must read its queue positions.
 pub(super) struct WorkerThread<W> {
     stop: EventFd,
-    thread: JoinHandle<Option<W>>,
+    thread: jail::Thread<W>,
 }
 
 /// The stop signal: the device keeps one end, the worker polls the other
@@ -54,7 +53,7 @@ impl<W: Send + 'static> WorkerThread<W> {
 
     #[cfg(test)]
     pub(super) fn thread_name(&self) -> Option<&str> {
-        self.thread.thread().name()
+        Some(self.thread.name())
     }
 
     /// Signals the worker and waits for it. None when the signal could not
