@@ -299,6 +299,32 @@ impl MmioTransport {
                 t.state.queues.len()
             )));
         }
+        // The saved registers come from a file: hold them to what the
+        // device and the driver state machine could have produced.
+        for (i, (q, own)) in saved.transport.queues.iter().zip(&t.state.queues).enumerate() {
+            if q.max_size != own.max_size {
+                return Err(fail(format!(
+                    "saved queue {i} has limit {}, the device's is {}",
+                    q.max_size, own.max_size
+                )));
+            }
+        }
+        let unoffered = saved.transport.acked_features & !t.device.avail_features();
+        if unoffered != 0 {
+            return Err(fail(format!(
+                "saved state acks features {unoffered:#x} the device does not offer"
+            )));
+        }
+        let running = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK;
+        if saved.transport.activated
+            && (saved.transport.status & running != running
+                || saved.transport.status & (S_FAILED | S_NEEDS_RESET) != 0)
+        {
+            return Err(fail(format!(
+                "saved state is active with status {:#x}",
+                saved.transport.status
+            )));
+        }
         t.state = saved.transport.clone();
         t.state.activated = false;
         t.irq.set_status(saved.interrupt_status);
@@ -1139,3 +1165,7 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+#[path = "mmio_fuzz.rs"]
+mod fuzz;
