@@ -181,3 +181,275 @@ fn saved_vm_restores_into_independent_copy_on_write_clones() {
         "a clone wrote through to the template memory file"
     );
 }
+
+/// A template's `state.json`, edited by whoever could write the template
+/// store (the manifest's SHA-256 would be rewritten with it): restoring it
+/// must be refused with an error or give a VM that runs and stops, never
+/// take the host process down (a panic, a crash, a VMM thread outside its
+/// jail). Each case builds a real VM, so the long run (`hack/fuzz`) caps
+/// this one's cases at 5000.
+mod state_fuzz {
+    use super::*;
+    use jevm_runtime::vmm::{RestoreConfig, VmState};
+    use proptest::prelude::*;
+    use serde_json::Value;
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+
+    struct Template {
+        _dir: tempfile::TempDir,
+        memory: PathBuf,
+        /// As saved, and with every device made active on queues in
+        /// guest memory (what a template of a real guest looks like).
+        seeds: Vec<Value>,
+    }
+
+    fn template() -> &'static Template {
+        static T: OnceLock<Template> = OnceLock::new();
+        T.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(dir.path(), SPIN_ON_FLAG);
+            cfg.disks.clear();
+            cfg.vsock_uds = Some(dir.path().join("template.vsock"));
+            let mut vm = Vm::start(&cfg).expect("start");
+            wait_for_console(&vm, "A");
+            let state = vm.save().expect("save");
+            let memory = dir.path().join("memory");
+            vm.save_memory(&memory).unwrap();
+            drop(vm);
+            let saved = serde_json::to_value(&state).unwrap();
+            let mut active = saved.clone();
+            for (i, dev) in active["devices"].as_array_mut().unwrap().iter_mut().enumerate() {
+                let t = &mut dev["transport"];
+                t["status"] = 15.into();
+                t["acked_features"] = (1u64 << 32).into();
+                t["activated"] = true.into();
+                let queues = t["queues"].as_array_mut().unwrap();
+                for (q, queue) in queues.iter_mut().enumerate() {
+                    let base = 0x10_0000 + (i as u64 * 8 + q as u64) * 0x1_0000;
+                    queue["ready"] = true.into();
+                    queue["size"] = 64.into();
+                    queue["desc_table"] = base.into();
+                    queue["avail_ring"] = (base + 0x4000).into();
+                    queue["used_ring"] = (base + 0x8000).into();
+                }
+                let n = queues.len();
+                dev["queues"] = (0..n)
+                    .map(|_| serde_json::json!({"next_avail": 0, "next_used": 0}))
+                    .collect();
+            }
+            serde_json::from_value::<VmState>(active.clone()).expect("the active seed parses");
+            Template {
+                _dir: dir,
+                memory,
+                seeds: vec![saved, active],
+            }
+        })
+    }
+
+    /// A place an edit can go: a JSON pointer, whether it is an array, and
+    /// whether it lies in a long array (register pages: LAPIC, XSAVE).
+    struct Place {
+        at: String,
+        array: bool,
+        bulk: bool,
+    }
+
+    fn places(v: &Value, at: String, bulk: bool, out: &mut Vec<Place>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    places(v, format!("{at}/{k}"), bulk, out);
+                }
+            }
+            Value::Array(a) => {
+                let long = a.len() > 64;
+                out.push(Place {
+                    at: at.clone(),
+                    array: true,
+                    bulk: bulk || long,
+                });
+                for (i, v) in a.iter().enumerate() {
+                    places(v, format!("{at}/{i}"), bulk || long, out);
+                }
+            }
+            _ => out.push(Place {
+                at,
+                array: false,
+                bulk,
+            }),
+        }
+    }
+
+    /// How a leaf is changed: kept to its type, and mostly to its width, so
+    /// that most edits still parse and reach the restore.
+    #[derive(Debug, Clone)]
+    enum Change {
+        Zero,
+        FlipBit(u8),
+        Add(i8),
+        Any(u64),
+        Max,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        /// Change a leaf (`bulk`: one in the register pages).
+        /// `narrow`: the result is cut to the old value's width (1, 2, 4
+        /// or 8 bytes), so that it fits the field's type more often.
+        Set {
+            pick: usize,
+            bulk: bool,
+            change: Change,
+            narrow: bool,
+        },
+        /// Drop an array's tail from this length on, or repeat its last item.
+        Truncate(usize, usize),
+        Grow(usize),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let change = prop_oneof![
+            1 => Just(Change::Zero),
+            3 => (0u8..8).prop_map(Change::FlipBit),
+            1 => (0u8..64).prop_map(Change::FlipBit),
+            1 => (-2i8..=2).prop_map(Change::Add),
+            1 => any::<u64>().prop_map(Change::Any),
+            1 => Just(Change::Max),
+        ];
+        prop_oneof![
+            8 => (any::<usize>(), prop::bool::weighted(0.2), change, prop::bool::weighted(0.8))
+                .prop_map(|(pick, bulk, change, narrow)| Edit::Set { pick, bulk, change, narrow }),
+            1 => (any::<usize>(), 0usize..4).prop_map(|(i, n)| Edit::Truncate(i, n)),
+            1 => any::<usize>().prop_map(Edit::Grow),
+        ]
+    }
+
+    fn changed(old: &Value, change: &Change, narrow: bool) -> Value {
+        if let Some(b) = old.as_bool() {
+            return Value::from(!b);
+        }
+        let Some(n) = old.as_u64() else {
+            return old.clone();
+        };
+        let new = match *change {
+            Change::Zero => 0,
+            Change::FlipBit(bit) => n ^ (1u64 << bit),
+            Change::Add(d) => n.wrapping_add_signed(i64::from(d)),
+            Change::Any(x) => x,
+            Change::Max => u64::MAX,
+        };
+        let width_bits = match n {
+            0..=0xff => 8,
+            0x100..=0xffff => 16,
+            0x1_0000..=0xffff_ffff => 32,
+            _ => 64,
+        };
+        if narrow && width_bits < 64 {
+            (new & ((1u64 << width_bits) - 1)).into()
+        } else {
+            new.into()
+        }
+    }
+
+    fn apply(seed: &Value, edits: &[Edit]) -> Value {
+        let mut v = seed.clone();
+        for e in edits {
+            let mut all = Vec::new();
+            places(&v, String::new(), false, &mut all);
+            let arrays: Vec<&Place> = all.iter().filter(|p| p.array && !p.bulk).collect();
+            match e {
+                Edit::Set {
+                    pick,
+                    bulk,
+                    change,
+                    narrow,
+                } => {
+                    let leaves: Vec<&Place> =
+                        all.iter().filter(|p| !p.array && p.bulk == *bulk).collect();
+                    if leaves.is_empty() {
+                        continue;
+                    }
+                    let leaf = v.pointer_mut(&leaves[pick % leaves.len()].at).unwrap();
+                    *leaf = changed(leaf, change, *narrow);
+                }
+                Edit::Truncate(i, n) if !arrays.is_empty() => {
+                    let p = &arrays[i % arrays.len()].at;
+                    v.pointer_mut(p).unwrap().as_array_mut().unwrap().truncate(*n);
+                }
+                Edit::Grow(i) if !arrays.is_empty() => {
+                    let p = &arrays[i % arrays.len()].at;
+                    let a = v.pointer_mut(p).unwrap().as_array_mut().unwrap();
+                    if let Some(last) = a.last().cloned() {
+                        a.push(last);
+                    }
+                }
+                _ => {}
+            }
+        }
+        v
+    }
+
+    fn restore(state: &VmState, dir: &Path) -> Result<Vm, jevm_runtime::vmm::VmError> {
+        Vm::restore(
+            state,
+            &RestoreConfig {
+                memory: template().memory.clone(),
+                memory_file: None,
+                vsock_uds: dir.join("clone.vsock"),
+                console_log: None,
+                share: None,
+                share_device_nodes: Default::default(),
+                tap: None,
+            },
+        )
+    }
+
+    /// The seeds themselves restore: the edits start from states that work.
+    #[test]
+    fn the_state_fuzz_seeds_restore_and_run() {
+        for seed in &template().seeds {
+            let state: VmState = serde_json::from_value(seed.clone()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let mut vm = restore(&state, dir.path()).expect("restore of a seed");
+            assert_eq!(vm.wait(Some(Duration::from_millis(50))), None, "the seed's guest stopped");
+            vm.stop();
+        }
+    }
+
+    fn cases() -> u32 {
+        ProptestConfig::default().cases.min(5000)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: cases(),
+            // Beside this file: an integration test has no lib.rs to go by.
+            failure_persistence: Some(Box::new(
+                proptest::test_runner::FileFailurePersistence::WithSource("regressions"),
+            )),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn fuzz_restoring_an_edited_template_state(
+            seed in 0usize..2,
+            edits in prop::collection::vec(edit(), 1..6),
+        ) {
+            let t = template();
+            let edited = apply(&t.seeds[seed], &edits);
+            let Ok(state) = serde_json::from_value::<VmState>(edited) else {
+                return Ok(());
+            };
+            let dir = tempfile::tempdir().unwrap();
+            match restore(&state, dir.path()) {
+                Ok(mut vm) => {
+                    // Let it run into whatever the edit made of it.
+                    let _ = vm.wait(Some(Duration::from_millis(5)));
+                    vm.stop();
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+}
