@@ -274,3 +274,79 @@ fn reboot_and_poweroff_in_a_container_end_only_it_like_runc() {
     assert_eq!(r, vec![("reboot -f", 129), ("poweroff -f", 130)], "runc");
     assert_same("reboot/poweroff in a PID namespace", &r, &j);
 }
+
+/// The tid of the thread of `pid` whose name is `name`.
+fn thread_named(pid: u32, name: &str) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+        })
+        .and_then(|t| t.file_name().to_str()?.parse().ok())
+}
+
+/// A VMM thread that makes a syscall outside its seccomp allow-list gets
+/// SIGSYS from the kernel, and the jail's handler reports it and ends the
+/// VMM (docs/security.md). No guest can be made to do that on purpose (it
+/// would be a bug), so the test delivers the same signal to the running
+/// pod's vCPU thread: the report must reach containerd's log, the task
+/// must end with an exit (the status of a VM that is gone), and delete
+/// must leave nothing.
+#[test]
+fn a_vmm_thread_killed_by_its_filter_ends_the_task_with_its_report_in_containerds_log() {
+    let env = ctr_env_or_skip!();
+    let log = env.base.join("containerd.log");
+    let reports = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("jevm: seccomp: a vcpu thread made syscall")
+            .count()
+    };
+    let before = reports();
+    let cid = id("sigsys", JEVM);
+    let api = Api::connect(&env);
+    env.run_detached(JEVM, &cid, &[], &sh("while true; do sleep 1; done"));
+    let events = api.subscribe(&cid);
+    let shims = env.shims(Some(&cid));
+    assert_eq!(shims.len(), 1, "{cid}: shims {shims:?}");
+    let vcpu = thread_named(shims[0], "vcpu0")
+        .unwrap_or_else(|| panic!("{cid}: shim {} has no vcpu0 thread", shims[0]));
+    let t0 = Instant::now();
+    // SAFETY: tgkill(2) on a thread of the shim serving our own container.
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, shims[0] as i32, vcpu, libc::SIGSYS) };
+    assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
+    let init = api.wait(&cid, "", DEATH_LIMIT);
+    eprintln!("SIGSYS on vcpu0: the task ended {:?} after", t0.elapsed());
+    assert_eq!(init.map(|e| e.status).ok(), Some(137), "{cid}: wait");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = || {
+        events
+            .all()
+            .into_iter()
+            .filter(|e| e.topic == "/tasks/exit")
+            .find(|e| exit_id(&e.event) == cid)
+            .and_then(|e| exit_status_of(&e.event))
+    };
+    while exit().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(exit(), Some(137), "{cid}: no TaskExit event");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", shims[0])).exists(),
+        "the shim still runs"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reports() == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        reports() > before,
+        "no seccomp report in {}",
+        log.display()
+    );
+    env.ctr_out(&["task", "delete", &cid]);
+    let o = env.ctr_out(&["containers", "delete", &cid]);
+    assert_eq!(o.code, 0, "containers delete: {o:?}");
+    env.assert_gone(&cid);
+}
