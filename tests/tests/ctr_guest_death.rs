@@ -340,11 +340,7 @@ fn a_vmm_thread_killed_by_its_filter_ends_the_task_with_its_report_in_containerd
     while reports() == before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(
-        reports() > before,
-        "no seccomp report in {}",
-        log.display()
-    );
+    assert!(reports() > before, "no seccomp report in {}", log.display());
     env.ctr_out(&["task", "delete", &cid]);
     let o = env.ctr_out(&["containers", "delete", &cid]);
     assert_eq!(o.code, 0, "containers delete: {o:?}");

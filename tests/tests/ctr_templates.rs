@@ -129,7 +129,16 @@ fn first_pods_created_together_build_one_template_and_all_clone_it() {
         .iter()
         .map(|cid| {
             let mut c = env.ctr();
-            c.args(["run", "-d", "--runtime", JEVM, &env.image, cid, "sleep", "600"]);
+            c.args([
+                "run",
+                "-d",
+                "--runtime",
+                JEVM,
+                &env.image,
+                cid,
+                "sleep",
+                "600",
+            ]);
             Running::spawn(c, false)
         })
         .collect();

@@ -219,7 +219,12 @@ mod state_fuzz {
             drop(vm);
             let saved = serde_json::to_value(&state).unwrap();
             let mut active = saved.clone();
-            for (i, dev) in active["devices"].as_array_mut().unwrap().iter_mut().enumerate() {
+            for (i, dev) in active["devices"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .enumerate()
+            {
                 let t = &mut dev["transport"];
                 t["status"] = 15.into();
                 t["acked_features"] = (1u64 << 32).into();
@@ -375,7 +380,11 @@ mod state_fuzz {
                 }
                 Edit::Truncate(i, n) if !arrays.is_empty() => {
                     let p = &arrays[i % arrays.len()].at;
-                    v.pointer_mut(p).unwrap().as_array_mut().unwrap().truncate(*n);
+                    v.pointer_mut(p)
+                        .unwrap()
+                        .as_array_mut()
+                        .unwrap()
+                        .truncate(*n);
                 }
                 Edit::Grow(i) if !arrays.is_empty() => {
                     let p = &arrays[i % arrays.len()].at;
@@ -412,7 +421,11 @@ mod state_fuzz {
             let state: VmState = serde_json::from_value(seed.clone()).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let mut vm = restore(&state, dir.path()).expect("restore of a seed");
-            assert_eq!(vm.wait(Some(Duration::from_millis(50))), None, "the seed's guest stopped");
+            assert_eq!(
+                vm.wait(Some(Duration::from_millis(50))),
+                None,
+                "the seed's guest stopped"
+            );
             vm.stop();
         }
     }

@@ -305,7 +305,10 @@ impl Vm {
             }
         }
         let vsock = cfg.vsock_uds.is_some().then_some(VIRTIO_ID_VSOCK);
-        let disks = cfg.disks.iter().map(|_| virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK);
+        let disks = cfg
+            .disks
+            .iter()
+            .map(|_| virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK);
         jail_threads_ahead(
             cfg.vcpus as usize,
             vsock

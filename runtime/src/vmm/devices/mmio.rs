@@ -301,7 +301,13 @@ impl MmioTransport {
         }
         // The saved registers come from a file: hold them to what the
         // device and the driver state machine could have produced.
-        for (i, (q, own)) in saved.transport.queues.iter().zip(&t.state.queues).enumerate() {
+        for (i, (q, own)) in saved
+            .transport
+            .queues
+            .iter()
+            .zip(&t.state.queues)
+            .enumerate()
+        {
             if q.max_size != own.max_size {
                 return Err(fail(format!(
                     "saved queue {i} has limit {}, the device's is {}",
