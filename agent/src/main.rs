@@ -26,8 +26,10 @@ use std::sync::Arc;
 use system::System;
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some(container::plan::INIT_ARG) {
-        container::init::main();
+    match std::env::args().nth(1).as_deref() {
+        Some(container::plan::INIT_ARG) => container::init::main(),
+        Some(container::zygote::ZYGOTE_ARG) => container::zygote::serve(container::init::main),
+        _ => {}
     }
     let pid1 = std::process::id() == 1;
     logger::init();

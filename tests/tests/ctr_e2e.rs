@@ -1198,3 +1198,110 @@ fn jevm_refuses_a_network_namespace_it_cannot_join() {
     let links = String::from_utf8_lossy(&links.stdout);
     assert_eq!(links.lines().count(), 1, "{links}");
 }
+
+/// What a process looks like from inside, with what differs between any
+/// two processes (PIDs in the root namespace, memory and scheduling
+/// counters, mount and pipe ids) taken out.
+const SELF_PORTRAIT: &str = "cat /proc/1/status /proc/1/limits /proc/1/cgroup; \
+    tr '\\0' '\\n' </proc/1/environ; echo --; cat /proc/1/mountinfo; echo --; \
+    ls -l /proc/1/fd; echo --; cat /proc/self/status";
+
+fn portrait(out: &str) -> String {
+    let varying = [
+        "NSpid",
+        "NStgid",
+        "NSpgid",
+        "NSsid",
+        "Vm",
+        "Rss",
+        "Hugetlb",
+        "Threads",
+        "voluntary_ctxt_switches",
+        "nonvoluntary_ctxt_switches",
+        "Pid",
+        "Tgid",
+        "PPid",
+        "TracerPid",
+        "SigQ",
+        "Kthread",
+        "Name",
+        "Umask",
+    ];
+    out.lines()
+        .filter(|l| !varying.iter().any(|v| l.starts_with(v)))
+        .map(|l| {
+            // mountinfo's mount ids, and pipe/socket inode numbers.
+            let l = l.split_whitespace().collect::<Vec<_>>();
+            let l = if l.len() > 6 && l[0].parse::<u32>().is_ok() && l[1].parse::<u32>().is_ok() {
+                &l[2..]
+            } else {
+                &l[..]
+            };
+            l.join(" ")
+                .split(':')
+                .map(|p| match p.find('[') {
+                    Some(i) => format!("{}[N]", &p[..i]),
+                    None => p.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// jevm only: a container and an exec started from the agent's zygote
+/// (the default) are the same, seen from inside, as ones started by
+/// re-executing the agent (the `io.jevm.container-init=exec` annotation):
+/// credentials, capabilities, seccomp, signal dispositions, limits,
+/// cgroup, environment, mounts and open fds.
+#[test]
+fn a_container_from_the_zygote_is_the_same_as_one_from_exec() {
+    let env = ctr_env_or_skip!();
+    let flags = [
+        "--cap-add",
+        "CAP_SYS_ADMIN",
+        "--cwd",
+        "/tmp",
+        "--env",
+        "X=1",
+    ];
+    let mut seen = Vec::new();
+    for how in ["zygote", "exec"] {
+        let cid = id(&format!("stage-{how}"), JEVM);
+        let mut f: Vec<&str> = flags.to_vec();
+        let annotation = "io.jevm.container-init=exec";
+        if how == "exec" {
+            f.extend(["--annotation", annotation]);
+        }
+        let o = env.run(JEVM, &cid, &f, &sh(SELF_PORTRAIT));
+        assert_eq!(o.code, 0, "{how}: {o:?}");
+        env.assert_gone(&cid);
+        // And an exec'd process, in a container started the same way.
+        let cid = id(&format!("stage-exec-{how}"), JEVM);
+        env.run_detached(JEVM, &cid, &f, &["sleep", "600"]);
+        let e = env.ctr_out(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "look",
+            &cid,
+            "cat",
+            "/proc/self/status",
+        ]);
+        assert_eq!(e.code, 0, "{how}: exec: {e:?}");
+        env.cleanup(&cid);
+        env.assert_gone(&cid);
+        seen.push((portrait(&o.stdout), portrait(&e.stdout)));
+    }
+    assert!(seen[0].0.contains("CapEff:"), "{}", seen[0].0);
+    assert!(seen[0].0.contains("Seccomp:"), "{}", seen[0].0);
+    assert_eq!(
+        seen[0].0, seen[1].0,
+        "the container: zygote (left) vs exec (right)"
+    );
+    assert_eq!(
+        seen[0].1, seen[1].1,
+        "an exec: zygote (left) vs exec (right)"
+    );
+}

@@ -43,7 +43,11 @@ extern "C" fn hook(
         return;
     }
     // SAFETY: argv entries are NUL-terminated strings.
-    if unsafe { CStr::from_ptr(arg1) }.to_bytes() != INIT_ARG.as_bytes() {
+    let arg1 = unsafe { CStr::from_ptr(arg1) }.to_bytes();
+    if arg1 == super::zygote::ZYGOTE_ARG.as_bytes() {
+        super::zygote::serve(run);
+    }
+    if arg1 != INIT_ARG.as_bytes() {
         return;
     }
     run();

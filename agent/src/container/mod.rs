@@ -16,6 +16,7 @@ pub mod plan;
 pub mod process;
 pub mod stage;
 pub mod stdio;
+pub mod zygote;
 
 #[cfg(test)]
 mod fake_stage;
@@ -35,6 +36,7 @@ use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use zygote::Zygote;
 
 /// How long `DeleteContainer` waits for a killed init to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -77,6 +79,7 @@ struct Container {
 
 pub struct Service {
     stage: StageCommand,
+    zygote: Option<Zygote>,
     cgroups: Box<dyn Cgroups>,
     events: Arc<Events>,
     containers: Mutex<HashMap<String, Slot<Container>>>,
@@ -125,15 +128,38 @@ fn invalid(message: String) -> Failure {
     Failure::new(ErrorKind::InvalidArgument, message)
 }
 
+/// A container annotation: `exec` starts the container's stages (its init
+/// and its execs) by `fork`+`execve` of the agent, as before the zygote,
+/// rather than from the zygote. For comparing the two, and a way around a
+/// zygote suspected of a fault.
+pub const STAGE_ANNOTATION: &str = "io.jevm.container-init";
+
 impl Service {
-    /// The guest's service: the agent binary as stage, the guest's cgroups.
+    /// The guest's service: the agent binary as stage (through its
+    /// zygote), the guest's cgroups.
     pub fn guest() -> std::io::Result<Service> {
-        Service::new(StageCommand::agent(), Box::new(GuestCgroups))
+        Service::with_zygote(StageCommand::agent(), Box::new(GuestCgroups))
+    }
+
+    /// [`Service::new`], with stages started by a zygote of `stage` (see
+    /// `zygote`) when it starts, by `fork`+`execve` otherwise.
+    pub fn with_zygote(stage: StageCommand, cgroups: Box<dyn Cgroups>) -> std::io::Result<Service> {
+        let zygote = match Zygote::start(&stage) {
+            Ok(z) => Some(z),
+            Err(e) => {
+                log::warn!("starting the container-init zygote: {e}; stages start with exec");
+                None
+            }
+        };
+        let mut service = Service::new(stage, cgroups)?;
+        service.zygote = zygote;
+        Ok(service)
     }
 
     pub fn new(stage: StageCommand, cgroups: Box<dyn Cgroups>) -> std::io::Result<Service> {
         Ok(Service {
             stage,
+            zygote: None,
             cgroups,
             events: Events::start()?,
             containers: Mutex::new(HashMap::new()),
@@ -334,6 +360,29 @@ impl Service {
         }))
     }
 
+    #[cfg(test)]
+    fn zygote(&self) -> Option<&Zygote> {
+        self.zygote.as_ref()
+    }
+
+    /// The zygote to start `plan`'s stage from, unless the container's
+    /// [`STAGE_ANNOTATION`] asks for exec.
+    fn zygote_for(&self, plan: &InitPlan) -> Option<&Zygote> {
+        let spec = match &plan.kind {
+            PlanKind::Create { spec } | PlanKind::Exec { spec, .. } => spec,
+        };
+        let exec = spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(STAGE_ANNOTATION))
+            .is_some_and(|v| v == "exec");
+        if exec {
+            None
+        } else {
+            self.zygote.as_ref()
+        }
+    }
+
     /// Runs the stage up to `Ready` and starts watching the process's exit.
     fn spawn(
         &self,
@@ -348,7 +397,7 @@ impl Service {
         };
         let (child, ends) =
             stdio::make(&wanted).map_err(|e| format!("{who}: creating its stdio: {e}"))?;
-        let mut stage = Stage::spawn(&self.stage, child.raw())
+        let mut stage = Stage::spawn(&self.stage, self.zygote_for(plan), child.raw())
             .map_err(|e| format!("{who}: starting container-init: {e}"))?;
         // The process's ends are the stage's now; holding them would keep
         // its output from ever reaching EOF.

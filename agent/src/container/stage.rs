@@ -9,6 +9,7 @@
 use super::exits::{self, Since};
 use super::plan::{self, AgentMsg, InitPlan, StageMsg, INIT_ARG, SYNC_FD};
 use super::stdio::Terminal;
+use super::zygote::Zygote;
 use jevm_protocol::{read_frame, write_frame, FrameError};
 use std::ffi::{CString, OsString};
 use std::io::{self, ErrorKind};
@@ -51,6 +52,52 @@ impl StageCommand {
     }
 }
 
+impl StageCommand {
+    /// The same program with another argv[1].
+    pub fn with_arg(&self, arg: &str) -> StageCommand {
+        let mut argv = self.argv.clone();
+        argv.truncate(1);
+        argv.push(cstring(arg));
+        StageCommand {
+            exe: self.exe.clone(),
+            argv,
+            env: self.env.clone(),
+        }
+    }
+
+    /// Forks and `execve`s the command with `fds` as its fds 0-3; returns
+    /// its PID. Hold the exit table's lock across the call to register
+    /// the child before the reaper can see it exit.
+    pub fn fork_exec(&self, fds: &[RawFd; 4]) -> io::Result<i32> {
+        let argv: Vec<*const libc::c_char> = self
+            .argv
+            .iter()
+            .map(|a| a.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let envp: Vec<*const libc::c_char> = self
+            .env
+            .iter()
+            .map(|e| e.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        let exe = self.exe.as_ptr();
+        // SAFETY: the child only calls `exec_child`, which makes
+        // async-signal-safe calls on memory prepared above and never
+        // returns; the parent continues normally.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: in the child of a fork, with pointers that stay valid
+            // (the child's copy of this stack frame) until execve.
+            unsafe { exec_child(fds, exe, argv.as_ptr(), envp.as_ptr()) }
+        }
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(pid)
+    }
+}
+
 fn cstring(s: &str) -> CString {
     // Only called with constants, which hold no NUL.
     CString::new(s).unwrap_or_default()
@@ -68,40 +115,31 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Forks and `execve`s the stage with `stdio` as its fds 0-2 and the
-    /// sync socket as fd 3.
-    pub fn spawn(command: &StageCommand, stdio: [RawFd; 3]) -> io::Result<Stage> {
+    /// Starts a stage with `stdio` as its fds 0-2 and the sync socket as
+    /// fd 3: from the zygote when there is one that answers, else by
+    /// `fork` and `execve` of `command`.
+    pub fn spawn(
+        command: &StageCommand,
+        zygote: Option<&Zygote>,
+        stdio: [RawFd; 3],
+    ) -> io::Result<Stage> {
         let (sync, child_sync) = UnixStream::pair()?;
-        let argv: Vec<*const libc::c_char> = command
-            .argv
-            .iter()
-            .map(|a| a.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
-        let envp: Vec<*const libc::c_char> = command
-            .env
-            .iter()
-            .map(|e| e.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
         let fds = [stdio[0], stdio[1], stdio[2], child_sync.as_raw_fd()];
-        let exe = command.exe.as_ptr();
-
-        // Held across the fork: the reaper cannot handle the stage's exit
-        // before it is registered as a stage.
+        // Held until the stage is registered: the reaper cannot handle the
+        // stage's exit before it is known as a stage.
         let mut table = exits::lock();
-        // SAFETY: the child only calls `exec_child`, which makes
-        // async-signal-safe calls on memory prepared above and never
-        // returns; the parent continues normally.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: in the child of a fork, with pointers that stay valid
-            // (the child's copy of this stack frame) until execve.
-            unsafe { exec_child(&fds, exe, argv.as_ptr(), envp.as_ptr()) }
-        }
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let forked = match zygote.map(|z| (z, z.spawn(&fds))) {
+            Some((_, Ok(pid))) => Ok(pid),
+            Some((z, Err(e))) => {
+                log::warn!(
+                    "the container-init zygote (pid {}) failed: {e}; starting stages with exec from now on",
+                    z.pid()
+                );
+                command.fork_exec(&fds)
+            }
+            None => command.fork_exec(&fds),
+        };
+        let pid = forked?;
         let since = table.watch_stage(pid);
         drop(table);
         drop(child_sync);

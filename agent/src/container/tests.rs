@@ -126,10 +126,11 @@ struct Harness {
     events: UnixStream,
 }
 
+/// Stages come from the zygote, as in the guest.
 fn harness_with(fail_create: bool) -> Harness {
     start_test_reaper();
     let calls = Calls::default();
-    let service = Service::new(
+    let service = Service::with_zygote(
         StageCommand::agent(),
         Box::new(FakeCgroups {
             root: PathBuf::from("/sys/fs/cgroup/jevm"),
@@ -267,6 +268,79 @@ fn exited(id: &str, exec_id: Option<&str>, pid: u32, status: u32) -> impl Fn(&Ev
             if *container_id == id && *x == exec_id && *p == pid && *exit_status == status
                 && *exited_at_ns > 1_600_000_000_000_000_000)
     }
+}
+
+/// The PPid line of `pid`'s /proc status.
+fn parent_of(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn stages_come_from_the_zygote_as_children_of_the_agent_unless_the_spec_asks_for_exec() {
+    let mut h = harness();
+    let served = |h: &Harness| h.service.zygote().expect("the zygote started").served();
+    let before = served(&h);
+    let pid = h.created(
+        "z1",
+        &["sh", "-c", "read x; exit 3"],
+        stdio(true, false, false),
+    );
+    assert_eq!(served(&h), before + 1);
+    // Reparented from the zygote's intermediate: the agent's child, as a
+    // stage it forked itself would be (this test process is the agent).
+    assert_eq!(parent_of(pid), Some(std::process::id()));
+    let stdin = h.attach("z1", None, StdioStream::Stdin);
+    assert_eq!(h.start("z1"), Response::Started { pid });
+    drop(stdin);
+    let event = h.next_event();
+    assert!(exited("z1", None, pid, 3)(&event), "{event:?}");
+    assert_eq!(h.delete("z1"), Response::Done);
+
+    let mut annotated = spec(&["true"]);
+    annotated["annotations"] = json!({ STAGE_ANNOTATION: "exec" });
+    let created = reply(
+        &h.service,
+        Request::CreateContainer(CreateContainer {
+            container_id: "z2".into(),
+            spec: annotated,
+            stdio: Stdio::default(),
+        }),
+    );
+    let Response::Created { pid } = created else {
+        panic!("create z2: {created:?}")
+    };
+    assert_eq!(
+        served(&h),
+        before + 1,
+        "the exec annotation used the zygote"
+    );
+    assert_eq!(h.start("z2"), Response::Started { pid });
+    let event = h.next_event();
+    assert!(exited("z2", None, pid, 0)(&event), "{event:?}");
+    assert_eq!(h.delete("z2"), Response::Done);
+}
+
+#[test]
+fn a_dead_zygote_leaves_stages_to_exec() {
+    let mut h = harness();
+    let zygote = h.service.zygote().expect("the zygote started").pid();
+    // SAFETY: kill(2) of the zygote this service started.
+    unsafe { libc::kill(zygote, libc::SIGKILL) };
+    let pid = h.created("zd", &["sh", "-c", "exit 5"], Stdio::default());
+    assert_eq!(h.start("zd"), Response::Started { pid });
+    let event = h.next_event();
+    assert!(exited("zd", None, pid, 5)(&event), "{event:?}");
+    assert_eq!(h.delete("zd"), Response::Done);
+    let pid = h.created("zd2", &["true"], Stdio::default());
+    assert_eq!(h.start("zd2"), Response::Started { pid });
+    let event = h.next_event();
+    assert!(exited("zd2", None, pid, 0)(&event), "{event:?}");
 }
 
 #[test]

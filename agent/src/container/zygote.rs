@@ -1,0 +1,268 @@
+//! The container-init zygote: a `container-init` stage started once, when
+//! the agent starts (in a template, before the snapshot), that waits for
+//! work instead of reading a plan. Starting a stage then costs two `fork`s
+//! of a small single-threaded process instead of a `fork` of the whole
+//! multithreaded agent plus an `execve` of its binary, and every clone of
+//! the template inherits the zygote paged in and shared.
+//!
+//! The agent sends the zygote, on a SOCK_SEQPACKET control socket (fd 3
+//! of the zygote), one byte and four fds: the new stage's stdio and its
+//! sync socket. The zygote forks an intermediate process, which forks the
+//! stage and exits, so that the stage is reparented to the agent (PID 1 in
+//! the guest, a subreaper elsewhere) exactly as a stage the agent forked
+//! itself would be its child: the agent's reaper sees its exit. The stage
+//! moves the fds to 0-3, closes the rest, and runs the `container-init`
+//! code from the top, as a freshly executed stage would. The zygote then
+//! answers with the stage's PID (or a negative errno) as 4 bytes.
+//!
+//! The zygote never changes its signal dispositions or mask, and holds no
+//! fd but its control socket and stdio, so the stage starts from what an
+//! `execve`d stage starts from. A zygote that fails or goes away is left
+//! behind: the agent starts stages with `fork`+`execve` again.
+
+use super::stage::StageCommand;
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// argv[1] that makes the agent binary run as the zygote.
+pub const ZYGOTE_ARG: &str = "container-init-zygote";
+
+/// The control socket's fd in the zygote.
+const CTL_FD: RawFd = 3;
+
+/// How long the agent waits for the zygote's answer before it gives up on
+/// it (two forks; generous for an emulated guest).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The agent's end of a running zygote.
+pub struct Zygote {
+    /// None once the zygote failed: it is not asked again.
+    ctl: Mutex<Option<OwnedFd>>,
+    pid: i32,
+    /// Stages it started (for tests to tell the two ways apart).
+    served: AtomicUsize,
+}
+
+impl Zygote {
+    /// Starts the zygote: the stage command with [`ZYGOTE_ARG`], stdin
+    /// /dev/null, stdout and stderr the agent's stderr (its messages reach
+    /// the guest's log), the control socket at fd 3.
+    pub fn start(command: &StageCommand) -> io::Result<Zygote> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let null = std::fs::File::open("/dev/null")?;
+        let fds = [
+            null.as_raw_fd(),
+            libc::STDERR_FILENO,
+            libc::STDERR_FILENO,
+            theirs.as_raw_fd(),
+        ];
+        let pid = command.with_arg(ZYGOTE_ARG).fork_exec(&fds)?;
+        let timeout = nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as i64, 0);
+        nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+        Ok(Zygote {
+            ctl: Mutex::new(Some(ours)),
+            pid,
+            served: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// How many stages it started.
+    #[cfg(test)]
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Has the zygote start a stage with `fds` (stdio 0-2 and the sync
+    /// socket) as its fds 0-3; returns the stage's PID. An error means the
+    /// zygote is no longer used.
+    pub fn spawn(&self, fds: &[RawFd; 4]) -> io::Result<i32> {
+        let mut ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sock) = ctl.as_ref() else {
+            return Err(io::Error::other("the zygote failed before"));
+        };
+        let result = ask(sock.as_raw_fd(), fds);
+        match result {
+            Ok(_) => {
+                self.served.fetch_add(1, Ordering::Relaxed);
+            }
+            // Whatever it was, the conversation is out of step now.
+            Err(_) => *ctl = None,
+        }
+        result
+    }
+}
+
+fn ask(sock: RawFd, fds: &[RawFd; 4]) -> io::Result<i32> {
+    let rights = [ControlMessage::ScmRights(fds)];
+    sendmsg::<()>(
+        sock,
+        &[IoSlice::new(b"s")],
+        &rights,
+        MsgFlags::empty(),
+        None,
+    )?;
+    let mut answer = [0u8; 4];
+    let n = loop {
+        match nix::sys::socket::recv(sock, &mut answer, MsgFlags::empty()) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    if n != answer.len() {
+        return Err(io::Error::other(format!(
+            "the zygote answered {n} bytes (it is gone)"
+        )));
+    }
+    match i32::from_le_bytes(answer) {
+        pid if pid > 0 => Ok(pid),
+        errno => Err(io::Error::from_raw_os_error(-errno)),
+    }
+}
+
+/// The zygote process: answers requests until the agent closes the
+/// control socket, running `stage_main` in each stage it starts.
+pub fn serve(stage_main: fn() -> !) -> ! {
+    loop {
+        let mut byte = [0u8; 1];
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [IoSliceMut::new(&mut byte)];
+        let (n, fds) = match recvmsg::<()>(
+            CTL_FD,
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                if let Ok(cmsgs) = msg.cmsgs() {
+                    for c in cmsgs {
+                        if let ControlMessageOwned::ScmRights(rs) = c {
+                            // SAFETY: the kernel just installed these fds
+                            // in this process; nothing else owns them.
+                            fds.extend(
+                                rs.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                }
+                (msg.bytes, fds)
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => std::process::exit(1),
+        };
+        if n == 0 {
+            // The agent is gone, or gave up on this zygote.
+            std::process::exit(0);
+        }
+        let answer = match <&[OwnedFd; 4]>::try_from(fds.as_slice()) {
+            Ok(fds) => start_stage(fds, stage_main),
+            Err(_) => -libc::EINVAL,
+        };
+        drop(fds);
+        // SAFETY: a 4-byte buffer on the stack; the fd is the control socket.
+        let sent = unsafe {
+            libc::send(
+                CTL_FD,
+                answer.to_le_bytes().as_ptr().cast(),
+                4,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent != 4 {
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Forks the intermediate, which forks the stage and reports its PID on a
+/// pipe; returns that PID, or a negative errno.
+fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
+    let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return -(e as i32),
+    };
+    // SAFETY: the zygote is single-threaded, so the child may do anything.
+    match unsafe { libc::fork() } {
+        0 => {
+            // SAFETY: as above, in the intermediate.
+            let answer = match unsafe { libc::fork() } {
+                0 => {
+                    drop((r, w));
+                    let raw = [
+                        fds[0].as_raw_fd(),
+                        fds[1].as_raw_fd(),
+                        fds[2].as_raw_fd(),
+                        fds[3].as_raw_fd(),
+                    ];
+                    // SAFETY: in a forked child of a single-threaded process.
+                    unsafe { place_fds(&raw) };
+                    stage_main()
+                }
+                pid if pid > 0 => pid,
+                _ => -io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            };
+            // SAFETY: a 4-byte buffer; `w` is the pipe's write end.
+            unsafe { libc::write(w.as_raw_fd(), answer.to_le_bytes().as_ptr().cast(), 4) };
+            // SAFETY: ends the intermediate without running anything else.
+            unsafe { libc::_exit(0) }
+        }
+        pid if pid > 0 => {
+            drop(w);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            let mut answer = [0u8; 4];
+            match nix::unistd::read(r.as_raw_fd(), &mut answer) {
+                Ok(4) => i32::from_le_bytes(answer),
+                _ => -libc::EIO,
+            }
+        }
+        _ => -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    }
+}
+
+/// Moves `fds` to 0-3 (through copies at 10 and up, so that no move
+/// overwrites a source not yet moved) and closes every other fd, the
+/// control socket included.
+///
+/// # Safety
+/// Call only in a process that may close any fd it holds.
+unsafe fn place_fds(fds: &[RawFd; 4]) {
+    let mut parked = [0; 4];
+    for (slot, &fd) in parked.iter_mut().zip(fds) {
+        // SAFETY: fcntl only duplicates an fd.
+        *slot = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+        if *slot < 0 {
+            // SAFETY: ends the child; the agent reads EOF on the sync socket.
+            unsafe { libc::_exit(126) }
+        }
+    }
+    for (target, &fd) in parked.iter().enumerate() {
+        // SAFETY: dup2 onto 0-3; the targets lose close-on-exec, as an
+        // execve'd stage's fds 0-3 have none.
+        if unsafe { libc::dup2(fd, target as RawFd) } < 0 {
+            // SAFETY: as above.
+            unsafe { libc::_exit(126) }
+        }
+    }
+    // SAFETY: a raw syscall without memory arguments.
+    unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
+}
