@@ -172,8 +172,15 @@ pub fn clone_from(
         mount_share: opts.share.is_some(),
         network: opts.network.as_ref().map(|n| n.settings.clone()),
     };
-    let answer = first_connection(&vsock_uds, &vm, Duration::from_secs(30))
-        .and_then(|mut a| a.call(&Request::Identity(identity)))
+    let mut conn =
+        first_connection(&vsock_uds, &vm, Duration::from_secs(30)).map_err(|source| {
+            CloneError::Agent {
+                key: key.clone(),
+                source,
+            }
+        })?;
+    let answer = conn
+        .call(&Request::Identity(identity))
         .map_err(|source| CloneError::Agent {
             key: key.clone(),
             source,
@@ -196,6 +203,7 @@ pub fn clone_from(
         vsock_uds,
         agent_version: state.agent_version,
         times,
+        agent: Some(conn),
     })
 }
 

@@ -105,6 +105,12 @@ impl Agent {
     pub fn mark_dead(&self) {
         self.inner.mark_dead();
     }
+
+    /// Keeps an open connection (the one the clone's identity went over)
+    /// for the next request.
+    pub fn adopt(&self, conn: AgentClient) {
+        self.inner.put_idle(conn);
+    }
 }
 
 impl Inner {

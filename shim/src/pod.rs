@@ -269,7 +269,11 @@ impl Pod {
         .await
         .map_err(|e| format!("pod {id:?}: VM start thread: {e}"))??;
 
+        let mut vm = vm;
         let agent = Agent::new(vm.vsock_uds().to_path_buf());
+        if let Some(conn) = vm.take_agent_connection() {
+            agent.adopt(conn);
+        }
         let uds = vm.vsock_uds().to_path_buf();
         let vm_dir = vm.run_dir().to_path_buf();
         let life = Arc::new(Life {

@@ -114,32 +114,49 @@ pub async fn attach(
         Some(e) => format!("container {container_id:?} exec {e:?}: attaching {s:?}"),
         None => format!("container {container_id:?}: attaching {s:?}"),
     };
-    let mut copies = Copies::default();
-
-    let mut outs: Vec<(StdioStream, &str)> = Vec::new();
-    if want.stdout {
-        outs.push((StdioStream::Stdout, &paths.stdout));
-    }
-    if want.stderr {
-        outs.push((StdioStream::Stderr, &paths.stderr));
-    }
-    for (which, uri) in outs {
-        let w = open_output(uri)
-            .await
-            .map_err(|e| format!("{}: {e}", what(which)))?;
-        let s = agent
-            .stream("AttachStdio", stream(which))
-            .await
-            .map_err(|e| format!("{}: {e}", what(which)))?;
-        copies.outputs.push(tokio::spawn(copy_out(s, w)));
-    }
-    if want.stdin {
+    // The streams are opened at once: each is a vsock connection to the
+    // agent, and their handshakes overlap. Any failure drops what the
+    // others opened.
+    let output = |which: StdioStream, uri: &str, wanted: bool| {
+        let uri = uri.to_string();
+        let req = stream(which);
+        async move {
+            if !wanted {
+                return Ok(None);
+            }
+            let w = open_output(&uri)
+                .await
+                .map_err(|e| format!("{}: {e}", what(which)))?;
+            let s = agent
+                .stream("AttachStdio", req)
+                .await
+                .map_err(|e| format!("{}: {e}", what(which)))?;
+            Ok::<_, String>(Some((w, s)))
+        }
+    };
+    let input = async {
+        if !want.stdin {
+            return Ok(None);
+        }
         let r =
             open_stdin(&paths.stdin).map_err(|e| format!("{}: {e}", what(StdioStream::Stdin)))?;
         let s = agent
             .stream("AttachStdio", stream(StdioStream::Stdin))
             .await
             .map_err(|e| format!("{}: {e}", what(StdioStream::Stdin)))?;
+        Ok::<_, String>(Some((r, s)))
+    };
+    let (stdout, stderr, stdin) = tokio::join!(
+        output(StdioStream::Stdout, &paths.stdout, want.stdout),
+        output(StdioStream::Stderr, &paths.stderr, want.stderr),
+        input
+    );
+    let (stdout, stderr, stdin) = (stdout?, stderr?, stdin?);
+    let mut copies = Copies::default();
+    for (w, s) in [stdout, stderr].into_iter().flatten() {
+        copies.outputs.push(tokio::spawn(copy_out(s, w)));
+    }
+    if let Some((r, s)) = stdin {
         let (tx, rx) = oneshot::channel();
         copies.close_stdin = Some(tx);
         copies.stdin = Some(tokio::spawn(pump_stdin(r, s, rx)));
