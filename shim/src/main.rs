@@ -128,10 +128,14 @@ fn main() {
     if serving {
         prepare_serving_process();
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `start` and `delete` are short commands containerd waits for: one
+    // thread does, without a worker pool to start and stop.
+    let mut builder = if serving {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("containerd-shim-jevm-v2: cannot start the async runtime: {e}");
