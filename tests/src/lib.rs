@@ -82,6 +82,41 @@ pub fn newc_cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
 pub mod tiny {
     const LOAD_ADDR: u64 = 0x100_0000;
 
+    /// A saved VM's state with every virtio device made active, as a Linux
+    /// guest's drivers leave them in a template: features VERSION_1, every
+    /// queue ready (64 entries) on rings at 1 MiB and up in guest memory,
+    /// positions at 0. A tiny guest has no drivers, so its own state has
+    /// them all unprobed; with this a restore starts the devices' workers
+    /// as a real clone's does.
+    pub fn with_devices_active(state: &jevm_runtime::vmm::VmState) -> jevm_runtime::vmm::VmState {
+        let mut v = serde_json::to_value(state).expect("a VM state serialises");
+        for (i, dev) in v["devices"]
+            .as_array_mut()
+            .expect("devices")
+            .iter_mut()
+            .enumerate()
+        {
+            let t = &mut dev["transport"];
+            t["status"] = 15.into();
+            t["acked_features"] = (1u64 << 32).into();
+            t["activated"] = true.into();
+            let queues = t["queues"].as_array_mut().expect("queues");
+            for (q, queue) in queues.iter_mut().enumerate() {
+                let base = 0x10_0000 + (i as u64 * 8 + q as u64) * 0x1_0000;
+                queue["ready"] = true.into();
+                queue["size"] = 64.into();
+                queue["desc_table"] = base.into();
+                queue["avail_ring"] = (base + 0x4000).into();
+                queue["used_ring"] = (base + 0x8000).into();
+            }
+            let n = queues.len();
+            dev["queues"] = (0..n)
+                .map(|_| serde_json::json!({"next_avail": 0, "next_used": 0}))
+                .collect();
+        }
+        serde_json::from_value(v).expect("the edited state parses")
+    }
+
     /// A one-segment ELF64 executable whose entry point is `code` at 16 MiB.
     pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
         let mut e = Vec::new();

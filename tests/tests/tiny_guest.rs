@@ -218,32 +218,8 @@ mod state_fuzz {
             vm.save_memory(&memory).unwrap();
             drop(vm);
             let saved = serde_json::to_value(&state).unwrap();
-            let mut active = saved.clone();
-            for (i, dev) in active["devices"]
-                .as_array_mut()
-                .unwrap()
-                .iter_mut()
-                .enumerate()
-            {
-                let t = &mut dev["transport"];
-                t["status"] = 15.into();
-                t["acked_features"] = (1u64 << 32).into();
-                t["activated"] = true.into();
-                let queues = t["queues"].as_array_mut().unwrap();
-                for (q, queue) in queues.iter_mut().enumerate() {
-                    let base = 0x10_0000 + (i as u64 * 8 + q as u64) * 0x1_0000;
-                    queue["ready"] = true.into();
-                    queue["size"] = 64.into();
-                    queue["desc_table"] = base.into();
-                    queue["avail_ring"] = (base + 0x4000).into();
-                    queue["used_ring"] = (base + 0x8000).into();
-                }
-                let n = queues.len();
-                dev["queues"] = (0..n)
-                    .map(|_| serde_json::json!({"next_avail": 0, "next_used": 0}))
-                    .collect();
-            }
-            serde_json::from_value::<VmState>(active.clone()).expect("the active seed parses");
+            let active =
+                serde_json::to_value(jevm_tests::tiny::with_devices_active(&state)).unwrap();
             Template {
                 _dir: dir,
                 memory,
