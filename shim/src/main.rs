@@ -131,7 +131,12 @@ fn main() {
     // `start` and `delete` are short commands containerd waits for: one
     // thread does, without a worker pool to start and stop.
     let mut builder = if serving {
-        tokio::runtime::Builder::new_multi_thread()
+        // Two workers whatever the node's size: one pod's requests are few
+        // and the VM's own work runs on its own threads; a worker per CPU
+        // would be dozens of idle threads per pod on a large node.
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
