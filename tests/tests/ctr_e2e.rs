@@ -1225,7 +1225,6 @@ fn portrait(out: &str) -> String {
         "SigQ",
         "Kthread",
         "Name",
-        "Umask",
     ];
     out.lines()
         .filter(|l| !varying.iter().any(|v| l.starts_with(v)))
