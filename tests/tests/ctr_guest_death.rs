@@ -316,10 +316,9 @@ fn a_vmm_thread_killed_by_its_filter_ends_the_task_with_its_report_in_containerd
     // SAFETY: tgkill(2) on a thread of the shim serving our own container.
     let rc = unsafe { libc::syscall(libc::SYS_tgkill, shims[0] as i32, vcpu, libc::SIGSYS) };
     assert_eq!(rc, 0, "tgkill: {}", std::io::Error::last_os_error());
-    let init = api.wait(&cid, "", DEATH_LIMIT);
-    eprintln!("SIGSYS on vcpu0: the task ended {:?} after", t0.elapsed());
-    assert_eq!(init.map(|e| e.status).ok(), Some(137), "{cid}: wait");
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // containerd answers a Wait on a shim that died with the error of the
+    // lost connection; the exit comes as containerd's TaskExit.
+    let deadline = Instant::now() + DEATH_LIMIT;
     let exit = || {
         events
             .all()
@@ -331,6 +330,10 @@ fn a_vmm_thread_killed_by_its_filter_ends_the_task_with_its_report_in_containerd
     while exit().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!(
+        "SIGSYS on vcpu0: the exit event came {:?} after",
+        t0.elapsed()
+    );
     assert_eq!(exit(), Some(137), "{cid}: no TaskExit event");
     assert!(
         !std::path::Path::new(&format!("/proc/{}", shims[0])).exists(),
@@ -345,4 +348,8 @@ fn a_vmm_thread_killed_by_its_filter_ends_the_task_with_its_report_in_containerd
     let o = env.ctr_out(&["containers", "delete", &cid]);
     assert_eq!(o.code, 0, "containers delete: {o:?}");
     env.assert_gone(&cid);
+    // The FIFOs `ctr run -d` made stay when its task died with its shim,
+    // under runc as well (see ctr_e2e's shim_killed_mid_run): ctr's, not
+    // the runtime's.
+    env.remove_ctr_fifos(&cid);
 }
