@@ -7,7 +7,7 @@
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jevm_protocol::{read_frame, write_frame, FrameError, Request, Response, AGENT_PORT};
 
@@ -41,8 +41,37 @@ pub struct AgentClient {
     stream: BufReader<UnixStream>,
 }
 
-/// Opens a hybrid-vsock stream to `port` in the guest behind `uds`.
+/// How long an unanswered connect request waits in the vsock device before
+/// it is dropped (`vmm::devices::vsock`: 2 s); a guest that refuses (nobody
+/// listening) answers at once. An empty answer that took at least half the
+/// window is a drop.
+const DROPPED_AFTER: Duration = Duration::from_secs(1);
+
+/// Opens a hybrid-vsock stream to `port` in the guest behind `uds`. A
+/// request the device dropped because the guest did not get to answer it
+/// within the device's window (a guest that was just resumed, or starved
+/// on a loaded host) is made again until `timeout`; a refusal is final.
 pub fn connect_vsock(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let t0 = Instant::now();
+        match connect_vsock_once(uds, port, timeout) {
+            Err(AgentError::Refused { answer, .. })
+                if answer.is_empty()
+                    && t0.elapsed() >= DROPPED_AFTER
+                    && Instant::now() + DROPPED_AFTER < deadline =>
+            {
+                log::debug!(
+                    "{}: the guest did not answer the connect request to port {port} in time; asking again",
+                    uds.display()
+                );
+            }
+            other => return other,
+        }
+    }
+}
+
+fn connect_vsock_once(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
     let err = |source| AgentError::Connect {
         path: uds.to_owned(),
         source,
@@ -180,5 +209,60 @@ fn request_name(req: &Request) -> &'static str {
         Request::DeleteContainer { .. } => "DeleteContainer",
         Request::Events => "Events",
         Request::AttachStdio { .. } => "AttachStdio",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in for the vsock device's socket: answers each connection
+    /// as `answers` says (after a pause, or by closing it), in order.
+    fn device(dir: &Path, answers: Vec<(Duration, Option<&'static str>)>) -> PathBuf {
+        let uds = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        std::thread::spawn(move || {
+            for (pause, answer) in answers {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut line = [0u8; 64];
+                let _ = s.read(&mut line);
+                std::thread::sleep(pause);
+                if let Some(a) = answer {
+                    s.write_all(a.as_bytes()).unwrap();
+                    // Keep it open for the client to read.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        });
+        uds
+    }
+
+    #[test]
+    fn a_connect_request_dropped_for_want_of_an_answer_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = device(
+            dir.path(),
+            vec![
+                (DROPPED_AFTER + Duration::from_millis(100), None),
+                (Duration::ZERO, Some("OK 1073741824\n")),
+            ],
+        );
+        connect_vsock(&uds, AGENT_PORT, Duration::from_secs(10)).expect("the second request");
+    }
+
+    #[test]
+    fn a_refusal_is_final_and_comes_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = device(
+            dir.path(),
+            vec![(Duration::ZERO, None), (Duration::ZERO, Some("OK 1\n"))],
+        );
+        let t0 = Instant::now();
+        match connect_vsock(&uds, AGENT_PORT, Duration::from_secs(10)) {
+            Err(AgentError::Refused { answer, .. }) => assert_eq!(answer, ""),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(t0.elapsed() < DROPPED_AFTER);
     }
 }

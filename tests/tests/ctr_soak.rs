@@ -274,19 +274,28 @@ fn cycles_with_killed_shims_and_a_containerd_restart_leave_nothing() {
         percentile(&last, 0.5).as_secs_f64() * 1e3,
         percentile(&last, 0.99).as_secs_f64() * 1e3,
     );
-    assert!(
-        failures.is_empty(),
-        "{} cycles failed:\n  {}",
-        failures.len(),
-        failures.join("\n  ")
-    );
-    assert!(
-        left.is_empty(),
-        "left behind after the soak:\n  {}",
-        left.join("\n  ")
-    );
-    assert!(
-        unaccounted.is_empty(),
-        "tasks with no exit event: {unaccounted:?}"
-    );
+    // Everything that went wrong, in one report: a failed cycle must not
+    // hide what was left behind.
+    let mut wrong = Vec::new();
+    if !failures.is_empty() {
+        wrong.push(format!(
+            "{} cycles failed:\n  {}",
+            failures.len(),
+            failures.join("\n  ")
+        ));
+    }
+    if !left.is_empty() {
+        wrong.push(format!(
+            "left behind after the soak:\n  {}",
+            left.join("\n  ")
+        ));
+    } else {
+        eprintln!("soak: nothing left behind");
+    }
+    if !unaccounted.is_empty() {
+        wrong.push(format!("tasks with no exit event: {unaccounted:?}"));
+    } else {
+        eprintln!("soak: every task has its /tasks/exit event");
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
