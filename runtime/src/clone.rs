@@ -120,6 +120,21 @@ pub struct CloneNetwork {
     pub settings: jevm_protocol::Network,
 }
 
+/// Has the VMM's jail start a clone's threads (its `vcpus` vCPUs and the
+/// vsock, virtio-fs and virtio-net workers a template has active) ahead,
+/// while the caller prepares the rest of the clone: the restore then
+/// hands them their work instead of waiting for their seccomp filters to
+/// be installed (`crate::jail`). Sets the jail up with `JEVM_SECCOMP`'s
+/// mode if the caller did not.
+pub fn prepare_threads(vcpus: usize) -> Result<(), CloneError> {
+    use crate::vmm::devices::{fs::VIRTIO_ID_FS, net::VIRTIO_ID_NET};
+    crate::vmm::vm::jail_threads_ahead(
+        vcpus,
+        [crate::vmm::vm::VIRTIO_ID_VSOCK, VIRTIO_ID_FS, VIRTIO_ID_NET],
+    )
+    .map_err(CloneError::from)
+}
+
 /// Starts a clone of `template` in a fresh run directory under
 /// `runtime_root`, gives it its identity, and returns it agent-ready.
 pub fn clone_from(

@@ -11,8 +11,9 @@
 
 use std::any::Any;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -37,6 +38,8 @@ pub(super) struct Work {
 pub(super) struct Parked {
     work: SyncSender<Work>,
     pub thread: JoinHandle<Output>,
+    /// Set once the thread is in its jail.
+    entered: Arc<AtomicBool>,
 }
 
 impl Parked {
@@ -82,10 +85,13 @@ impl Pool {
         more
     }
 
-    /// How many threads of `kind` are parked now.
+    /// How many threads of `kind` are parked in their jail now.
     #[cfg(test)]
     pub fn parked(&self, kind: ThreadKind) -> usize {
-        self.lock().parked[kind as usize - 1].len()
+        self.lock().parked[kind as usize - 1]
+            .iter()
+            .filter(|p| p.entered.load(Ordering::Acquire))
+            .count()
     }
 
     /// Takes back `count` reserved starts that will not happen.
@@ -103,8 +109,14 @@ impl Pool {
         let i = kind as usize - 1;
         let mut s = self.lock();
         loop {
-            if let Some(p) = s.parked[i].pop() {
-                return Some(p);
+            // One already in its jail if there is one, else one on its way.
+            let parked = &mut s.parked[i];
+            let pick = parked
+                .iter()
+                .rposition(|p| p.entered.load(Ordering::Acquire))
+                .or(parked.len().checked_sub(1));
+            if let Some(at) = pick {
+                return Some(parked.swap_remove(at));
             }
             if s.starting[i] == 0 {
                 return None;
@@ -120,9 +132,9 @@ impl Pool {
         }
     }
 
-    /// Runs on the spawner: starts one thread of `kind`, which enters its
-    /// jail and parks. A thread that cannot enter is logged and not kept
-    /// (the caller then starts one itself and meets the same error).
+    /// Runs on the spawner: starts one thread of `kind` and parks it at
+    /// once; the thread enters its jail by itself, in parallel with the
+    /// others being started, and only then reads its work.
     pub fn start_one(&self, kind: ThreadKind) {
         let parked = start_parked(kind);
         let mut s = self.lock();
@@ -137,42 +149,30 @@ impl Pool {
     }
 }
 
-fn start_parked(kind: ThreadKind) -> Result<Parked, String> {
+fn start_parked(kind: ThreadKind) -> std::io::Result<Parked> {
     let (work_tx, work_rx) = mpsc::sync_channel::<Work>(1);
-    let (in_tx, in_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    let entered = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&entered);
     let thread = std::thread::Builder::new()
         .name(kind.name().into())
-        .spawn(move || parked_body(kind, in_tx, work_rx))
-        .map_err(|e| e.to_string())?;
-    match in_rx.recv() {
-        Ok(Ok(())) => Ok(Parked {
-            work: work_tx,
-            thread,
-        }),
-        Ok(Err(e)) => {
-            let _ = thread.join();
-            Err(e)
-        }
-        Err(_) => {
-            let _ = thread.join();
-            Err("the thread ended before entering its jail".into())
-        }
-    }
+        .spawn(move || parked_body(kind, work_rx, &flag))?;
+    Ok(Parked {
+        work: work_tx,
+        thread,
+        entered,
+    })
 }
 
-fn parked_body(
-    kind: ThreadKind,
-    entered: SyncSender<Result<(), String>>,
-    work: Receiver<Work>,
-) -> Output {
-    if let Err(e) = super::enter(kind) {
-        let _ = entered.send(Err(e.to_string()));
-        return None;
-    }
-    let _ = entered.send(Ok(()));
-    drop(entered);
+fn parked_body(kind: ThreadKind, work: Receiver<Work>, flag: &AtomicBool) -> Output {
+    let entered = super::enter(kind);
+    flag.store(entered.is_ok(), Ordering::Release);
     // The sender goes away with the process (or a pool that is dropped):
     // then there is nothing to do.
     let work = work.recv().ok()?;
+    if let Err(e) = entered {
+        // The taker learns why, as from a thread started on the spot.
+        let _ = work.started.send(Err(e.to_string()));
+        return None;
+    }
     super::run_work(kind, work)
 }

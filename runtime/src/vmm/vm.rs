@@ -141,7 +141,7 @@ pub struct RestoreConfig {
 }
 
 /// Virtio device type IDs we know how to rebuild in a clone.
-const VIRTIO_ID_VSOCK: u32 = 19;
+pub(crate) const VIRTIO_ID_VSOCK: u32 = 19;
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::KvmSetup { what, source }
@@ -253,7 +253,10 @@ fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, VmError> {
 /// its own, and has it start this VM's threads ahead while the VM is
 /// built: its vCPUs and the workers of the devices (by virtio type) the
 /// guest has or will have activated.
-fn jail_threads_ahead(vcpus: usize, devices: impl IntoIterator<Item = u32>) -> Result<(), VmError> {
+pub(crate) fn jail_threads_ahead(
+    vcpus: usize,
+    devices: impl IntoIterator<Item = u32>,
+) -> Result<(), VmError> {
     if crate::jail::mode().is_none() {
         crate::jail::init(crate::jail::Mode::from_env())?;
     }
