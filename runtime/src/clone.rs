@@ -128,11 +128,13 @@ pub struct CloneNetwork {
 /// mode if the caller did not.
 pub fn prepare_threads(vcpus: usize) -> Result<(), CloneError> {
     use crate::vmm::devices::{fs::VIRTIO_ID_FS, net::VIRTIO_ID_NET};
+    // Kept, not released: the clone that follows takes them.
     crate::vmm::vm::jail_threads_ahead(
         vcpus,
         [crate::vmm::vm::VIRTIO_ID_VSOCK, VIRTIO_ID_FS, VIRTIO_ID_NET],
-    )
-    .map_err(CloneError::from)
+    )?
+    .taken();
+    Ok(())
 }
 
 /// Starts a clone of `template` in a fresh run directory under

@@ -209,6 +209,9 @@ fn ten_boots_in_a_row_leave_no_thread_fd_memfd_socket_or_file_behind() {
 
 fn expect_boot_error(cfg: &BootConfig) -> BootFailure {
     let root = run_root();
+    // The jail's spawner thread lives as long as the process, from the
+    // first VM on: set up before counting.
+    let _ = jevm_runtime::jail::init(jevm_runtime::jail::Mode::from_env());
     let before = footprint();
     let err = match MicroVm::boot(cfg, root.path()) {
         Ok(_) => panic!("boot unexpectedly succeeded"),

@@ -103,6 +103,37 @@ impl Pool {
         self.changed.notify_all();
     }
 
+    /// Takes up to `count` parked threads of `kind` out of the pool, once
+    /// the spawner started those on their way (for a VM that failed before
+    /// it used them); their threads end when the returned handles' senders
+    /// are dropped.
+    pub fn release(&self, kind: ThreadKind, count: usize) -> Vec<JoinHandle<Output>> {
+        let i = kind as usize - 1;
+        let mut s = self.lock();
+        let deadline = std::time::Instant::now() + WAIT_FOR_STARTING;
+        while s.starting[i] > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let n = count.min(s.parked[i].len());
+        let start = s.parked[i].len() - n;
+        s.parked[i]
+            .drain(start..)
+            .map(|p| {
+                let Parked { work, thread, .. } = p;
+                drop(work);
+                thread
+            })
+            .collect()
+    }
+
     /// A parked thread of `kind`, waiting for one the spawner is starting;
     /// None when there is none to be had.
     pub fn take(&self, kind: ThreadKind) -> Option<Parked> {

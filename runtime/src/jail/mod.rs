@@ -296,6 +296,17 @@ pub fn prepare(kind: ThreadKind, count: usize) {
     }
 }
 
+/// Ends up to `count` threads of `kind` that [`prepare`] started and no
+/// VM took (the VM they were for failed first), and waits for them.
+pub fn release(kind: ThreadKind, count: usize) {
+    let Some(jail) = active() else {
+        return;
+    };
+    for t in jail.ahead.release(kind, count) {
+        let _ = t.join();
+    }
+}
+
 /// On a thread in its jail, about to run `work`: the work's thread name
 /// (what `ps -L` shows), then Landlock when the work serves a directory.
 /// Landlock comes last because it depends on the work, not the kind (the

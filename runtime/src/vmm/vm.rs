@@ -250,38 +250,58 @@ fn serial_irq(vm_fd: &VmFd) -> Result<EventFd, VmError> {
 }
 
 /// Sets the process's jail up (jail/), unless its owner did with a mode of
-/// its own, and has it start this VM's threads ahead while the VM is
-/// built: its vCPUs and the workers of the devices (by virtio type) the
-/// guest has or will have activated.
+/// its own, and has it start threads ahead while the VM is built: its
+/// vCPUs and the workers of the devices (by virtio type) the VM activates
+/// as it is built. What a VM that fails does not take is released when
+/// the returned value is dropped without [`ThreadsAhead::taken`].
 pub(crate) fn jail_threads_ahead(
     vcpus: usize,
     devices: impl IntoIterator<Item = u32>,
-) -> Result<(), VmError> {
+) -> Result<ThreadsAhead, VmError> {
     if crate::jail::mode().is_none() {
         crate::jail::init(crate::jail::Mode::from_env())?;
     }
-    let mut workers = [0usize; 4];
+    let mut counts: Vec<(ThreadKind, usize)> = Vec::new();
     for device_type in devices {
-        match device_type {
-            VIRTIO_ID_VSOCK => workers[0] += 1,
-            VIRTIO_ID_FS => workers[1] += 1,
-            VIRTIO_ID_NET => workers[2] += 1,
-            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => workers[3] += 1,
-            _ => {}
+        let kind = match device_type {
+            VIRTIO_ID_VSOCK => ThreadKind::Vsock,
+            VIRTIO_ID_FS => ThreadKind::Fs,
+            VIRTIO_ID_NET => ThreadKind::Net,
+            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => ThreadKind::Block,
+            _ => continue,
+        };
+        match counts.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((kind, 1)),
         }
     }
-    let kinds = [
-        ThreadKind::Vsock,
-        ThreadKind::Fs,
-        ThreadKind::Net,
-        ThreadKind::Block,
-    ];
     // Workers first: a restore activates them before its vCPUs start.
-    for (kind, count) in kinds.into_iter().zip(workers) {
+    counts.push((ThreadKind::Vcpu, vcpus));
+    for &(kind, count) in &counts {
         crate::jail::prepare(kind, count);
     }
-    crate::jail::prepare(ThreadKind::Vcpu, vcpus);
-    Ok(())
+    Ok(ThreadsAhead { counts })
+}
+
+/// Threads a VM being built asked the jail for (see [`jail_threads_ahead`]).
+#[must_use]
+pub(crate) struct ThreadsAhead {
+    counts: Vec<(ThreadKind, usize)>,
+}
+
+impl ThreadsAhead {
+    /// The VM was built and took them.
+    pub(crate) fn taken(mut self) {
+        self.counts.clear();
+    }
+}
+
+impl Drop for ThreadsAhead {
+    fn drop(&mut self) {
+        for &(kind, count) in &self.counts {
+            crate::jail::release(kind, count);
+        }
+    }
 }
 
 impl Vm {
@@ -307,18 +327,9 @@ impl Vm {
                 .into());
             }
         }
-        let vsock = cfg.vsock_uds.is_some().then_some(VIRTIO_ID_VSOCK);
-        let disks = cfg
-            .disks
-            .iter()
-            .map(|_| virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK);
-        jail_threads_ahead(
-            cfg.vcpus as usize,
-            vsock
-                .into_iter()
-                .chain([VIRTIO_ID_FS, VIRTIO_ID_NET])
-                .chain(disks),
-        )?;
+        // The vCPUs only: the guest activates its devices seconds later,
+        // and their workers come from the spawner then.
+        let ahead = jail_threads_ahead(cfg.vcpus as usize, [])?;
         vcpu::install_kick_handler();
         let Base { kvm, vm_fd, ram } = base(memory::create(cfg.mem_mib)?)?;
 
@@ -384,7 +395,9 @@ impl Vm {
             cfg.vcpus,
             cfg.mem_mib
         );
-        Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)
+        let vm = Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)?;
+        ahead.taken();
+        Ok(vm)
     }
 
     /// Builds a VM from a template's saved state and memory file and starts
@@ -423,7 +436,7 @@ impl Vm {
             Some(tap) => Net::with_tap(Arc::clone(tap)),
             None => Net::unattached(),
         });
-        jail_threads_ahead(
+        let ahead = jail_threads_ahead(
             state.vcpus.len(),
             state
                 .devices
@@ -509,7 +522,9 @@ impl Vm {
             vcpu::restore(&fd, s)?;
             vcpus.push(fd);
         }
-        Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)
+        let vm = Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)?;
+        ahead.taken();
+        Ok(vm)
     }
 
     fn run(
