@@ -277,6 +277,39 @@ unsafe fn exec_child(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) -> ! {
+    // SAFETY: in the child of a fork, which may close any fd.
+    unsafe { place_stage_fds(fds) };
+
+    // SAFETY: sigset_t is plain data that sigemptyset initialises; the
+    // calls are async-signal-safe.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+    // 64 = the kernel's _NSIG on every Linux architecture jevm runs on.
+    for signal in 1..=64 {
+        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+            // SAFETY: signal() is async-signal-safe; SIG_DFL installs no
+            // handler. Reserved numbers fail harmlessly with EINVAL.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
+        }
+    }
+    // SAFETY: all pointers are valid NUL-terminated C data prepared before
+    // the fork; execve returns only on failure.
+    unsafe { libc::execve(exe, argv, envp) };
+    // SAFETY: async-signal-safe; the parent sees EOF on the sync socket.
+    unsafe { libc::_exit(127) }
+}
+
+/// Moves `fds` to 0-3, where a stage finds its stdio and sync socket
+/// (through copies at `PARK_FD` and up, so that no move overwrites a source
+/// not yet moved), and closes every other fd. Async-signal-safe: for the
+/// child of the agent's fork, and for the zygote's.
+///
+/// # Safety
+/// Call only in a forked child, which may close any fd it holds.
+pub(super) unsafe fn place_stage_fds(fds: &[RawFd; 4]) {
     let mut parked = [0; 4];
     for (slot, &fd) in parked.iter_mut().zip(fds) {
         // SAFETY: fcntl is async-signal-safe and only duplicates an fd.
@@ -299,25 +332,4 @@ unsafe fn exec_child(
     // close-on-exec fds, which execve closes.
     // SAFETY: a raw syscall without memory arguments.
     unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
-
-    // SAFETY: sigset_t is plain data that sigemptyset initialises; the
-    // calls are async-signal-safe.
-    unsafe {
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-    }
-    // 64 = the kernel's _NSIG on every Linux architecture jevm runs on.
-    for signal in 1..=64 {
-        if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-            // SAFETY: signal() is async-signal-safe; SIG_DFL installs no
-            // handler. Reserved numbers fail harmlessly with EINVAL.
-            unsafe { libc::signal(signal, libc::SIG_DFL) };
-        }
-    }
-    // SAFETY: all pointers are valid NUL-terminated C data prepared before
-    // the fork; execve returns only on failure.
-    unsafe { libc::execve(exe, argv, envp) };
-    // SAFETY: async-signal-safe; the parent sees EOF on the sync socket.
-    unsafe { libc::_exit(127) }
 }

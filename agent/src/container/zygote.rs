@@ -211,7 +211,7 @@ fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
                         fds[3].as_raw_fd(),
                     ];
                     // SAFETY: in a forked child of a single-threaded process.
-                    unsafe { place_fds(&raw) };
+                    unsafe { super::stage::place_stage_fds(&raw) };
                     stage_main()
                 }
                 pid if pid > 0 => pid,
@@ -237,32 +237,4 @@ fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
             .raw_os_error()
             .unwrap_or(libc::EIO),
     }
-}
-
-/// Moves `fds` to 0-3 (through copies at 10 and up, so that no move
-/// overwrites a source not yet moved) and closes every other fd, the
-/// control socket included.
-///
-/// # Safety
-/// Call only in a process that may close any fd it holds.
-unsafe fn place_fds(fds: &[RawFd; 4]) {
-    let mut parked = [0; 4];
-    for (slot, &fd) in parked.iter_mut().zip(fds) {
-        // SAFETY: fcntl only duplicates an fd.
-        *slot = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
-        if *slot < 0 {
-            // SAFETY: ends the child; the agent reads EOF on the sync socket.
-            unsafe { libc::_exit(126) }
-        }
-    }
-    for (target, &fd) in parked.iter().enumerate() {
-        // SAFETY: dup2 onto 0-3; the targets lose close-on-exec, as an
-        // execve'd stage's fds 0-3 have none.
-        if unsafe { libc::dup2(fd, target as RawFd) } < 0 {
-            // SAFETY: as above.
-            unsafe { libc::_exit(126) }
-        }
-    }
-    // SAFETY: a raw syscall without memory arguments.
-    unsafe { libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) };
 }
