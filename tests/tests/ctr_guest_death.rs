@@ -152,14 +152,7 @@ fn guest_dies(env: &Env, name: &str, flags: &[&str], guest_root: bool, kill: &st
     );
     // The events may trail the Wait answers a little.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let exit_of = |who: &str| {
-        events
-            .all()
-            .into_iter()
-            .filter(|e| e.topic == "/tasks/exit")
-            .find(|e| exit_id(&e.event) == who)
-            .and_then(|e| exit_status_of(&e.event))
-    };
+    let exit_of = |who: &str| exit_event(&events, who);
     while (exit_of(&cid).is_none() || exit_of("bystander").is_none()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -172,6 +165,17 @@ fn guest_dies(env: &Env, name: &str, flags: &[&str], guest_root: bool, kill: &st
         took,
         deleted: del.code,
     }
+}
+
+/// The status of the TaskExit event for `who` (a container id for its
+/// init, else an exec id), once there is one.
+fn exit_event(events: &jevm_tests::api::Events, who: &str) -> Option<u32> {
+    events
+        .all()
+        .into_iter()
+        .filter(|e| e.topic == "/tasks/exit")
+        .find(|e| exit_id(&e.event) == who)
+        .and_then(|e| exit_status_of(&e.event))
 }
 
 /// TaskExit's `id` (field 2): the container id for init, else the exec id.
@@ -319,14 +323,7 @@ fn a_vmm_thread_killed_by_its_filter_ends_the_task_with_its_report_in_containerd
     // containerd answers a Wait on a shim that died with the error of the
     // lost connection; the exit comes as containerd's TaskExit.
     let deadline = Instant::now() + DEATH_LIMIT;
-    let exit = || {
-        events
-            .all()
-            .into_iter()
-            .filter(|e| e.topic == "/tasks/exit")
-            .find(|e| exit_id(&e.event) == cid)
-            .and_then(|e| exit_status_of(&e.event))
-    };
+    let exit = || exit_event(&events, &cid);
     while exit().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
