@@ -44,15 +44,7 @@ fn child_runner() {
     match scenario.as_str() {
         "denied" => {
             init(Mode::Kill).unwrap();
-            let t = spawn("vcpu0", ThreadKind::Vcpu, || {
-                // SAFETY: getppid has no arguments and no side effects;
-                // the filter stops it first.
-                unsafe { libc::getppid() }
-            })
-            .unwrap();
-            let _ = t.join();
-            eprintln!("the denied syscall returned");
-            std::process::exit(0);
+            deny_on_a_vcpu()
         }
         "logged" => {
             init(Mode::Log).unwrap();
@@ -219,14 +211,7 @@ fn child_runner() {
             }
             // A parked vCPU is in its jail: a syscall outside its list
             // still ends the process (the parent checks the report).
-            let t = spawn("vcpu0", ThreadKind::Vcpu, || {
-                // SAFETY: getppid has no arguments; the filter stops it.
-                unsafe { libc::getppid() }
-            })
-            .unwrap();
-            let _ = t.join();
-            eprintln!("the denied syscall returned");
-            std::process::exit(0);
+            deny_on_a_vcpu()
         }
         "cost" => {
             let t0 = Instant::now();
@@ -306,6 +291,20 @@ fn child_runner() {
         }
         other => panic!("unknown scenario {other}"),
     }
+}
+
+/// Makes a syscall outside the vCPU list on a vCPU thread: the process
+/// must end in the SIGSYS handler before the line after it is printed.
+fn deny_on_a_vcpu() -> ! {
+    let t = spawn("vcpu0", ThreadKind::Vcpu, || {
+        // SAFETY: getppid has no arguments and no side effects; the
+        // filter stops it first.
+        unsafe { libc::getppid() }
+    })
+    .unwrap();
+    let _ = t.join();
+    eprintln!("the denied syscall returned");
+    std::process::exit(0)
 }
 
 /// Waits (at most 5 s) until `count` threads of `kind` are parked.
