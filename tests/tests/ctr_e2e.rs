@@ -1201,7 +1201,7 @@ fn jevm_refuses_a_network_namespace_it_cannot_join() {
 
 /// What a process looks like from inside, with what differs between any
 /// two processes (PIDs in the root namespace, memory and scheduling
-/// counters, mount and pipe ids) taken out.
+/// counters, mount and pipe ids, the fds' timestamps) taken out.
 const SELF_PORTRAIT: &str = "cat /proc/1/status /proc/1/limits /proc/1/cgroup; \
     tr '\\0' '\\n' </proc/1/environ; echo --; cat /proc/1/mountinfo; echo --; \
     ls -l /proc/1/fd; echo --; cat /proc/self/status";
@@ -1230,8 +1230,14 @@ fn portrait(out: &str, cid: &str) -> String {
         .lines()
         .filter(|l| !varying.iter().any(|v| l.starts_with(v)))
         .map(|l| {
-            // mountinfo's mount ids, and pipe/socket inode numbers.
+            // mountinfo's mount ids, the date and time `ls -l` gives an
+            // fd, and pipe/socket inode numbers.
             let l = l.split_whitespace().collect::<Vec<_>>();
+            let l = if l.len() == 11 && l[9] == "->" {
+                vec![l[0], l[8], l[9], l[10]]
+            } else {
+                l
+            };
             let l = if l.len() > 6 && l[0].parse::<u32>().is_ok() && l[1].parse::<u32>().is_ok() {
                 &l[2..]
             } else {
