@@ -39,6 +39,9 @@ pub enum AgentError {
 /// One connection to the agent.
 pub struct AgentClient {
     stream: BufReader<UnixStream>,
+    /// A request sent ahead ([`AgentClient::send_ahead`]) whose answer is
+    /// still unread: its name and the answer that means it succeeded.
+    owed: Option<(&'static str, Response)>,
 }
 
 /// How long an unanswered connect request waits in the vsock device before
@@ -110,12 +113,16 @@ impl AgentClient {
         let s = connect_vsock(uds, AGENT_PORT, timeout)?;
         Ok(Self {
             stream: BufReader::new(s),
+            owed: None,
         })
     }
 
     /// Sends one request and reads its response. A `Response::Error` from the
     /// guest is returned as `Ok`: the caller decides whether it is expected.
+    /// Settles a request sent ahead first (its failure is this call's
+    /// error, naming that request).
     pub fn call(&mut self, req: &Request) -> Result<Response, AgentError> {
+        self.settle()?;
         let name = request_name(req);
         let frame = |source| AgentError::Frame {
             request: name,
@@ -123,6 +130,43 @@ impl AgentClient {
         };
         write_frame(self.stream.get_mut(), req).map_err(frame)?;
         read_frame(&mut self.stream).map_err(frame)
+    }
+
+    /// Sends `req` without waiting for its answer, which must be `success`:
+    /// the caller goes on with its own work while the guest handles it, and
+    /// the answer is read by [`AgentClient::settle`] or the next
+    /// [`AgentClient::call`]. The agent serves one connection's requests in
+    /// order, so whatever is sent on this connection later runs after it.
+    pub fn send_ahead(&mut self, req: &Request, success: Response) -> Result<(), AgentError> {
+        self.settle()?;
+        let name = request_name(req);
+        write_frame(self.stream.get_mut(), req).map_err(|source| AgentError::Frame {
+            request: name,
+            source,
+        })?;
+        self.owed = Some((name, success));
+        Ok(())
+    }
+
+    /// Reads the answer of the request sent ahead, if one is owed: Ok if it
+    /// is the success answer. After an error the connection is out of step
+    /// and must be dropped.
+    pub fn settle(&mut self) -> Result<(), AgentError> {
+        let Some((name, success)) = self.owed.take() else {
+            return Ok(());
+        };
+        let answer: Response =
+            read_frame(&mut self.stream).map_err(|source| AgentError::Frame {
+                request: name,
+                source,
+            })?;
+        if answer != success {
+            return Err(AgentError::Guest {
+                request: name,
+                answer: format!("{answer:?}"),
+            });
+        }
+        Ok(())
     }
 
     pub fn set_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
@@ -236,6 +280,60 @@ mod tests {
             }
         });
         uds
+    }
+
+    /// A client on one end of a socket pair and, on the other, an agent
+    /// that reads each request and sends the next of `answers`.
+    fn with_agent(answers: Vec<Response>) -> (AgentClient, std::thread::JoinHandle<Vec<Request>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let mut theirs = BufReader::new(theirs);
+            let mut seen = Vec::new();
+            for answer in answers {
+                seen.push(read_frame::<_, Request>(&mut theirs).unwrap());
+                write_frame(theirs.get_mut(), &answer).unwrap();
+            }
+            seen
+        });
+        let client = AgentClient {
+            stream: BufReader::new(ours),
+            owed: None,
+        };
+        (client, agent)
+    }
+
+    #[test]
+    fn a_request_sent_ahead_is_settled_before_the_next_call_on_its_connection() {
+        let (mut c, agent) = with_agent(vec![
+            Response::Pong { nonce: 1 },
+            Response::Pong { nonce: 2 },
+        ]);
+        c.send_ahead(&Request::Ping { nonce: 1 }, Response::Pong { nonce: 1 })
+            .unwrap();
+        // The next call's answer is its own, not the one owed.
+        assert_eq!(
+            c.call(&Request::Ping { nonce: 2 }).unwrap(),
+            Response::Pong { nonce: 2 }
+        );
+        assert_eq!(
+            agent.join().unwrap(),
+            vec![Request::Ping { nonce: 1 }, Request::Ping { nonce: 2 }]
+        );
+        c.settle().expect("nothing owed any more");
+    }
+
+    #[test]
+    fn a_request_sent_ahead_that_failed_fails_the_next_call_naming_it() {
+        let (mut c, _agent) = with_agent(vec![Response::failed("no entropy".to_string())]);
+        c.send_ahead(&Request::Ping { nonce: 1 }, Response::Pong { nonce: 1 })
+            .unwrap();
+        match c.call(&Request::Version) {
+            Err(AgentError::Guest { request, answer }) => {
+                assert_eq!(request, "Ping");
+                assert!(answer.contains("no entropy"), "{answer}");
+            }
+            other => panic!("want the owed request's failure, got {other:?}"),
+        }
     }
 
     #[test]

@@ -144,6 +144,75 @@ pub fn clone_from(
     runtime_root: &Path,
     opts: &CloneOptions,
 ) -> Result<MicroVm, CloneError> {
+    clone_ahead(template, runtime_root, opts)?.confirm()
+}
+
+/// A clone that was sent its identity and is applying it: the caller does
+/// its own work meanwhile (a shim mounts the pod's share), then confirms.
+/// Until then nothing but the held connection may ask the agent for work
+/// that uses the guest's RNG, clock or share: that is why the VM is only
+/// reachable through [`PendingClone::confirm`] or [`PendingClone::split`].
+pub struct PendingClone {
+    vm: MicroVm,
+    identity: IdentityOwed,
+    started: Instant,
+}
+
+/// The connection a clone's identity went over, its answer still unread.
+pub struct IdentityOwed {
+    conn: AgentClient,
+    key: String,
+}
+
+impl IdentityOwed {
+    /// Waits for the agent's answer: the connection, ready for the next
+    /// request, once the identity is applied.
+    pub fn confirm(mut self) -> Result<AgentClient, CloneError> {
+        match self.conn.settle() {
+            Ok(()) => Ok(self.conn),
+            Err(AgentError::Guest { answer, .. }) => Err(CloneError::Identity {
+                key: self.key,
+                answer,
+            }),
+            Err(source) => Err(CloneError::Agent {
+                key: self.key,
+                source,
+            }),
+        }
+    }
+}
+
+impl PendingClone {
+    /// Waits for the identity: the clone, agent-ready, its connection kept.
+    pub fn confirm(self) -> Result<MicroVm, CloneError> {
+        let PendingClone {
+            mut vm,
+            identity,
+            started,
+        } = self;
+        let conn = identity.confirm()?;
+        vm.times.agent_ready = started.elapsed();
+        vm.agent = Some(conn);
+        Ok(vm)
+    }
+
+    /// The VM and its owed identity apart, for a caller that keeps the VM
+    /// (to stop it on any error) and confirms later. Its agent must not be
+    /// asked for anything on another connection before the confirmation
+    /// but what needs none of the identity (an event subscription, a
+    /// ping).
+    pub fn split(self) -> (MicroVm, IdentityOwed) {
+        (self.vm, self.identity)
+    }
+}
+
+/// Restores a clone of `template`, connects to its agent and sends the
+/// identity without waiting for the answer (see [`PendingClone`]).
+pub fn clone_ahead(
+    template: &Template,
+    runtime_root: &Path,
+    opts: &CloneOptions,
+) -> Result<PendingClone, CloneError> {
     let hostname = opts.hostname.as_str();
     let t0 = Instant::now();
     let key = template.key.as_str().to_string();
@@ -196,31 +265,29 @@ pub fn clone_from(
                 source,
             }
         })?;
-    let answer = conn
-        .call(&Request::Identity(identity))
+    conn.send_ahead(&Request::Identity(identity), Response::IdentityApplied)
         .map_err(|source| CloneError::Agent {
             key: key.clone(),
             source,
         })?;
-    if answer != Response::IdentityApplied {
-        return Err(CloneError::Identity {
-            key,
-            answer: format!("{answer:?}"),
-        });
-    }
     let times = BootTimes {
         vm_started,
+        // Until confirmed: the identity is sent, not yet applied.
         agent_ready: t0.elapsed(),
         guest_uptime: Duration::ZERO,
     };
     std::mem::forget(guard);
-    Ok(MicroVm {
-        vm: Some(vm),
-        run_dir,
-        vsock_uds,
-        agent_version: state.agent_version,
-        times,
-        agent: Some(conn),
+    Ok(PendingClone {
+        vm: MicroVm {
+            vm: Some(vm),
+            run_dir,
+            vsock_uds,
+            agent_version: state.agent_version,
+            times,
+            agent: None,
+        },
+        identity: IdentityOwed { conn, key },
+        started: t0,
     })
 }
 
