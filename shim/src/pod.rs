@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use jevm_protocol::{Event, Request, MAX_FRAME};
 use jevm_runtime::agent_client::AgentClient;
-use jevm_runtime::clone::{build_template, clone_from, CloneNetwork, CloneOptions};
+use jevm_runtime::clone::{build_template, clone_ahead, CloneNetwork, CloneOptions, IdentityOwed};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{TemplateSpec, TemplateStore};
 use jevm_runtime::vmm::devices::fs::DeviceNodeGrants;
@@ -138,6 +138,13 @@ pub struct Pod {
     /// The device nodes the guest may create in the share: what the specs
     /// of the pod's containers grant (`devices::fs::device_nodes`).
     pub share_device_nodes: Arc<DeviceNodeGrants>,
+    /// The clone's identity, sent and being applied while the shim mounts
+    /// the first container's share: [`Pod::confirm_identity`] waits for it
+    /// before any container request.
+    identity: Mutex<Option<IdentityOwed>>,
+    /// Whether the agent's event stream is subscribed: sent by the task
+    /// that subscribes, awaited by [`Pod::ready`].
+    subscribed: Mutex<Option<tokio::sync::oneshot::Receiver<Result<(), String>>>>,
 }
 
 /// What starting a pod takes.
@@ -244,8 +251,8 @@ impl Pod {
                 network: clone_network,
             };
             let t2 = Instant::now();
-            let vm = match clone_from(&template, &vms, &opts) {
-                Ok(vm) => vm,
+            let vm = match clone_ahead(&template, &vms, &opts) {
+                Ok(pending) => pending.split(),
                 Err(e) => {
                     if let Some(Err(d)) = network.as_ref().map(PodNetwork::detach) {
                         log::error!("{d}");
@@ -269,11 +276,8 @@ impl Pod {
         .await
         .map_err(|e| format!("pod {id:?}: VM start thread: {e}"))??;
 
-        let mut vm = vm;
+        let (vm, identity) = vm;
         let agent = Agent::new(vm.vsock_uds().to_path_buf());
-        if let Some(conn) = vm.take_agent_connection() {
-            agent.adopt(conn);
-        }
         let uds = vm.vsock_uds().to_path_buf();
         let vm_dir = vm.run_dir().to_path_buf();
         let life = Arc::new(Life {
@@ -297,6 +301,8 @@ impl Pod {
             sandbox: Mutex::new(None),
             network: Mutex::new(network),
             share_device_nodes,
+            identity: Mutex::new(Some(identity)),
+            subscribed: Mutex::new(None),
         });
         let l = Arc::clone(&life);
         if let Err(e) = std::thread::Builder::new()
@@ -308,19 +314,29 @@ impl Pod {
                 "pod {id:?}: cannot start the VM watcher thread: {e}"
             ));
         }
-        match life.agent.stream("Events", Request::Events).await {
-            Ok(stream) => {
-                let h = tokio::spawn(read_events(Arc::clone(&life), stream, events));
-                life.tasks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(h.abort_handle());
+        // The subscription is made while the guest applies its identity
+        // and the shim mounts the share; `Pod::ready` waits for both.
+        let (subscribed, sub_rx) = tokio::sync::oneshot::channel();
+        let l = Arc::clone(&life);
+        let pod_id = id.to_string();
+        let h = tokio::spawn(async move {
+            match l.agent.stream("Events", Request::Events).await {
+                Ok(stream) => {
+                    let _ = subscribed.send(Ok(()));
+                    read_events(l, stream, events).await;
+                }
+                Err(e) => {
+                    let _ = subscribed.send(Err(format!(
+                        "pod {pod_id:?}: subscribing to agent events: {e}"
+                    )));
+                }
             }
-            Err(e) => {
-                pod.stop().await;
-                return Err(format!("pod {id:?}: subscribing to agent events: {e}"));
-            }
-        }
+        });
+        life.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(h.abort_handle());
+        *pod.subscribed.lock().unwrap_or_else(|p| p.into_inner()) = Some(sub_rx);
         if let Some(timeout) = cfg.liveness_timeout() {
             let l = Arc::clone(&life);
             let h = tokio::spawn(async move {
@@ -421,7 +437,53 @@ impl Pod {
             sandbox: Mutex::new(None),
             network: Mutex::new(None),
             share_device_nodes: Arc::default(),
+            identity: Mutex::new(None),
+            subscribed: Mutex::new(None),
         }
+    }
+
+    /// Waits until a new pod's guest is ready for its first container:
+    /// the clone's agent applied its identity (sent when the clone was
+    /// started; its connection then serves the next request) and the
+    /// agent's events are subscribed. Both went on while the shim mounted
+    /// the share. Returns how long it waited; None when there was nothing
+    /// to wait for (a pod whose first container was created before).
+    pub async fn ready(&self) -> Result<Option<Duration>, String> {
+        let owed = self
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let subscribed = self
+            .subscribed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (Some(owed), Some(life)) = (owed, self.life.as_ref()) else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let identity = async {
+            tokio::task::spawn_blocking(move || owed.confirm())
+                .await
+                .map_err(|e| format!("pod {:?}: identity thread: {e}", self.id))?
+                .map_err(|e| format!("pod {:?}: {e}", self.id))
+        };
+        let events = async {
+            match subscribed {
+                Some(rx) => rx.await.unwrap_or_else(|_| {
+                    Err(format!(
+                        "pod {:?}: the event subscription was dropped",
+                        self.id
+                    ))
+                }),
+                None => Ok(()),
+            }
+        };
+        let (conn, subscribed) = tokio::join!(identity, events);
+        life.agent.adopt(conn?);
+        subscribed?;
+        Ok(Some(t.elapsed()))
     }
 }
 

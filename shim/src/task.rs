@@ -641,6 +641,11 @@ impl TaskService {
         .map_err(|e| status(Code::UNKNOWN, e))?;
         timings.share = Some(t.elapsed());
 
+        // A new pod's clone has been applying its identity, and its event
+        // stream subscribing, since it was started; nothing is asked of it
+        // before both are done.
+        timings.agent_ready = pod.ready().await.map_err(|e| status(Code::UNKNOWN, e))?;
+
         let t = Instant::now();
         let pid = pod
             .agent
@@ -698,6 +703,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
+        let t0 = Instant::now();
         log::info!("create {} (bundle {})", req.id, req.bundle);
         let _serial = self.inner.create_lock.lock().await;
         let cid = req.id.clone();
@@ -760,6 +766,9 @@ impl Task for TaskService {
             ..Default::default()
         }));
         log::info!("create {cid}: pid {pid}");
+        if let Some(c) = self.state().containers.get_mut(&cid) {
+            c.timings.create_wall = Some(t0.elapsed());
+        }
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()

@@ -12,51 +12,68 @@ pub struct Timings {
     pub template_lookup: Option<Duration>,
     /// The tap and tc redirects in the pod's network namespace (CRI pods).
     pub network: Option<Duration>,
-    /// Clone: restore, resume, identity (includes attaching the pod's
-    /// virtio-fs share to the clone's device).
+    /// Clone: restore, resume, the agent's connection, the identity sent
+    /// (attaching the pod's virtio-fs share to the clone's device
+    /// included).
     pub clone: Option<Duration>,
     /// Host mounts into the share the VM serves over virtio-fs: the rootfs
     /// and bind mounts.
     pub share: Option<Duration>,
+    /// Waiting for a new pod's agent to have applied its identity and for
+    /// its event stream (both under way while the shim mounts the share).
+    pub agent_ready: Option<Duration>,
     /// The agent's CreateContainer.
     pub agent_create: Option<Duration>,
     /// Opening the FIFOs and the agent's stdio streams.
     pub stdio: Option<Duration>,
     /// The agent's StartContainer: the process is running.
     pub process_running: Option<Duration>,
+    /// The whole create request, arrival to answer: the phases above from
+    /// template lookup to stdio, and what lies between them (reading the
+    /// config and spec, the pod directory, the VM watcher).
+    pub create_wall: Option<Duration>,
 }
 
 impl Timings {
+    /// The phases of the create request, in order.
+    fn create_phases(&self) -> [Option<Duration>; 7] {
+        [
+            self.template_lookup,
+            self.network,
+            self.clone,
+            self.share,
+            self.agent_ready,
+            self.agent_create,
+            self.stdio,
+        ]
+    }
+
     pub fn line(&self, cid: &str) -> String {
         let ms = |d: Option<Duration>| match d {
             Some(d) => format!("{:.2}", d.as_secs_f64() * 1e3),
             None => "-".into(),
         };
-        let total: Duration = [
-            self.shim_start,
-            self.template_lookup,
-            self.network,
-            self.clone,
-            self.share,
-            self.agent_create,
-            self.stdio,
-            self.process_running,
-        ]
-        .iter()
-        .flatten()
-        .sum();
+        let phases: Duration = self.create_phases().iter().flatten().sum();
+        let total =
+            phases + self.shim_start.unwrap_or_default() + self.process_running.unwrap_or_default();
+        // What the create request spent outside its named phases.
+        let other = self.create_wall.map(|w| w.saturating_sub(phases));
         format!(
             "jevm timings: container={cid} shim_start_ms={} template_lookup_ms={} network_ms={} \
-             clone_ms={} virtiofs_share_ms={} agent_create_ms={} stdio_ms={} process_running_ms={} total_ms={}",
+             clone_ms={} virtiofs_share_ms={} agent_ready_ms={} agent_create_ms={} stdio_ms={} \
+             create_other_ms={} process_running_ms={} total_ms={} create_wall_ms={}",
             ms(self.shim_start),
             ms(self.template_lookup),
             ms(self.network),
             ms(self.clone),
             ms(self.share),
+            ms(self.agent_ready),
             ms(self.agent_create),
             ms(self.stdio),
+            ms(other),
             ms(self.process_running),
-            ms(Some(total)),
+            ms(Some(total + other.unwrap_or_default())),
+            ms(self.create_wall),
         )
     }
 }
@@ -75,7 +92,23 @@ mod tests {
         assert_eq!(
             t.line("c1"),
             "jevm timings: container=c1 shim_start_ms=- template_lookup_ms=- network_ms=- clone_ms=1.50 \
-             virtiofs_share_ms=- agent_create_ms=2.00 stdio_ms=- process_running_ms=- total_ms=3.50"
+             virtiofs_share_ms=- agent_ready_ms=- agent_create_ms=2.00 stdio_ms=- create_other_ms=- \
+             process_running_ms=- total_ms=3.50 create_wall_ms=-"
         );
+    }
+
+    #[test]
+    fn what_the_create_spent_outside_its_phases_is_counted_in_the_total() {
+        let t = Timings {
+            shim_start: Some(Duration::from_millis(10)),
+            clone: Some(Duration::from_millis(100)),
+            agent_create: Some(Duration::from_millis(200)),
+            process_running: Some(Duration::from_millis(5)),
+            create_wall: Some(Duration::from_millis(350)),
+            ..Default::default()
+        };
+        let line = t.line("c");
+        assert!(line.contains(" create_other_ms=50.00 "), "{line}");
+        assert!(line.contains(" total_ms=365.00 "), "{line}");
     }
 }
