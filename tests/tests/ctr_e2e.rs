@@ -710,14 +710,21 @@ fn jevm_has_its_own_kernel_and_entropy() {
         Some(host_boot_id.trim()),
         "runc shares the host kernel: {runc:?}"
     );
-    let jevm: Vec<Outcome> = (0..2)
-        .map(|_| {
-            let id = id("bootid", JEVM);
-            let o = env.run(JEVM, &id, &[], &probe);
-            env.assert_gone(&id);
-            o
-        })
+    // Both pods at the same moment: each clone's identity is applied while
+    // its shim mounts the share, and neither may come out with the
+    // template's (or the other's) random state.
+    let ids = [id("bootid", JEVM), id("bootid", JEVM)];
+    let running: Vec<_> = ids
+        .iter()
+        .map(|id| env.spawn_run(JEVM, id, &[], &probe, false))
         .collect();
+    let jevm: Vec<Outcome> = running
+        .into_iter()
+        .map(|r| r.wait(*jevm_tests::ctr::CTR_TIMEOUT))
+        .collect();
+    for id in &ids {
+        env.assert_gone(id);
+    }
     for o in &jevm {
         assert_eq!(o.code, 0, "jevm: {o:?}");
         assert_ne!(

@@ -228,6 +228,44 @@ fn two_clones_read_different_random_bytes_after_the_identity_reseed() {
 }
 
 #[test]
+fn two_clones_started_at_the_same_moment_differ_in_random_bytes_boot_id_and_uuid() {
+    let _l = lock();
+    let f = fixture();
+    // Both identities are sent ahead and applied while the other clone is
+    // being restored: nothing of one may reach the other.
+    let go = std::sync::Barrier::new(2);
+    let read_all = |vm: &MicroVm| {
+        (
+            read(vm, "/dev/urandom", 32),
+            read(vm, "/proc/sys/kernel/random/boot_id", 64),
+            read(vm, "/proc/sys/kernel/random/uuid", 64),
+        )
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let start = |name: &'static str| {
+            let (f, go) = (&f, &go);
+            s.spawn(move || {
+                go.wait();
+                clone_from(&f.template, f.run_root.path(), &named(name)).expect(name)
+            })
+        };
+        let (a, b) = (start("a"), start("b"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (ra, ia, ua) = read_all(&a);
+    let (rb, ib, ub) = read_all(&b);
+    assert_eq!(ra.len(), 32);
+    assert_ne!(
+        ra, rb,
+        "two clones started together produced the same random bytes"
+    );
+    assert_ne!(ia, ib, "two clones started together share a boot_id");
+    assert_ne!(ua, ub, "two clones started together drew the same uuid");
+    a.shutdown(Duration::from_secs(30));
+    b.shutdown(Duration::from_secs(30));
+}
+
+#[test]
 fn twenty_concurrent_clones_reach_agent_ready_and_leave_nothing_behind() {
     let _l = lock();
     let f = fixture();
