@@ -102,6 +102,13 @@ const SHIM_CAPABILITIES: &[caps::Capability] = &[
 /// the working directory), so a panic or a jailed thread's last words
 /// reach containerd's log instead of /dev/null.
 fn prepare_serving_process() {
+    // One malloc arena for the whole shim: glibc otherwise gives each of
+    // the VMM's and tokio's threads that allocates an arena of its own,
+    // whose partly used pages stay dirty for the pod's life (~0.6 MiB of
+    // an idle pod's 2.3 MiB of VMM heap, measured with five pods). The
+    // per-thread tcache still serves small allocations without the lock.
+    // SAFETY: mallopt with integer arguments, before any other thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     if let Err(e) = jevm_runtime::jail::limit_process_capabilities(SHIM_CAPABILITIES) {
         eprintln!("containerd-shim-jevm-v2: cannot drop capabilities: {e}");
         std::process::exit(1);
