@@ -2,7 +2,8 @@
 //!
 //! - `boot`: boot-to-agent-ready, jevm vs QEMU `-M microvm`, same kernel,
 //!   same initramfs, same agent, same host, same run.
-//! - `clone`: cold boot vs clone-to-agent-ready (median, p99), each idle
+//! - `clone`: cold boot vs clone, both from spawning the process to the
+//!   agent being ready, alternated (median, p99), each idle
 //!   clone's private memory and PSS, the template's shared size.
 //! - `tiny-clone`: the host-side cost of a clone with a tiny test guest
 //!   (create VM, map memory, restore state, run to the guest's first exit),
@@ -386,15 +387,12 @@ fn bench_clone(a: &Args) -> Result<()> {
         template_kib
     );
 
-    // (a) cold boots, for the ratio
+    // (a) cold boots, for the ratio, alternated with (b) clones, each its
+    // own process as a shim would be, both timed from spawning the process
+    // to the agent being ready; (c) a clone's memory while idle. The first
+    // of each is a warm-up, not counted.
+    let boot_runs = a.runs.min(10);
     let mut boots = Vec::new();
-    for n in 0..=a.runs.min(10) {
-        let j = jevm_once(a)?;
-        if n > 0 {
-            boots.push(j.wall.as_secs_f64() * 1e3);
-        }
-    }
-    // (b) clones, each its own process, as a shim would be; (c) its memory while idle
     let mut ready = Vec::new();
     let mut spawn_ready = Vec::new();
     let mut private = Vec::new();
@@ -402,6 +400,12 @@ fn bench_clone(a: &Args) -> Result<()> {
     let mut pss = Vec::new();
     let mut rss = Vec::new();
     for n in 0..=a.runs {
+        if n <= boot_runs {
+            let j = jevm_once(a)?;
+            if n > 0 {
+                boots.push(j.wall.as_secs_f64() * 1e3);
+            }
+        }
         let t = Instant::now();
         let mut child = Command::new(&a.jevm)
             .args([
@@ -467,11 +471,13 @@ fn bench_clone(a: &Args) -> Result<()> {
         boots.len()
     );
     println!("clone to agent ready (in the clone process), median {clone_med:.2} ms, p99 {clone_p99:.2} ms");
+    let spawn_med = median(&mut spawn_ready);
+    println!("clone process spawn to agent ready, median {spawn_med:.2} ms");
     println!(
-        "clone process spawn to agent ready, median {:.2} ms",
-        median(&mut spawn_ready)
+        "ratio clone/boot, both from process spawn to agent ready: {:.4} (in-process clone / boot: {:.4})",
+        spawn_med / boot_med,
+        clone_med / boot_med
     );
-    println!("ratio clone/boot: {:.4}", clone_med / boot_med);
     println!(
         "idle clone process: Private_Dirty {priv_med:.0} KiB (Private_Clean {:.0} KiB), PSS {:.0} KiB, RSS {:.0} KiB (medians)",
         median(&mut private_clean),
