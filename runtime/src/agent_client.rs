@@ -161,9 +161,13 @@ impl AgentClient {
                 source,
             })?;
         if answer != success {
+            let answer = match answer {
+                Response::Error { message, .. } => message,
+                other => format!("{other:?}"),
+            };
             return Err(AgentError::Guest {
                 request: name,
-                answer: format!("{answer:?}"),
+                answer,
             });
         }
         Ok(())

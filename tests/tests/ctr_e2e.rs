@@ -984,6 +984,29 @@ fn bad_input_is_refused_with_the_cause() {
             strs(&["run", "--rm", "--runtime", rt, "--config", &spec, "{ID}"]),
         );
         assert!(o.stderr.contains("uid"), "{who}: {o:?}");
+
+        // 65 bytes: one more than sethostname takes. runc's sethostname
+        // fails; jevm's pod takes the name as its clone's identity, which
+        // the agent refuses while the shim mounts the share: the create
+        // fails with the agent's reason and the new pod is taken down.
+        let id_hint = id("longhost-spec", rt);
+        let spec = spec_file(&env, &id_hint, &["true"], None);
+        let text = std::fs::read_to_string(&spec).unwrap();
+        let long = "h".repeat(65);
+        let text = text.replacen('{', &format!("{{\"hostname\": {long:?},"), 1);
+        std::fs::write(&spec, text).unwrap();
+        let o = failing_run(
+            &env,
+            rt,
+            "longhost",
+            strs(&["run", "--rm", "--runtime", rt, "--config", &spec, "{ID}"]),
+        );
+        let cause = if rt == JEVM {
+            "must be 1 to 64 bytes"
+        } else {
+            "sethostname"
+        };
+        assert!(o.stderr.contains(cause), "{who}: {o:?}");
     }
 }
 
