@@ -183,16 +183,16 @@ impl IdentityOwed {
 }
 
 impl PendingClone {
-    /// Waits for the identity: the clone, agent-ready, its connection kept.
+    /// Waits for the identity: the clone, agent-ready. (Its connection is
+    /// closed: a caller that wants to reuse it uses [`PendingClone::split`].)
     pub fn confirm(self) -> Result<MicroVm, CloneError> {
         let PendingClone {
             mut vm,
             identity,
             started,
         } = self;
-        let conn = identity.confirm()?;
+        identity.confirm()?;
         vm.times.agent_ready = started.elapsed();
-        vm.agent = Some(conn);
         Ok(vm)
     }
 
@@ -284,7 +284,6 @@ pub fn clone_ahead(
             vsock_uds,
             agent_version: state.agent_version,
             times,
-            agent: None,
         },
         identity: IdentityOwed { conn, key },
         started: t0,

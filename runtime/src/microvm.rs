@@ -85,21 +85,11 @@ pub struct MicroVm {
     /// The agent's version (from its READY, or from the template).
     pub agent_version: String,
     pub times: BootTimes,
-    /// The connection a clone's identity went over, open for the owner's
-    /// next request (one vsock handshake fewer on the clone's path).
-    pub(crate) agent: Option<crate::agent_client::AgentClient>,
 }
 
 const CONSOLE_TAIL: usize = 20;
 
 impl MicroVm {
-    /// The open agent connection a clone was given its identity over, for
-    /// the caller's next request; None after the first call, or for a VM
-    /// that was booted.
-    pub fn take_agent_connection(&mut self) -> Option<crate::agent_client::AgentClient> {
-        self.agent.take()
-    }
-
     /// Boots a VM in a fresh run directory under `runtime_root`.
     pub fn boot(cfg: &BootConfig, runtime_root: &Path) -> Result<MicroVm, BootFailure> {
         let t0 = Instant::now();
@@ -151,7 +141,6 @@ impl MicroVm {
             vsock_uds,
             agent_version: ready.agent_version,
             times,
-            agent: None,
         })
     }
 

@@ -139,7 +139,7 @@ pub struct Pod {
     /// of the pod's containers grant (`devices::fs::device_nodes`).
     pub share_device_nodes: Arc<DeviceNodeGrants>,
     /// The clone's identity, sent and being applied while the shim mounts
-    /// the first container's share: [`Pod::confirm_identity`] waits for it
+    /// the first container's share: [`Pod::ready`] waits for it
     /// before any container request.
     identity: Mutex<Option<IdentityOwed>>,
     /// Whether the agent's event stream is subscribed: sent by the task
@@ -277,6 +277,7 @@ impl Pod {
         .map_err(|e| format!("pod {id:?}: VM start thread: {e}"))??;
 
         let (vm, identity) = vm;
+        let (subscribed, sub_rx) = tokio::sync::oneshot::channel();
         let agent = Agent::new(vm.vsock_uds().to_path_buf());
         let uds = vm.vsock_uds().to_path_buf();
         let vm_dir = vm.run_dir().to_path_buf();
@@ -302,7 +303,7 @@ impl Pod {
             network: Mutex::new(network),
             share_device_nodes,
             identity: Mutex::new(Some(identity)),
-            subscribed: Mutex::new(None),
+            subscribed: Mutex::new(Some(sub_rx)),
         });
         let l = Arc::clone(&life);
         if let Err(e) = std::thread::Builder::new()
@@ -316,7 +317,6 @@ impl Pod {
         }
         // The subscription is made while the guest applies its identity
         // and the shim mounts the share; `Pod::ready` waits for both.
-        let (subscribed, sub_rx) = tokio::sync::oneshot::channel();
         let l = Arc::clone(&life);
         let pod_id = id.to_string();
         let h = tokio::spawn(async move {
@@ -336,7 +336,6 @@ impl Pod {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(h.abort_handle());
-        *pod.subscribed.lock().unwrap_or_else(|p| p.into_inner()) = Some(sub_rx);
         if let Some(timeout) = cfg.liveness_timeout() {
             let l = Arc::clone(&life);
             let h = tokio::spawn(async move {
