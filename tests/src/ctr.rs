@@ -638,6 +638,51 @@ pub fn processes() -> Vec<(u32, Vec<String>)> {
     out
 }
 
+/// `pid` and every process below it.
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = processes()
+        .into_iter()
+        .filter_map(|(p, _)| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // The fields after the command name, which may hold spaces.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let ppid = rest.split(' ').nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// Anonymous memory of `pid` and every process below it, in KiB: what a
+/// pod's shim (for jevm: its VMM and the guest's copy-on-write copies of
+/// template pages) and its container processes (runc) hold of their own.
+/// Not Private_Dirty: a template's memory file on tmpfs counts there
+/// while one pod alone maps it, though every clone shares it.
+pub fn anonymous_kib(pid: u32) -> u64 {
+    process_tree(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("Anonymous:"))
+                .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 /// Mount points of this mount namespace.
 pub fn mounts() -> Vec<String> {
     std::fs::read_to_string("/proc/self/mounts")

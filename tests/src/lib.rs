@@ -104,7 +104,9 @@ pub mod tiny {
             for (q, queue) in queues.iter_mut().enumerate() {
                 let base = 0x10_0000 + (i as u64 * 8 + q as u64) * 0x1_0000;
                 queue["ready"] = true.into();
-                queue["size"] = 64.into();
+                // 64 entries, or the device's limit if lower (a driver
+                // takes QueueNumMax at most).
+                queue["size"] = queue["max_size"].as_u64().unwrap_or(64).min(64).into();
                 queue["desc_table"] = base.into();
                 queue["avail_ring"] = (base + 0x4000).into();
                 queue["used_ring"] = (base + 0x8000).into();

@@ -48,7 +48,8 @@ pub use store::{Template, TemplateInfo, TemplateStatus, TemplateStore};
 /// templates written with another value are refused and rebuilt.
 /// 2: every VM carries a virtio-fs device, so `state.json` has one more.
 /// 3: and a virtio-net device.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 3;
+/// 4: and a virtio-balloon device (free page reporting).
+pub const TEMPLATE_FORMAT_VERSION: u32 = 4;
 
 /// The jevm version written into (and required of) every manifest.
 pub const JEVM_VERSION: &str = env!("CARGO_PKG_VERSION");

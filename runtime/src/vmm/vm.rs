@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::{self, BootError};
 use super::bus::Bus;
+use super::devices::balloon::{Balloon, FreedPages, VIRTIO_ID_BALLOON};
 use super::devices::block::Block;
 use super::devices::fs::{DeviceNodeGrants, Fs, VIRTIO_ID_FS};
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
@@ -44,8 +45,11 @@ pub const MAX_VCPUS: u8 = 64;
 /// `reboot=t` + `panic=-1`: no ACPI means no power-off, so both a requested
 /// reboot and a panic end in a triple fault the VMM sees as a reset (a
 /// halt or power-off is seen on the console, see [`ConsoleNote::Halt`]).
-pub const BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=t panic=-1 pci=off quiet 8250.nr_uarts=1 rdinit=/init";
+/// `page_reporting.page_reporting_order=0`: the guest reports free pages
+/// down to single 4 KiB pages, not only whole 2 MiB blocks (its default):
+/// what a clone dirties and frees again is scattered (devices/balloon.rs).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 pci=off quiet 8250.nr_uarts=1 \
+     rdinit=/init page_reporting.page_reporting_order=0";
 
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
@@ -350,6 +354,12 @@ impl Vm {
             "virtio-net (unattached)".into(),
             Box::new(Net::unattached()),
         ));
+        // And the balloon, whose only use is free page reporting: pages the
+        // guest frees go back to the host (devices/balloon.rs).
+        virtio.push((
+            "virtio-balloon".into(),
+            Box::new(Balloon::new(FreedPages::PunchHoles)),
+        ));
         for d in &cfg.disks {
             let name = format!("disk {}", d.path.display());
             let dev =
@@ -436,6 +446,7 @@ impl Vm {
             Some(tap) => Net::with_tap(Arc::clone(tap)),
             None => Net::unattached(),
         });
+        let mut balloon = Some(Balloon::new(FreedPages::DropCopies));
         let ahead = jail_threads_ahead(
             state.vcpus.len(),
             state
@@ -490,6 +501,14 @@ impl Vm {
                     None => {
                         return Err(VmError::Restore(format!(
                             "a second virtio-net device in slot {i}"
+                        )))
+                    }
+                },
+                VIRTIO_ID_BALLOON => match balloon.take() {
+                    Some(dev) => ("virtio-balloon".to_string(), Box::new(dev)),
+                    None => {
+                        return Err(VmError::Restore(format!(
+                            "a second virtio-balloon device in slot {i}"
                         )))
                     }
                 },

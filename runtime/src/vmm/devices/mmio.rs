@@ -14,6 +14,8 @@
 //! never leaves the kernel. A QueueNotify write that does reach
 //! [`MmioTransport::write`] (no ioeventfd registered) signals the same
 //! EventFd, so the device cannot tell the difference.
+//! A device that serves its queues inline (the balloon) has no
+//! ioeventfds: its notifies come here and are handed to it on the vCPU.
 //!
 //! All guest input is untrusted: invalid accesses and out-of-order writes are
 //! logged at debug level and ignored, never a panic.
@@ -237,8 +239,14 @@ impl MmioTransport {
     /// One EventFd per queue, in queue order. The VMM registers entry `i`
     /// as an ioeventfd at `base + QUEUE_NOTIFY_OFFSET`, 4 bytes, datamatch
     /// `i as u32`.
+    /// None for a device that serves its queues inline: its QueueNotify
+    /// writes must reach [`MmioTransport::write`].
     pub fn queue_notify_eventfds(&self) -> &[EventFd] {
-        &self.notify
+        if self.device.serves_queues_inline() {
+            &[]
+        } else {
+            &self.notify
+        }
     }
 
     /// The interrupt line shared with the device.
@@ -542,7 +550,15 @@ impl MmioTransport {
         }
     }
 
-    fn queue_notify(&self, index: u32) {
+    fn queue_notify(&mut self, index: u32) {
+        if self.device.serves_queues_inline() {
+            if self.state.activated {
+                self.device.queue_notify(index);
+            } else {
+                debug!("{}: notify before DRIVER_OK ignored", self.name());
+            }
+            return;
+        }
         match self.notify.get(index as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
@@ -746,12 +762,14 @@ mod tests {
         activations: Vec<Vec<virtio_queue::QueueState>>,
         resets: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
+        inline_notifies: Vec<u32>,
     }
 
     struct FakeDevice {
         calls: Arc<Mutex<Calls>>,
         fail_activate: bool,
         queue_sizes: Vec<u16>,
+        inline: bool,
     }
 
     impl VirtioDevice for FakeDevice {
@@ -805,6 +823,12 @@ mod tests {
             self.calls.lock().unwrap().resets += 1;
             true
         }
+        fn serves_queues_inline(&self) -> bool {
+            self.inline
+        }
+        fn queue_notify(&mut self, index: u32) {
+            self.calls.lock().unwrap().inline_notifies.push(index);
+        }
     }
 
     struct Fixture {
@@ -819,6 +843,7 @@ mod tests {
             calls: calls.clone(),
             fail_activate,
             queue_sizes: vec![256, 16],
+            inline: false,
         };
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let irq = Arc::new(IrqLine::new(5).unwrap());
@@ -1124,6 +1149,33 @@ mod tests {
     }
 
     #[test]
+    fn an_inline_device_gets_its_notifies_on_the_caller_and_has_no_ioeventfds() {
+        let mut f = fixture();
+        let calls = Arc::new(Mutex::new(Calls::default()));
+        let dev = FakeDevice {
+            calls: calls.clone(),
+            fail_activate: false,
+            queue_sizes: vec![256, 16],
+            inline: true,
+        };
+        f.t = MmioTransport::new(Box::new(dev), f.t.mem.clone(), f.irq.clone()).unwrap();
+        assert!(f.t.queue_notify_eventfds().is_empty());
+        f.w(REG_QUEUE_NOTIFY, 1);
+        assert!(
+            calls.lock().unwrap().inline_notifies.is_empty(),
+            "before DRIVER_OK"
+        );
+        f.bring_up();
+        f.w(REG_QUEUE_NOTIFY, 1);
+        f.w(REG_QUEUE_NOTIFY, 0);
+        assert_eq!(calls.lock().unwrap().inline_notifies, vec![1, 0]);
+        assert!(
+            f.t.notify.iter().all(|e| e.read().is_err()),
+            "an eventfd was signalled"
+        );
+    }
+
+    #[test]
     fn config_space_is_forwarded_with_offset_relative_to_0x100() {
         let mut f = fixture();
         let mut b = [0u8; 8];
@@ -1157,6 +1209,7 @@ mod tests {
             calls,
             fail_activate: false,
             queue_sizes: vec![100],
+            inline: false,
         };
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let irq = Arc::new(IrqLine::new(5).unwrap());

@@ -2,7 +2,8 @@
 //! in any order, and a saved transport state (part of a template's
 //! `state.json`) edited by whoever could write the template store. Real
 //! devices (virtio-blk on a file, virtio-net unattached, virtio-vsock on a
-//! socket path) behind the transport, with their real worker threads. The
+//! socket path) behind the transport, with their real worker threads, and
+//! the balloon, which serves its queues inline on the caller. The
 //! transport must never panic, must keep the device's own queue limits and
 //! features whatever it is told, and a reset must always leave a
 //! configurable device.
@@ -14,6 +15,7 @@ use proptest::prelude::*;
 use vm_memory::GuestMemoryMmap;
 
 use super::*;
+use crate::vmm::devices::balloon::{Balloon, FreedPages};
 use crate::vmm::devices::block::Block;
 use crate::vmm::devices::net::Net;
 use crate::vmm::devices::vsock::Vsock;
@@ -23,6 +25,7 @@ const MEM_SIZE: u64 = 0x10_0000;
 /// Which real device sits behind the transport.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
+    Balloon,
     Block,
     Net,
     Vsock,
@@ -30,6 +33,7 @@ enum Kind {
 
 fn device(kind: Kind, dir: &Path) -> Box<dyn VirtioDevice> {
     match kind {
+        Kind::Balloon => Box::new(Balloon::new(FreedPages::DropCopies)),
         Kind::Block => {
             let disk = dir.join("disk.img");
             std::fs::write(&disk, vec![0u8; 8192]).unwrap();
@@ -60,7 +64,7 @@ fn r(t: &mut MmioTransport, offset: u64) -> u32 {
 }
 
 /// What a Linux driver does: negotiate everything offered, set up every
-/// queue in guest memory, DRIVER_OK.
+/// queue in guest memory (64 entries or the device's limit), DRIVER_OK.
 fn bring_up(t: &mut MmioTransport) {
     let features = t.device().avail_features();
     w(t, REG_STATUS, S_ACKNOWLEDGE);
@@ -74,7 +78,8 @@ fn bring_up(t: &mut MmioTransport) {
     for q in 0..queues {
         let base = 0x1_0000 + q * 0x1_0000;
         w(t, REG_QUEUE_SEL, q as u32);
-        w(t, REG_QUEUE_NUM, 64);
+        let max = r(t, REG_QUEUE_NUM_MAX);
+        w(t, REG_QUEUE_NUM, max.min(64));
         w(t, REG_QUEUE_DESC_LOW, base as u32);
         w(t, REG_QUEUE_DRIVER_LOW, (base + 0x4000) as u32);
         w(t, REG_QUEUE_DEVICE_LOW, (base + 0x8000) as u32);
@@ -185,7 +190,7 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop::sample::select(vec![Kind::Block, Kind::Net, Kind::Vsock])
+    prop::sample::select(vec![Kind::Balloon, Kind::Block, Kind::Net, Kind::Vsock])
 }
 
 /// A saved state of `kind` as a running device leaves it (activated, queues
@@ -299,7 +304,10 @@ proptest! {
     #[test]
     fn fuzz_mmio_restore_of_an_edited_saved_state(
         kind in kind(),
-        bytes in mutated(vec![saved_seed(Kind::Net), saved_seed(Kind::Vsock)], 256),
+        bytes in mutated(
+            vec![saved_seed(Kind::Balloon), saved_seed(Kind::Net), saved_seed(Kind::Vsock)],
+            256,
+        ),
     ) {
         if let Ok(saved) = serde_json::from_slice::<MmioDeviceState>(&bytes) {
             restore_checked(kind, &saved)?;

@@ -6,6 +6,7 @@
 //! (`mmio.rs`) owns the registers and queue configuration, and hands the
 //! queues to the device when the driver sets DRIVER_OK.
 
+pub mod balloon;
 pub mod block;
 pub mod fs;
 pub mod guest_errors;
@@ -102,6 +103,16 @@ pub trait VirtioDevice: Send {
     /// Stops serving the queues and returns to the pre-activation state.
     /// Returns false if the device cannot be reset.
     fn reset(&mut self) -> bool;
+    /// Whether the device serves its queues on the vCPU that wrote
+    /// QueueNotify ([`VirtioDevice::queue_notify`]) instead of a worker
+    /// thread: for devices whose rare work is not worth a thread per VM.
+    /// The transport then registers no ioeventfds for it.
+    fn serves_queues_inline(&self) -> bool {
+        false
+    }
+    /// The driver notified queue `index` (devices that serve inline only;
+    /// called on the vCPU, with the transport locked).
+    fn queue_notify(&mut self, _index: u32) {}
     /// Stops serving the queues at a quiet point (nothing in flight) and
     /// says where each queue stood, so that a clone of this VM can carry on
     /// from there. The device is unusable afterwards. Devices that cannot be
