@@ -137,6 +137,13 @@ pub fn prepare_threads(vcpus: usize) -> Result<(), CloneError> {
     Ok(())
 }
 
+/// Has the next clone's KVM VM made ahead, on a thread of its own, while
+/// the caller prepares the rest (`vmm::ahead`): the restore takes it
+/// instead of waiting for `KVM_CREATE_VM`.
+pub fn prepare_vm() {
+    crate::vmm::ahead::prepare();
+}
+
 /// Starts a clone of `template` in a fresh run directory under
 /// `runtime_root`, gives it its identity, and returns it agent-ready.
 pub fn clone_from(

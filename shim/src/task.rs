@@ -510,11 +510,13 @@ impl TaskService {
                     .map_err(|e| precondition(format!("pod {pod_id:?}: {e}")))?;
                 let size = sizing::vm_size(&cfg, &spec, &pod_id).map_err(invalid)?;
                 sizing::check_fits(size, &spec, &cid).map_err(invalid)?;
-                // The clone's threads enter their jail while the pod
-                // directory, the mounts and the template are made ready.
+                // The clone's threads enter their jail, and its KVM VM is
+                // made, while the pod directory, the mounts and the
+                // template are made ready.
                 if let Err(e) = jevm_runtime::clone::prepare_threads(size.vcpus as usize) {
                     log::warn!("pod {pod_id}: starting the VM's threads ahead: {e}");
                 }
+                jevm_runtime::clone::prepare_vm();
                 let layout = PodLayout::new(&cfg.run_dir, &pod_id);
                 if layout.dir().exists() {
                     log::warn!(

@@ -2,8 +2,10 @@
 //!
 //! `vm.rs` ties the parts together; `boot.rs` + `mptable.rs` + `layout.rs`
 //! describe what the guest finds in memory; `vcpu.rs` runs the vCPUs;
-//! `bus.rs` routes their I/O exits to `devices/`.
+//! `bus.rs` routes their I/O exits to `devices/`; `ahead.rs` makes the
+//! next VM's KVM VM before it is needed.
 
+pub mod ahead;
 pub mod boot;
 pub mod bus;
 pub mod check;

@@ -172,8 +172,7 @@ struct Base {
 }
 
 fn base(ram: GuestRam) -> Result<Base, VmError> {
-    let kvm = Kvm::new().map_err(VmError::Kvm)?;
-    let vm_fd = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    let (kvm, vm_fd) = super::ahead::take_or_create()?;
     // Guest memory before the irqchip: registering a slot right after
     // KVM_CREATE_IRQCHIP was measured to stall for milliseconds.
     memory::register(&vm_fd, &ram.mem)?;

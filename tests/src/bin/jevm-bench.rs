@@ -534,22 +534,27 @@ fn bench_tiny_clone(a: &Args) -> Result<()> {
     // Four kinds, alternated: a warm page cache (the template's pages
     // cached, as on a node that started pods before) or a cold one (the
     // memory file's pages dropped before the clone); and the VM's jailed
-    // threads started by the restore itself, or prepared 3 ms before it
-    // (`clone::prepare_threads`, which the shim calls at the start of a
-    // pod's create, before its mounts and template lookup).
+    // threads started and its KVM VM made by the restore itself, or
+    // prepared 3 ms before it (`clone::prepare_threads` and
+    // `clone::prepare_vm`, which the shim calls at the start of a pod's
+    // create, before its mounts and template lookup).
     let kinds = [
         (
             "warm page cache, threads started by the restore",
             false,
             false,
         ),
-        ("warm page cache, threads prepared ahead", false, true),
+        (
+            "warm page cache, threads and VM prepared ahead",
+            false,
+            true,
+        ),
         (
             "cold page cache, threads started by the restore",
             true,
             false,
         ),
-        ("cold page cache, threads prepared ahead", true, true),
+        ("cold page cache, threads and VM prepared ahead", true, true),
     ];
     let mut restore = vec![Vec::new(); kinds.len()];
     let mut first_exit = vec![Vec::new(); kinds.len()];
@@ -563,6 +568,7 @@ fn bench_tiny_clone(a: &Args) -> Result<()> {
         }
         if prepared {
             jevm_runtime::clone::prepare_threads(1)?;
+            jevm_runtime::clone::prepare_vm();
             std::thread::sleep(Duration::from_millis(3));
         }
         let t = Instant::now();
