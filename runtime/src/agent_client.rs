@@ -202,25 +202,24 @@ impl AgentClient {
         req: &Request,
         timeout: Duration,
     ) -> Result<UnixStream, AgentError> {
-        let name = request_name(req);
-        let frame = |source| AgentError::Frame {
-            request: name,
-            source,
-        };
-        let mut s = connect_vsock(uds, AGENT_PORT, timeout)?;
-        write_frame(&mut s, req).map_err(frame)?;
-        match read_frame::<_, Response>(&mut s).map_err(frame)? {
-            Response::Done => {}
-            other => {
-                return Err(AgentError::Guest {
-                    request: name,
-                    answer: format!("{other:?}"),
-                })
-            }
+        stream_over(connect_vsock(uds, AGENT_PORT, timeout)?, req)
+    }
+
+    /// [`AgentClient::open_stream`] on this connection (one opened ahead,
+    /// or one whose last exchange completed): the connection becomes the
+    /// stream.
+    pub fn into_stream(mut self, req: &Request) -> Result<UnixStream, AgentError> {
+        self.settle()?;
+        if !self.stream.buffer().is_empty() {
+            // Bytes nobody asked for: the connection is out of step.
+            return Err(AgentError::Frame {
+                request: request_name(req),
+                source: FrameError::Io(std::io::Error::other(
+                    "unread bytes on a pooled agent connection",
+                )),
+            });
         }
-        s.set_read_timeout(None)
-            .map_err(|e| frame(FrameError::Io(e)))?;
-        Ok(s)
+        stream_over(self.stream.into_inner(), req)
     }
 
     pub fn ping(&mut self, nonce: u64) -> Result<(), AgentError> {
@@ -232,6 +231,29 @@ impl AgentClient {
             }),
         }
     }
+}
+
+/// Sends a stream request on `s`, unbuffered, and returns `s` once the
+/// agent answered `Done`.
+fn stream_over(mut s: UnixStream, req: &Request) -> Result<UnixStream, AgentError> {
+    let name = request_name(req);
+    let frame = |source| AgentError::Frame {
+        request: name,
+        source,
+    };
+    write_frame(&mut s, req).map_err(frame)?;
+    match read_frame::<_, Response>(&mut s).map_err(frame)? {
+        Response::Done => {}
+        other => {
+            return Err(AgentError::Guest {
+                request: name,
+                answer: format!("{other:?}"),
+            })
+        }
+    }
+    s.set_read_timeout(None)
+        .map_err(|e| frame(FrameError::Io(e)))?;
+    Ok(s)
 }
 
 fn request_name(req: &Request) -> &'static str {
@@ -324,6 +346,42 @@ mod tests {
             vec![Request::Ping { nonce: 1 }, Request::Ping { nonce: 2 }]
         );
         c.settle().expect("nothing owed any more");
+    }
+
+    #[test]
+    fn a_used_connection_becomes_a_stream_and_loses_nothing_sent_after_the_answer() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let mut theirs = BufReader::new(theirs);
+            let ping = read_frame::<_, Request>(&mut theirs).unwrap();
+            write_frame(theirs.get_mut(), &Response::Pong { nonce: 7 }).unwrap();
+            let attach = read_frame::<_, Request>(&mut theirs).unwrap();
+            // The answer and the first stream bytes in one write, as a
+            // process that writes at once may make them arrive.
+            let mut out = Vec::new();
+            write_frame(&mut out, &Response::Done).unwrap();
+            out.extend_from_slice(b"first bytes");
+            theirs.get_mut().write_all(&out).unwrap();
+            (ping, attach)
+        });
+        let mut c = AgentClient {
+            stream: BufReader::new(ours),
+            owed: None,
+        };
+        assert_eq!(
+            c.call(&Request::Ping { nonce: 7 }).unwrap(),
+            Response::Pong { nonce: 7 }
+        );
+        let attach = Request::AttachStdio {
+            container_id: "c1".into(),
+            exec_id: None,
+            stream: jevm_protocol::StdioStream::Stdout,
+        };
+        let mut s = c.into_stream(&attach).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"first bytes");
+        assert_eq!(agent.join().unwrap(), (Request::Ping { nonce: 7 }, attach));
     }
 
     #[test]

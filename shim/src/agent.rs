@@ -1,6 +1,9 @@
 //! The agent of one pod VM, from async code: blocking [`AgentClient`]
 //! calls run on tokio's blocking pool, over pooled connections so requests
-//! for different containers do not queue behind each other.
+//! for different containers do not queue behind each other. A pooled
+//! connection also carries a stream request (the connection becomes the
+//! stream), and connections can be opened ahead of the streams that will
+//! need them.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +33,10 @@ pub trait Guest: Send + Sync {
         name: &'static str,
         req: Request,
     ) -> Result<tokio::net::UnixStream, CallError>;
+
+    /// Opens `n` connections ahead for the requests and streams that
+    /// follow; a guest without connections ignores it.
+    fn open_ahead(&self, _n: usize) {}
 
     /// A request whose only good answer is `Done`.
     async fn done(&self, name: &'static str, req: Request) -> Result<(), CallError> {
@@ -162,15 +169,47 @@ impl Guest for Agent {
         }
     }
 
+    /// Opens `n` connections in the background for the requests and
+    /// streams that follow (a container's stdio right after its create):
+    /// their vsock handshakes, and the agent's accepting them, overlap
+    /// with the request the guest is busy with instead of following it.
+    /// Best effort: a connection that cannot be opened is opened again
+    /// when it is needed, and reports its error then.
+    fn open_ahead(&self, n: usize) {
+        for _ in 0..n {
+            if self.inner.dead.load(Ordering::SeqCst) {
+                return;
+            }
+            let this = Arc::clone(&self.inner);
+            tokio::task::spawn_blocking(move || {
+                match AgentClient::connect(&this.uds, ANSWER_TIMEOUT) {
+                    Ok(c) => this.put_idle(c),
+                    Err(e) => log::debug!("opening an agent connection ahead: {e}"),
+                }
+            });
+        }
+    }
+
     async fn stream(
         &self,
         name: &'static str,
         req: Request,
     ) -> Result<tokio::net::UnixStream, CallError> {
         self.inner.check_alive(name)?;
-        let uds = self.inner.uds.clone();
+        let this = Arc::clone(&self.inner);
+        let pooled = this.take_idle();
         let s = tokio::task::spawn_blocking(move || {
-            AgentClient::open_stream(&uds, &req, ANSWER_TIMEOUT)
+            if let Some(c) = pooled {
+                match c.into_stream(&req) {
+                    // The guest's answer stands; only a connection that
+                    // broke is replaced by a new one.
+                    Err(AgentError::Frame { source, .. }) => {
+                        log::debug!("a pooled agent connection failed ({source}); opening another")
+                    }
+                    done => return done,
+                }
+            }
+            AgentClient::open_stream(&this.uds, &req, ANSWER_TIMEOUT)
         })
         .await
         .map_err(|_| CallError::Join(name))??;

@@ -146,6 +146,9 @@ fn main() {
             .any(|a| ["-v", "--version", "-version", "-info", "--info"].contains(&a.as_str()));
     if serving {
         prepare_serving_process();
+        // The pod's KVM VM is made while containerd prepares the create
+        // request: a serving shim is started for one new pod.
+        jevm_runtime::clone::prepare_vm();
     }
     // `start` and `delete` are short commands containerd waits for: one
     // thread does, without a worker pool to start and stop.

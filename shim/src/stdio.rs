@@ -29,6 +29,12 @@ pub struct StdioPaths {
 }
 
 impl StdioPaths {
+    /// How many agent streams the process's stdio takes.
+    pub fn streams(&self) -> usize {
+        let p = self.protocol();
+        [p.stdin, p.stdout, p.stderr].iter().filter(|&&b| b).count()
+    }
+
     /// What the agent is told: with a terminal there is one output stream.
     pub fn protocol(&self) -> jevm_protocol::Stdio {
         jevm_protocol::Stdio {

@@ -510,9 +510,10 @@ impl TaskService {
                     .map_err(|e| precondition(format!("pod {pod_id:?}: {e}")))?;
                 let size = sizing::vm_size(&cfg, &spec, &pod_id).map_err(invalid)?;
                 sizing::check_fits(size, &spec, &cid).map_err(invalid)?;
-                // The clone's threads enter their jail, and its KVM VM is
-                // made, while the pod directory, the mounts and the
-                // template are made ready.
+                // The clone's threads enter their jail while the pod
+                // directory, the mounts and the template are made ready
+                // (and its KVM VM is made, unless the shim's start made
+                // it already).
                 if let Err(e) = jevm_runtime::clone::prepare_threads(size.vcpus as usize) {
                     log::warn!("pod {pod_id}: starting the VM's threads ahead: {e}");
                 }
@@ -648,6 +649,9 @@ impl TaskService {
         // before both are done.
         timings.agent_ready = pod.ready().await.map_err(|e| status(Code::UNKNOWN, e))?;
 
+        // The container's stdio streams, connected while the guest
+        // creates it.
+        pod.agent.open_ahead(stdio.streams());
         let t = Instant::now();
         let pid = pod
             .agent
