@@ -673,13 +673,7 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
 pub fn anonymous_kib(pid: u32) -> u64 {
     process_tree(pid)
         .into_iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok())
-        .flat_map(|text| {
-            text.lines()
-                .filter_map(|l| l.strip_prefix("Anonymous:"))
-                .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
+        .filter_map(|p| crate::smaps_rollup(p).ok()?.get("Anonymous").copied())
         .sum()
 }
 

@@ -640,22 +640,10 @@ fn pod_processes(env: &CriEnv, sandbox: &str) -> Result<Vec<(u32, String)>> {
         })
         .map(|(p, _)| *p)
         .with_context(|| format!("no shim for sandbox {sandbox}"))?;
-    let parents: Vec<(u32, u32, String)> = all
-        .iter()
-        .filter_map(|(p, _)| ppid_and_comm(*p).map(|(pp, c)| (*p, pp, c)))
+    let out = jevm_tests::ctr::process_tree(shim)
+        .into_iter()
+        .map(|p| (p, ppid_and_comm(p).map(|x| x.1).unwrap_or_default()))
         .collect();
-    let mut out = vec![(shim, ppid_and_comm(shim).map(|x| x.1).unwrap_or_default())];
-    let mut i = 0;
-    while i < out.len() {
-        let parent = out[i].0;
-        out.extend(
-            parents
-                .iter()
-                .filter(|(_, pp, _)| *pp == parent)
-                .map(|(p, _, c)| (*p, c.clone())),
-        );
-        i += 1;
-    }
     Ok(out)
 }
 
