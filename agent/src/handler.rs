@@ -3,7 +3,7 @@
 
 use crate::identity;
 use crate::network::NetworkError;
-use jevm_protocol::{Diag, Network, Request, Response, PROTOCOL_VERSION};
+use jevm_protocol::{Diag, Network, Request, Response, PROTOCOL_VERSION, SHARE_MOUNT, SHARE_TAG};
 use std::io;
 use std::time::Duration;
 
@@ -34,8 +34,13 @@ pub trait Guest {
     /// Gives the guest's network interface the pod's settings and brings
     /// it up; `network` was already validated (see `network::validate`).
     fn configure_network(&self, network: &Network) -> Result<(), NetworkError>;
-    /// Mounts the virtio-fs share `tag` at `target` (created if missing).
+    /// Mounts the virtio-fs share `tag` at `target` (created if missing)
+    /// and returns once its FUSE session is open; nothing to do if this
+    /// agent (or its template's) mounted it already.
     fn mount_share(&self, tag: &str, target: &str) -> io::Result<()>;
+    /// Unmounts the share at `target` if this agent (or its template's)
+    /// mounted it.
+    fn unmount_share(&self, target: &str) -> io::Result<()>;
 }
 
 pub fn agent_version() -> String {
@@ -55,6 +60,12 @@ pub fn handle(guest: &impl Guest, req: Request) -> Response {
         Request::Shutdown => Response::ShuttingDown,
         Request::Diag(diag) => handle_diag(guest, diag),
         Request::Identity(id) => identity::apply(guest, id),
+        Request::MountShare => match guest.mount_share(SHARE_TAG, SHARE_MOUNT) {
+            Ok(()) => Response::Done,
+            Err(e) => error(format!(
+                "mounting virtio-fs {SHARE_TAG:?} at {SHARE_MOUNT}: {e}"
+            )),
+        },
         // Container requests are routed to `crate::container` by the server
         // before they reach here (some take the connection over).
         other => error(format!(
@@ -204,6 +215,9 @@ mod tests {
         fn mount_share(&self, tag: &str, target: &str) -> io::Result<()> {
             self.identity_step("mount_share", format!("{tag} {target}"))
         }
+        fn unmount_share(&self, target: &str) -> io::Result<()> {
+            self.identity_step("unmount_share", target.to_string())
+        }
     }
 
     fn identity(entropy_len: usize, hostname: &str) -> Request {
@@ -244,10 +258,12 @@ mod tests {
         Request::Identity(id)
     }
 
-    const ALL_IDENTITY_STEPS: [&str; 3] = [
+    /// A clone without a share drops the template's share mount last.
+    const ALL_IDENTITY_STEPS: [&str; 4] = [
         "reseed_rng 32 bytes",
         "set_realtime 1700000000.5s",
         "set_hostname clone-1",
+        "unmount_share /run/jevm/shared",
     ];
 
     fn read(path: &str, offset: u64, len: u32) -> Request {
@@ -516,6 +532,13 @@ mod tests {
                  Operation not permitted (os error 1)",
                 3,
             ),
+            (
+                "unmount_share",
+                libc::EBUSY,
+                "identity: unmounting the template's virtio-fs share at /run/jevm/shared: \
+                 Device or resource busy (os error 16)",
+                4,
+            ),
         ];
         for (step, errno, message, attempted) in cases {
             let guest = FakeGuest::failing_identity_at(step, errno);
@@ -533,6 +556,26 @@ mod tests {
                 "{step}"
             );
         }
+    }
+
+    #[test]
+    fn mount_share_mounts_the_share_and_names_it_when_that_fails() {
+        let guest = FakeGuest::default();
+        assert_eq!(handle(&guest, Request::MountShare), Response::Done);
+        assert_eq!(
+            guest.identity_calls(),
+            ["mount_share jevm-share /run/jevm/shared"]
+        );
+        let guest = FakeGuest::failing_identity_at("mount_share", libc::ENODEV);
+        assert_eq!(
+            handle(&guest, Request::MountShare),
+            Response::Error {
+                message: "mounting virtio-fs \"jevm-share\" at /run/jevm/shared: \
+                          No such device (os error 19)"
+                    .into(),
+                kind: ErrorKind::Failed,
+            }
+        );
     }
 
     #[test]

@@ -22,6 +22,10 @@
 //!   its first read. The template must never read it (the agent never does,
 //!   and the host must not ask for it with `Diag::ReadFile` before the
 //!   snapshot), so each clone generates its own, after the reseed.
+//! - **The share mount**: the template's agent mounted the virtio-fs
+//!   share (over an empty directory) before the snapshot, so a clone pays
+//!   no mount; its device serves the pod's directory behind the same FUSE
+//!   session. A clone without a share unmounts it here.
 //! - **vsock connections**: none is open at the snapshot (the agent closes
 //!   its READY connection as soon as it is sent; the listener has no peer
 //!   state); the host side of the device is created anew for every clone.
@@ -101,12 +105,19 @@ pub fn apply(guest: &impl Guest, identity: Identity) -> Response {
             return error(format!("identity: network: {e}"));
         }
     }
+    // The template's agent mounted the share already (its clone's device
+    // serves the pod's directory behind that mount); a clone without a
+    // share must not keep a mount whose every request fails.
     if mount_share {
         if let Err(e) = guest.mount_share(SHARE_TAG, SHARE_MOUNT) {
             return error(format!(
                 "identity: mounting virtio-fs {SHARE_TAG:?} at {SHARE_MOUNT}: {e}"
             ));
         }
+    } else if let Err(e) = guest.unmount_share(SHARE_MOUNT) {
+        return error(format!(
+            "identity: unmounting the template's virtio-fs share at {SHARE_MOUNT}: {e}"
+        ));
     }
     Response::IdentityApplied
 }

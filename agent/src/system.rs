@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// How long a `DialHost` waits for the host to take or answer data.
@@ -32,6 +33,9 @@ pub struct System {
     /// `WriteFile` creates missing files only below this directory, so a
     /// typo in a device path fails instead of leaving a regular file in /dev.
     creatable_root: PathBuf,
+    /// Whether this agent mounted the share; a clone inherits its
+    /// template's answer. The lock also keeps a mount and an unmount apart.
+    share_mounted: Mutex<bool>,
 }
 
 impl System {
@@ -39,6 +43,7 @@ impl System {
         Self {
             pid1,
             creatable_root: PathBuf::from("/tmp"),
+            share_mounted: Mutex::new(false),
         }
     }
 
@@ -172,6 +177,10 @@ impl Guest for System {
 
     fn mount_share(&self, tag: &str, target: &str) -> io::Result<()> {
         use nix::mount::{mount, MsFlags};
+        let mut mounted = self.share_mounted.lock().unwrap_or_else(|p| p.into_inner());
+        if *mounted {
+            return Ok(());
+        }
         std::fs::create_dir_all(target).map_err(|e| failed("mkdir", e))?;
         // nodev/nosuid: the share carries host files; device nodes and
         // set-id bits in it must not act in the guest's root namespace.
@@ -182,7 +191,29 @@ impl Guest for System {
             MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
             None::<&str>,
         )
-        .map_err(|e| failed("mount", e.into()))
+        .map_err(|e| failed("mount", e.into()))?;
+        // The kernel sends FUSE_INIT in the background; a STATFS waits for
+        // its answer, so a template is saved with the session open (and a
+        // session the device refused fails here, not at first use).
+        if let Err(e) = nix::sys::statfs::statfs(target) {
+            let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+            return Err(failed("statfs (opening the FUSE session)", e.into()));
+        }
+        *mounted = true;
+        Ok(())
+    }
+
+    fn unmount_share(&self, target: &str) -> io::Result<()> {
+        let mut mounted = self.share_mounted.lock().unwrap_or_else(|p| p.into_inner());
+        if !*mounted {
+            return Ok(());
+        }
+        // Detached: nothing in this guest uses it, and a busy mount must
+        // not fail the clone.
+        nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| failed("umount", e.into()))?;
+        *mounted = false;
+        Ok(())
     }
 }
 

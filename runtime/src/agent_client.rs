@@ -263,6 +263,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Shutdown => "Shutdown",
         Request::Diag(_) => "Diag",
         Request::Identity(_) => "Identity",
+        Request::MountShare => "MountShare",
         Request::CreateContainer(_) => "CreateContainer",
         Request::StartContainer { .. } => "StartContainer",
         Request::Exec(_) => "Exec",

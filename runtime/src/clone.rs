@@ -31,7 +31,13 @@ pub struct TemplateState {
 /// closed on both sides before it gives up.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Boots a VM for `spec`, runs `prepare` on it, and saves it into `staging`
+/// The template's share: an empty directory in the staging directory,
+/// removed before the template is sealed.
+const TEMPLATE_SHARE: &str = "share";
+
+/// Boots a VM for `spec`, has its agent mount the virtio-fs share (over an
+/// empty directory: every clone then finds it mounted, see
+/// `vmm::devices::fs`), runs `prepare` on it, and saves it into `staging`
 /// (the store's build directory) as `state.json` + `memory`.
 pub fn build_template(
     spec: &TemplateSpec,
@@ -39,11 +45,20 @@ pub fn build_template(
     staging: &Path,
     prepare: impl FnOnce(&MicroVm) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let share = staging.join(TEMPLATE_SHARE);
+    std::fs::create_dir(&share)
+        .with_context(|| format!("creating the template's share {}", share.display()))?;
     let mut cfg = BootConfig::new(&spec.kernel, &spec.initrd);
     cfg.vcpus = spec.vcpus;
     cfg.mem_mib = spec.mem_mib;
     cfg.extra_cmdline = spec.cmdline.clone();
+    cfg.share = Some(share.clone());
     let mut vm = MicroVm::boot(&cfg, runtime_root).context("booting the template VM")?;
+    match vm.agent()?.call(&Request::MountShare) {
+        Ok(Response::Done) => {}
+        Ok(other) => bail!("the template's agent did not mount the share: {other:?}"),
+        Err(e) => return Err(e).context("asking the template's agent to mount the share"),
+    }
     prepare(&vm).context("preparing the template VM")?;
 
     // Quiet point: no host connection open or half-closed in the vsock
@@ -68,6 +83,9 @@ pub fn build_template(
     vm.vm()
         .save_memory(&staging.join(MEMORY_FILE))
         .context("writing the template memory")?;
+    drop(vm);
+    std::fs::remove_dir(&share)
+        .with_context(|| format!("removing the template's share {}", share.display()))?;
     Ok(())
 }
 

@@ -26,6 +26,8 @@ pub struct BootConfig {
     pub mem_mib: u32,
     pub extra_cmdline: String,
     pub disks: Vec<crate::vmm::DiskConfig>,
+    /// The directory the VM's virtio-fs device serves (None: unattached).
+    pub share: Option<PathBuf>,
     /// How long to wait for the agent's READY.
     pub ready_timeout: Duration,
 }
@@ -39,6 +41,7 @@ impl BootConfig {
             mem_mib: 256,
             extra_cmdline: String::new(),
             disks: Vec::new(),
+            share: None,
             ready_timeout: Duration::from_secs(60),
         }
     }
@@ -115,6 +118,7 @@ impl MicroVm {
             extra_cmdline: cfg.extra_cmdline.clone(),
             vsock_uds: Some(vsock_uds.clone()),
             disks: cfg.disks.clone(),
+            share: cfg.share.clone(),
             console_log: Some(run_dir.join("console.log")),
         };
         let mut vm = Vm::start(&vm_cfg)?;

@@ -85,9 +85,10 @@ pub mod tiny {
     /// A saved VM's state with every virtio device made active, as a Linux
     /// guest's drivers leave them in a template: features VERSION_1, every
     /// queue ready (64 entries) on rings at 1 MiB and up in guest memory,
-    /// positions at 0. A tiny guest has no drivers, so its own state has
-    /// them all unprobed; with this a restore starts the devices' workers
-    /// as a real clone's does.
+    /// positions at 0, the share mounted over virtio-fs. A tiny guest has no
+    /// drivers, so its own state has them all unprobed; with this a restore
+    /// starts the devices' workers (and takes over the FUSE session) as a
+    /// real clone's does.
     pub fn with_devices_active(state: &jevm_runtime::vmm::VmState) -> jevm_runtime::vmm::VmState {
         let mut v = serde_json::to_value(state).expect("a VM state serialises");
         for (i, dev) in v["devices"]
@@ -115,6 +116,13 @@ pub mod tiny {
             dev["queues"] = (0..n)
                 .map(|_| serde_json::json!({"next_avail": 0, "next_used": 0}))
                 .collect();
+            // virtio-fs as a real template leaves it: the guest mounted
+            // the share (a 6.1 kernel's INIT, FUSE 7.38).
+            if dev["device_type"] == 26 {
+                dev["device"] = serde_json::json!({
+                    "Fs": {"major": 7, "minor": 38, "flags": 0x3_ffff_ffffu64}
+                });
+            }
         }
         serde_json::from_value(v).expect("the edited state parses")
     }

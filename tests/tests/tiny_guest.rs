@@ -46,6 +46,7 @@ fn config(dir: &Path, code: &[u8]) -> VmConfig {
             path: disk,
             read_only: true,
         }],
+        share: None,
         console_log: Some(dir.join("console.log")),
     }
 }

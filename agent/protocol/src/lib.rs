@@ -58,6 +58,12 @@ pub enum Request {
     /// Sent first to every clone, before anything else runs in it: what a
     /// forked VM must not share with its siblings and its template.
     Identity(Identity),
+    /// Sent to a template's agent before the snapshot: mount the virtio-fs
+    /// share [`SHARE_TAG`] (the template's device serves an empty
+    /// directory) at [`SHARE_MOUNT`] and wait until its FUSE session is
+    /// open, so that every clone finds it mounted and its device serves
+    /// the pod's directory behind that session. Answer: `Done`.
+    MountShare,
 
     // ---- containers (see `agent/src/container`) ------------------------
     /// Creates a container whose init process is set up (namespaces,
@@ -222,8 +228,10 @@ pub struct Identity {
     /// Host wall-clock time, nanoseconds since the Unix epoch.
     pub realtime_ns: u64,
     pub hostname: String,
-    /// Mount the virtio-fs share [`SHARE_TAG`] at [`SHARE_MOUNT`]: a pod's
-    /// clone does, a plain `jevm clone` need not.
+    /// Have the virtio-fs share [`SHARE_TAG`] mounted at [`SHARE_MOUNT`]:
+    /// a pod's clone does, a plain `jevm clone` need not. A clone whose
+    /// template mounted it (`Request::MountShare`) keeps that mount, or
+    /// loses it if this is false.
     #[serde(default)]
     pub mount_share: bool,
     /// The pod's network as the CNI plugins set it up in the pod's network

@@ -59,6 +59,7 @@ pub fn is_container_request(request: &Request) -> bool {
             | Request::Shutdown
             | Request::Diag(_)
             | Request::Identity(_)
+            | Request::MountShare
     )
 }
 

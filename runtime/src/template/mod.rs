@@ -49,7 +49,8 @@ pub use store::{Template, TemplateInfo, TemplateStatus, TemplateStore};
 /// 2: every VM carries a virtio-fs device, so `state.json` has one more.
 /// 3: and a virtio-net device.
 /// 4: and a virtio-balloon device (free page reporting).
-pub const TEMPLATE_FORMAT_VERSION: u32 = 4;
+/// 5: the guest has the share mounted; virtio-fs saves its FUSE session.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 5;
 
 /// The jevm version written into (and required of) every manifest.
 pub const JEVM_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -67,6 +67,10 @@ pub struct VmConfig {
     /// Host side of the guest's vsock device (hybrid vsock Unix socket).
     pub vsock_uds: Option<PathBuf>,
     pub disks: Vec<DiskConfig>,
+    /// The directory the virtio-fs device serves; None leaves it
+    /// unattached. A template's is an empty directory its guest mounts
+    /// before the snapshot (see `devices::fs`).
+    pub share: Option<PathBuf>,
     /// Where the guest console goes (in addition to the in-memory tail).
     pub console_log: Option<PathBuf>,
 }
@@ -344,10 +348,17 @@ impl Vm {
                 Vsock::new(GUEST_CID, uds.clone()).map_err(|e| device_err(&name)(e.to_string()))?;
             virtio.push((name, Box::new(dev)));
         }
-        // Every VM carries one virtio-fs device, unattached at boot: a
-        // template's guest must have probed it for its clones to use it.
-        let fs = Fs::unattached(SHARE_TAG).map_err(|e| device_err("virtio-fs")(e.to_string()))?;
-        virtio.push(("virtio-fs (unattached)".into(), Box::new(fs)));
+        // Every VM carries one virtio-fs device: a template's guest must
+        // have probed (and mounted) it for its clones to use it.
+        let (fs_name, fs) = match &cfg.share {
+            Some(dir) => (
+                format!("virtio-fs {}", dir.display()),
+                Fs::with_share(SHARE_TAG, dir, Arc::default()),
+            ),
+            None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
+        };
+        let fs = fs.map_err(|e| device_err(&fs_name)(e.to_string()))?;
+        virtio.push((fs_name, Box::new(fs)));
         // And one virtio-net device, unattached at boot for the same reason.
         virtio.push((
             "virtio-net (unattached)".into(),

@@ -511,6 +511,7 @@ fn bench_tiny_clone(a: &Args) -> Result<()> {
         extra_cmdline: String::new(),
         vsock_uds: Some(dir.path().join("template.vsock")),
         disks: vec![],
+        share: None,
         console_log: None,
     };
     let mut template = Vm::start(&cfg)?;

@@ -37,7 +37,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::guest_errors::{guest_warn, GuestErrors};
 use super::{
-    ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
+    ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, SavedDeviceState, VirtioDevice,
     VIRTIO_MMIO_INT_CONFIG,
 };
 
@@ -49,6 +49,9 @@ pub struct MmioDeviceState {
     pub transport: MmioState,
     pub interrupt_status: u32,
     pub queues: Vec<QueuePosition>,
+    /// The device's own state (`VirtioDevice::saved_state`).
+    #[serde(default)]
+    pub device: Option<SavedDeviceState>,
 }
 
 /// Size of one device's MMIO window.
@@ -280,6 +283,7 @@ impl MmioTransport {
             transport: self.state.clone(),
             interrupt_status: self.irq.status(),
             queues,
+            device: self.device.saved_state(),
         })
     }
 
@@ -343,6 +347,11 @@ impl MmioTransport {
         t.state.activated = false;
         t.irq.set_status(saved.interrupt_status);
         t.device.set_acked_features(saved.transport.acked_features);
+        if let Some(state) = &saved.device {
+            t.device
+                .restore_state(state)
+                .map_err(|e| fail(e.to_string()))?;
+        }
         if saved.transport.activated {
             if saved.queues.len() != t.state.queues.len() {
                 return Err(fail("queue positions missing".into()));

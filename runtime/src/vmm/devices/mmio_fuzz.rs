@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use super::*;
 use crate::vmm::devices::balloon::{Balloon, FreedPages};
 use crate::vmm::devices::block::Block;
+use crate::vmm::devices::fs::{Fs, FuseSession};
 use crate::vmm::devices::net::Net;
 use crate::vmm::devices::vsock::Vsock;
 
@@ -27,6 +28,7 @@ const MEM_SIZE: u64 = 0x10_0000;
 enum Kind {
     Balloon,
     Block,
+    Fs,
     Net,
     Vsock,
 }
@@ -38,6 +40,11 @@ fn device(kind: Kind, dir: &Path) -> Box<dyn VirtioDevice> {
             let disk = dir.join("disk.img");
             std::fs::write(&disk, vec![0u8; 8192]).unwrap();
             Box::new(Block::new(&disk, false).unwrap())
+        }
+        Kind::Fs => {
+            let share = dir.join("share");
+            std::fs::create_dir_all(&share).unwrap();
+            Box::new(Fs::with_share("fuzz", &share, Default::default()).unwrap())
         }
         Kind::Net => Box::new(Net::unattached()),
         Kind::Vsock => Box::new(Vsock::new(3, dir.join("vsock.sock")).unwrap()),
@@ -190,7 +197,13 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn kind() -> impl Strategy<Value = Kind> {
-    prop::sample::select(vec![Kind::Balloon, Kind::Block, Kind::Net, Kind::Vsock])
+    prop::sample::select(vec![
+        Kind::Balloon,
+        Kind::Block,
+        Kind::Fs,
+        Kind::Net,
+        Kind::Vsock,
+    ])
 }
 
 /// A saved state of `kind` as a running device leaves it (activated, queues
@@ -235,9 +248,10 @@ fn saved_state() -> impl Strategy<Value = MmioDeviceState> {
         prop::collection::vec(queue_state(), 0..4),
         any::<u32>(),
         prop::collection::vec((any::<u16>(), any::<u16>()), 0..4),
+        prop::option::of((any::<u32>(), any::<u32>(), any::<u64>())),
     )
         .prop_map(
-            |(device_type, (dfs, drfs, acked, qsel), status, activated, queues, isr, pos)| {
+            |(device_type, (dfs, drfs, acked, qsel), status, activated, queues, isr, pos, fuse)| {
                 MmioDeviceState {
                     device_type,
                     transport: MmioState {
@@ -258,6 +272,13 @@ fn saved_state() -> impl Strategy<Value = MmioDeviceState> {
                             next_used,
                         })
                         .collect(),
+                    device: fuse.map(|(major, minor, flags)| {
+                        SavedDeviceState::Fs(FuseSession {
+                            major,
+                            minor,
+                            flags,
+                        })
+                    }),
                 }
             },
         )
@@ -305,7 +326,12 @@ proptest! {
     fn fuzz_mmio_restore_of_an_edited_saved_state(
         kind in kind(),
         bytes in mutated(
-            vec![saved_seed(Kind::Balloon), saved_seed(Kind::Net), saved_seed(Kind::Vsock)],
+            vec![
+                saved_seed(Kind::Balloon),
+                saved_seed(Kind::Fs),
+                saved_seed(Kind::Net),
+                saved_seed(Kind::Vsock),
+            ],
             256,
         ),
     ) {

@@ -128,6 +128,26 @@ pub trait VirtioDevice: Send {
             cause: "cannot be saved in a template".into(),
         })
     }
+    /// What a clone's device must take over from the template's besides
+    /// the transport's registers and the queue positions (read at save).
+    fn saved_state(&self) -> Option<SavedDeviceState> {
+        None
+    }
+    /// Takes over `state`, saved by the template's device, before the
+    /// restored queues are served.
+    fn restore_state(&mut self, state: &SavedDeviceState) -> Result<(), DeviceError> {
+        Err(DeviceError::Restore {
+            device: "virtio device",
+            cause: format!("keeps no state of its own, the template saved {state:?}"),
+        })
+    }
+}
+
+/// Device state a template saves beyond its transport and queues.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SavedDeviceState {
+    /// virtio-fs: the FUSE session of the guest's mount of the share.
+    Fs(fs::FuseSession),
 }
 
 /// Where a queue stood when its device was paused for a template.
@@ -157,6 +177,8 @@ impl QueuePosition {
 pub enum DeviceError {
     #[error("{device}: {cause}")]
     Activate { device: &'static str, cause: String },
+    #[error("{device}: cannot take over the template's state: {cause}")]
+    Restore { device: &'static str, cause: String },
     #[error("{device}: not quiet, cannot be saved now: {cause}")]
     NotQuiet { device: &'static str, cause: String },
     #[error("{device}: I/O error: {source}")]

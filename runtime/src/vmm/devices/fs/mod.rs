@@ -11,9 +11,19 @@
 //! Every VM carries the device. Without a share directory it is
 //! *unattached*: the guest kernel probes it at boot (a template does), but
 //! FUSE_INIT is answered with ENODEV and every other request with ENOSYS, so
-//! a mount attempt fails cleanly. A clone restores the device with the pod's
-//! share directory behind a fresh server: the template never mounted, so
-//! there is no FUSE session to carry over.
+//! a mount attempt fails cleanly.
+//!
+//! A template's device serves an empty directory, and its guest mounts the
+//! share before the snapshot: the mount (superblock, bdi, FUSE_INIT) is then
+//! paid once, not in every clone (~30 ms each in the nested test host). The
+//! device remembers the session the guest opened (its INIT's version and
+//! flags, [`FuseSession`]) and saves it; a clone's device, serving the pod's
+//! directory behind a fresh server, answers that same INIT to its new file
+//! system before the guest's first request, so the guest's mount carries on
+//! where the template's stopped. Nothing of the template's directory
+//! remains: the guest looked nothing up in it (no inode but the root, which
+//! FUSE always calls 1, and whose attributes the guest holds as expired
+//! since the mount), and the new server's root is the pod's directory.
 //!
 //! What the guest may do with the share, and why (the guest is untrusted):
 //! - The root cannot be left. `PassthroughFs` resolves every name with
@@ -47,7 +57,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, MknodIn, Opcode, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, InitIn2, MknodIn, Opcode, OutHeader};
 use fuse_backend_rs::api::filesystem::{FileSystem, FsOptions};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
@@ -67,7 +77,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{
-    ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
+    ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, SavedDeviceState, VirtioDevice,
     VIRTIO_MMIO_INT_VRING,
 };
 use crate::jail::ThreadKind;
@@ -93,6 +103,46 @@ pub enum FsError {
     Share { path: PathBuf, cause: String },
     #[error("virtio-fs tag {0:?} is empty or longer than {TAG_LEN} bytes")]
     Tag(String),
+}
+
+/// The FUSE session a guest opened with its INIT request: what a clone's
+/// server must be told so that the guest's mount, made in the template, is
+/// served without a new INIT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FuseSession {
+    pub major: u32,
+    pub minor: u32,
+    /// `flags | flags2 << 32` of the INIT: what the guest kernel can do.
+    pub flags: u64,
+}
+
+/// The protocol major version the server speaks; an INIT with another is
+/// answered without opening a session (the kernel retries or gives up).
+const FUSE_MAJOR: u32 = 7;
+/// `FUSE_INIT_EXT`: the INIT carries a second word of flags.
+const FUSE_INIT_EXT: u64 = 1 << 30;
+
+/// The session `request` opens if it is an INIT the server will accept.
+fn init_session(request: &Reader<'_, ()>) -> Option<FuseSession> {
+    let mut r = request.clone();
+    let header: InHeader = r.read_obj().ok()?;
+    if header.opcode != Opcode::Init as u32 {
+        return None;
+    }
+    let init: InitIn = r.read_obj().ok()?;
+    if init.major != FUSE_MAJOR {
+        return None;
+    }
+    let mut flags = u64::from(init.flags);
+    if flags & FUSE_INIT_EXT != 0 {
+        let more: InitIn2 = r.read_obj().ok()?;
+        flags |= u64::from(more.flags2) << 32;
+    }
+    Some(FuseSession {
+        major: init.major,
+        minor: init.minor,
+        flags,
+    })
 }
 
 /// The FUSE file system behind an unattached device: INIT fails, so the
@@ -149,7 +199,12 @@ enum Backend {
     Unattached(Server<Unattached>),
     Share {
         server: Server<Arc<PassthroughFs>>,
+        /// The server's file system, for a session taken over from a
+        /// template ([`Backend::take_over`]).
+        fs: Arc<PassthroughFs>,
         device_nodes: Arc<DeviceNodeGrants>,
+        /// The guest's last INIT (see [`FuseSession`]).
+        session: std::sync::Mutex<Option<FuseSession>>,
     },
 }
 
@@ -187,10 +242,43 @@ impl Backend {
         let fs = PassthroughFs::new(cfg).map_err(|e| fail(e.to_string()))?;
         fs.import()
             .map_err(|e| fail(format!("opening as root: {e}")))?;
+        let fs = Arc::new(fs);
         Ok(Backend::Share {
-            server: Server::new(Arc::new(fs)),
+            server: Server::new(Arc::clone(&fs)),
+            fs,
             device_nodes: Arc::clone(device_nodes),
+            session: Default::default(),
         })
+    }
+
+    fn session(&self) -> Option<FuseSession> {
+        match self {
+            Backend::Unattached(_) => None,
+            Backend::Share { session, .. } => *session.lock().unwrap(),
+        }
+    }
+
+    /// Gives the file system the INIT the guest sent its template's device,
+    /// as the server would have. The server's own record of the version
+    /// only decides how a negative LOOKUP is answered to kernels older than
+    /// 7.4, which cannot have opened a session here.
+    fn take_over(&self, saved: FuseSession) -> io::Result<()> {
+        match self {
+            // The guest's mount fails every request with ENOSYS until the
+            // agent unmounts it (a clone without a share does at once).
+            Backend::Unattached(_) => Ok(()),
+            Backend::Share { fs, session, .. } => {
+                if saved.major != FUSE_MAJOR {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("FUSE major version {} is not {FUSE_MAJOR}", saved.major),
+                    ));
+                }
+                fs.init(FsOptions::from_bits_truncate(saved.flags))?;
+                *session.lock().unwrap() = Some(saved);
+                Ok(())
+            }
+        }
     }
 
     /// Serves one request chain; returns the number of reply bytes written.
@@ -216,13 +304,23 @@ impl Backend {
             Backend::Share {
                 server,
                 device_nodes,
+                session,
+                ..
             } => match refused_mknod(&reader, device_nodes) {
                 Some(refusal) => {
                     reply_error(&mut writer, refusal, libc::EPERM).map_err(|e| e.to_string())
                 }
-                None => server
-                    .handle_message(reader, writer, None, None)
-                    .map_err(|e| e.to_string()),
+                None => {
+                    // Recorded whether or not the file system agrees: only
+                    // a template whose guest mounted the share is saved
+                    // with it, and a clone's device repeats the INIT.
+                    if let Some(opened) = init_session(&reader) {
+                        *session.lock().unwrap() = Some(opened);
+                    }
+                    server
+                        .handle_message(reader, writer, None, None)
+                        .map_err(|e| e.to_string())
+                }
             },
         };
         match res {
@@ -425,6 +523,20 @@ impl VirtioDevice for Fs {
             .iter()
             .map(|q| QueuePosition::of(&q.queue))
             .collect())
+    }
+
+    fn saved_state(&self) -> Option<SavedDeviceState> {
+        self.backend.session().map(SavedDeviceState::Fs)
+    }
+
+    fn restore_state(&mut self, state: &SavedDeviceState) -> Result<(), DeviceError> {
+        let SavedDeviceState::Fs(session) = state;
+        self.backend
+            .take_over(*session)
+            .map_err(|e| DeviceError::Restore {
+                device: DEVICE,
+                cause: format!("{}: the guest's FUSE session: {e}", self.name()),
+            })
     }
 }
 
@@ -692,6 +804,103 @@ mod tests {
         let mem = guest_memory();
         assert_eq!(init(backend_of(&fs), &mem).error, -libc::ENODEV);
         assert!(lookup(backend_of(&fs), &mem, ROOT_ID, "x").is_err());
+    }
+
+    /// An INIT as a 6.1 kernel sends it: 64 bits of flags (`INIT_EXT`).
+    fn init_ext(backend: &Backend, mem: &GuestMemory, flags: u64) -> OutHeader {
+        let mut body = InitIn {
+            major: 7,
+            minor: 38,
+            max_readahead: 0x2_0000,
+            flags: flags as u32 | FUSE_INIT_EXT as u32,
+        }
+        .as_slice()
+        .to_vec();
+        let more = InitIn2 {
+            flags2: (flags >> 32) as u32,
+            unused: [0; 11],
+        };
+        body.extend_from_slice(more.as_slice());
+        call(backend, mem, Opcode::Init, 0, &body).0
+    }
+
+    #[test]
+    fn a_clone_serves_its_own_share_behind_the_session_its_template_s_guest_opened() {
+        let (_t, template_share) = scratch();
+        std::fs::remove_file(template_share.join("hello")).unwrap();
+        let template = Fs::with_share(TAG, &template_share, Arc::default()).unwrap();
+        let mem = guest_memory();
+        assert_eq!(template.saved_state(), None, "no session before INIT");
+        let flags = (1 << 33) | (1 << 13) | 1;
+        assert_eq!(init_ext(backend_of(&template), &mem, flags).error, 0);
+        let saved = template.saved_state().expect("the INIT opened a session");
+        assert_eq!(
+            saved,
+            SavedDeviceState::Fs(FuseSession {
+                major: 7,
+                minor: 38,
+                flags: flags | FUSE_INIT_EXT,
+            })
+        );
+
+        // The clone's device answers the guest's requests at once: no INIT.
+        let (_c, clone_share) = scratch();
+        let mut clone = Fs::with_share(TAG, &clone_share, Arc::default()).unwrap();
+        clone.restore_state(&saved).unwrap();
+        assert_eq!(clone.saved_state(), Some(saved.clone()));
+        let b = backend_of(&clone);
+        let hello = lookup(b, &mem, ROOT_ID, "hello").unwrap();
+        let fh = open(b, &mem, hello.nodeid, libc::O_RDONLY).unwrap();
+        let read = ReadIn {
+            fh,
+            size: 64,
+            ..Default::default()
+        };
+        let (out, data) = call(b, &mem, Opcode::Read, hello.nodeid, read.as_slice());
+        assert_eq!(out.error, 0);
+        assert_eq!(data, b"hello from the host");
+        // Only the clone's own directory is behind it.
+        assert_eq!(
+            lookup(b, &mem, ROOT_ID, "..").unwrap().nodeid,
+            ROOT_ID,
+            "'..' of the root left the share"
+        );
+
+        // A clone without a share keeps nothing; one of another FUSE major
+        // version is refused, naming the device and the version.
+        let mut unattached = Fs::unattached(TAG).unwrap();
+        unattached.restore_state(&saved).unwrap();
+        assert_eq!(unattached.saved_state(), None);
+        let mut other = Fs::with_share(TAG, &clone_share, Arc::default()).unwrap();
+        let e = other
+            .restore_state(&SavedDeviceState::Fs(FuseSession {
+                major: 8,
+                minor: 0,
+                flags: 0,
+            }))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("FUSE major version 8 is not 7"), "{e}");
+        assert!(e.contains(&clone_share.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn an_init_of_another_major_version_or_a_reset_opens_no_session() {
+        let (_dir, share) = scratch();
+        let mut fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
+        let mem = guest_memory();
+        let v8 = InitIn {
+            major: 8,
+            minor: 0,
+            max_readahead: 0,
+            flags: 0,
+        };
+        call(backend_of(&fs), &mem, Opcode::Init, 0, v8.as_slice());
+        assert_eq!(fs.saved_state(), None);
+        assert_eq!(init(backend_of(&fs), &mem).error, 0);
+        assert!(fs.saved_state().is_some());
+        assert!(fs.reset());
+        assert_eq!(fs.saved_state(), None, "a reset ends the session");
     }
 
     #[test]
