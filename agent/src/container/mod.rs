@@ -139,6 +139,10 @@ impl Service {
     /// The guest's service: the agent binary as stage (through its
     /// zygote), the guest's cgroups.
     pub fn guest() -> std::io::Result<Service> {
+        // A failure here shows again, with the container's name, at create.
+        if let Err(e) = cgroup::Cgroup::prepare() {
+            log::warn!("preparing the containers' parent cgroup: {e}");
+        }
         Service::with_zygote(StageCommand::agent(), Box::new(GuestCgroups))
     }
 
