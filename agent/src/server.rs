@@ -336,7 +336,7 @@ mod tests {
                 ..Stdio::default()
             },
         });
-        let Response::Created { pid } = ask(&mut control, create) else {
+        let Response::Created { pid, .. } = ask(&mut control, create) else {
             panic!("not created")
         };
         let mut stdout = connect(&containers);

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use jevm_protocol::{ErrorKind, Request, Response};
+use jevm_protocol::{CreateTimes, ErrorKind, Request, Response};
 use jevm_runtime::agent_client::{AgentClient, AgentError};
 
 /// How long one agent answer may take. Container creation in a loaded,
@@ -51,8 +51,19 @@ pub trait Guest: Send + Sync {
 
     /// A request answered with a process id (`Created` or `Started`).
     async fn pid(&self, name: &'static str, req: Request) -> Result<u32, CallError> {
+        Ok(self.created(name, req).await?.0)
+    }
+
+    /// A request answered with `Created` (or `Started`): the process id
+    /// and, for a container's create, where the guest's time went.
+    async fn created(
+        &self,
+        name: &'static str,
+        req: Request,
+    ) -> Result<(u32, Option<CreateTimes>), CallError> {
         match self.call(name, req).await? {
-            Response::Created { pid } | Response::Started { pid } => Ok(pid),
+            Response::Created { pid, times } => Ok((pid, times)),
+            Response::Started { pid } => Ok((pid, None)),
             other => Err(CallError::Unexpected {
                 request: name,
                 answer: format!("{other:?}"),

@@ -653,9 +653,9 @@ impl TaskService {
         // creates it.
         pod.agent.open_ahead(stdio.streams());
         let t = Instant::now();
-        let pid = pod
+        let (pid, guest_times) = pod
             .agent
-            .pid(
+            .created(
                 "CreateContainer",
                 Request::CreateContainer(CreateContainer {
                     container_id: cid.clone(),
@@ -666,6 +666,7 @@ impl TaskService {
             .await
             .map_err(agent_err)?;
         timings.agent_create = Some(t.elapsed());
+        timings.guest_create = guest_times;
         let t = Instant::now();
         let copies = match stdio::attach(&*pod.agent, &cid, None, &stdio).await {
             Ok(c) => c,

@@ -24,6 +24,8 @@ pub struct Timings {
     pub agent_ready: Option<Duration>,
     /// The agent's CreateContainer.
     pub agent_create: Option<Duration>,
+    /// The guest's own account of it, step by step.
+    pub guest_create: Option<jevm_protocol::CreateTimes>,
     /// Opening the FIFOs and the agent's stdio streams.
     pub stdio: Option<Duration>,
     /// The agent's StartContainer: the process is running.
@@ -58,10 +60,27 @@ impl Timings {
             phases + self.shim_start.unwrap_or_default() + self.process_running.unwrap_or_default();
         // What the create request spent outside its named phases.
         let other = self.create_wall.map(|w| w.saturating_sub(phases));
+        let guest = match &self.guest_create {
+            Some(g) => {
+                let ms = |us: u64| format!("{:.2}", us as f64 / 1e3);
+                format!(
+                    " guest_cgroup_ms={} guest_stage_ms={} guest_namespaces_ms={} \
+                     guest_pid_fork_ms={} guest_mounts_ms={} guest_process_ms={} guest_create_ms={}",
+                    ms(g.cgroup_us),
+                    ms(g.stage_us),
+                    ms(g.namespaces_us),
+                    ms(g.pid_fork_us),
+                    ms(g.mounts_us),
+                    ms(g.process_us),
+                    ms(g.total_us),
+                )
+            }
+            None => String::new(),
+        };
         format!(
             "jevm timings: container={cid} shim_start_ms={} template_lookup_ms={} network_ms={} \
              clone_ms={} virtiofs_share_ms={} agent_ready_ms={} agent_create_ms={} stdio_ms={} \
-             create_other_ms={} process_running_ms={} total_ms={} create_wall_ms={}",
+             create_other_ms={} process_running_ms={} total_ms={} create_wall_ms={}{guest}",
             ms(self.shim_start),
             ms(self.template_lookup),
             ms(self.network),
@@ -110,5 +129,31 @@ mod tests {
         let line = t.line("c");
         assert!(line.contains(" create_other_ms=50.00 "), "{line}");
         assert!(line.contains(" total_ms=365.00 "), "{line}");
+    }
+
+    #[test]
+    fn the_guest_s_steps_follow_and_do_not_count_twice_in_the_total() {
+        let t = Timings {
+            agent_create: Some(Duration::from_millis(20)),
+            guest_create: Some(jevm_protocol::CreateTimes {
+                cgroup_us: 1_000,
+                stage_us: 2_500,
+                namespaces_us: 3_000,
+                pid_fork_us: 400,
+                mounts_us: 5_000,
+                process_us: 6_000,
+                total_us: 19_000,
+            }),
+            ..Default::default()
+        };
+        let line = t.line("c");
+        assert!(
+            line.ends_with(
+                " total_ms=20.00 create_wall_ms=- guest_cgroup_ms=1.00 guest_stage_ms=2.50 \
+                 guest_namespaces_ms=3.00 guest_pid_fork_ms=0.40 guest_mounts_ms=5.00 \
+                 guest_process_ms=6.00 guest_create_ms=19.00"
+            ),
+            "{line}"
+        );
     }
 }

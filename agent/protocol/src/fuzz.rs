@@ -24,7 +24,18 @@ fn seeds() -> Vec<Vec<u8>> {
         message: "container \"c\": no such file".into(),
         kind: ErrorKind::NotFound,
     });
-    push(&Response::Created { pid: 7 });
+    push(&Response::Created {
+        pid: 7,
+        times: None,
+    });
+    push(&Response::Created {
+        pid: 8,
+        times: Some(CreateTimes {
+            cgroup_us: 1,
+            total_us: 9,
+            ..Default::default()
+        }),
+    });
     push(&Response::Bytes(vec![0, 255, 10]));
     push(&Event::Exited {
         container_id: "c".into(),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on every incompatible change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// vsock port the agent listens on for host requests.
 pub const AGENT_PORT: u32 = 1024;
@@ -323,8 +323,11 @@ pub enum Response {
     /// The identity was applied.
     IdentityApplied,
     /// A container or exec'd process was created; `pid` is its guest PID.
+    /// `times`: where a container's create went in the guest.
     Created {
         pid: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        times: Option<CreateTimes>,
     },
     /// The process was let go; `pid` is its guest PID.
     Started {
@@ -342,6 +345,30 @@ pub enum Response {
         #[serde(default)]
         kind: ErrorKind,
     },
+}
+
+/// Where the guest spent a container's create, in microseconds, step by
+/// step (the shim logs them with its own timings).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateTimes {
+    /// The container's cgroup made and its limits set.
+    pub cgroup_us: u64,
+    /// The container-init stage started (from the zygote, or fork+exec).
+    pub stage_us: u64,
+    /// In the stage: namespaces made or joined (loopback up in a new
+    /// network namespace).
+    pub namespaces_us: u64,
+    /// In the stage: the fork of the container's PID 1 in a new PID
+    /// namespace, until its PID reached the agent.
+    pub pid_fork_us: u64,
+    /// In the stage: the rootfs, the spec's mounts, device nodes,
+    /// `pivot_root`, read-only paths, the hostname.
+    pub mounts_us: u64,
+    /// In the stage: limits, user, capabilities, HOME, the `PATH` search,
+    /// the working directory, seccomp: ready to `execve`.
+    pub process_us: u64,
+    /// The whole create in the agent, request to answer.
+    pub total_us: u64,
 }
 
 /// What kind of failure a [`Response::Error`] reports.

@@ -89,7 +89,14 @@ fn run() -> ! {
     if plan.terminal {
         terminal(&mut sync);
     }
-    if write_frame(&mut sync, &StageMsg::Ready).is_err() {
+    if write_frame(
+        &mut sync,
+        &StageMsg::Ready {
+            times: Default::default(),
+        },
+    )
+    .is_err()
+    {
         exit(4);
     }
     match read_frame::<_, AgentMsg>(&mut sync) {

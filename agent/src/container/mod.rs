@@ -26,7 +26,7 @@ pub(crate) mod tests;
 use cgroup_ops::{Cgroups, ContainerCgroup, GuestCgroups};
 use events::Events;
 use jevm_protocol::{
-    CreateContainer, ErrorKind, Event, ExecProcess, Request, Response, StdioStream,
+    CreateContainer, CreateTimes, ErrorKind, Event, ExecProcess, Request, Response, StdioStream,
 };
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use plan::{InitPlan, PlanKind};
@@ -35,8 +35,13 @@ use stage::{Stage, StageCommand};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use zygote::Zygote;
+
+/// Microseconds, for [`CreateTimes`].
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
 
 /// How long `DeleteContainer` waits for a killed init to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -310,11 +315,16 @@ impl Service {
             }
             containers.insert(id.clone(), Slot::Reserved);
         }
+        let t = Instant::now();
         match self.build(&id, spec, create.stdio) {
-            Ok(container) => {
+            Ok((container, mut times)) => {
                 let pid = container.init.pid as u32;
                 lock(&self.containers).insert(id, Slot::Ready(container));
-                Ok(Response::Created { pid })
+                times.total_us = micros(t.elapsed());
+                Ok(Response::Created {
+                    pid,
+                    times: Some(times),
+                })
             }
             Err(message) => {
                 lock(&self.containers).remove(&id);
@@ -324,12 +334,19 @@ impl Service {
     }
 
     /// Cgroup, stdio, stage: a container ready to start, or nothing left.
-    fn build(&self, id: &str, spec: Spec, stdio: jevm_protocol::Stdio) -> Result<Arc<Container>> {
+    fn build(
+        &self,
+        id: &str,
+        spec: Spec,
+        stdio: jevm_protocol::Stdio,
+    ) -> Result<(Arc<Container>, CreateTimes)> {
         let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+        let t = Instant::now();
         let cgroup = self
             .cgroups
             .create(id, resources)
             .map_err(|e| format!("container {id:?}: creating its cgroup: {e}"))?;
+        let cgroup_us = micros(t.elapsed());
         let plan = InitPlan {
             container_id: id.into(),
             kind: PlanKind::Create {
@@ -338,8 +355,8 @@ impl Service {
             cgroup: cgroup.path().to_string_lossy().into_owned(),
             terminal: stdio.terminal,
         };
-        let init = match self.spawn(id, None, &plan, stdio) {
-            Ok(init) => init,
+        let (init, mut times) = match self.spawn(id, None, &plan, stdio) {
+            Ok(spawned) => spawned,
             Err(message) => {
                 if let Err(e) = cgroup.remove() {
                     log::error!("container {id:?}: removing its cgroup after a failed create: {e}");
@@ -356,13 +373,15 @@ impl Service {
         })) {
             log::warn!("container {id:?}: watching for OOM kills: {e}; none will be reported");
         }
-        Ok(Arc::new(Container {
+        times.cgroup_us = cgroup_us;
+        let container = Arc::new(Container {
             id: id.into(),
             spec,
             cgroup: Mutex::new(Some(cgroup)),
             init,
             execs: Mutex::new(HashMap::new()),
-        }))
+        });
+        Ok((container, times))
     }
 
     #[cfg(test)]
@@ -395,23 +414,34 @@ impl Service {
         exec_id: Option<&str>,
         plan: &InitPlan,
         wanted: jevm_protocol::Stdio,
-    ) -> Result<Arc<Process>> {
+    ) -> Result<(Arc<Process>, CreateTimes)> {
         let who = match exec_id {
             None => format!("container {id:?}"),
             Some(exec) => format!("exec {exec:?} in container {id:?}"),
         };
         let (child, ends) =
             stdio::make(&wanted).map_err(|e| format!("{who}: creating its stdio: {e}"))?;
+        let t = Instant::now();
         let mut stage = Stage::spawn(&self.stage, self.zygote_for(plan), child.raw())
             .map_err(|e| format!("{who}: starting container-init: {e}"))?;
+        let stage_us = micros(t.elapsed());
         // The process's ends are the stage's now; holding them would keep
         // its output from ever reaching EOF.
         drop(child);
         match stage.prepare(plan) {
             Ok(pid) => {
+                let s = stage.times();
+                let times = CreateTimes {
+                    stage_us,
+                    namespaces_us: s.namespaces_us,
+                    pid_fork_us: s.pid_fork_us,
+                    mounts_us: s.mounts_us,
+                    process_us: s.process_us,
+                    ..CreateTimes::default()
+                };
                 let process = Process::new(id, exec_id, pid, stage, wanted, ends);
                 process.watch_exit(Arc::clone(&self.events));
-                Ok(process)
+                Ok((process, times))
             }
             Err(message) => {
                 stage.abort();
@@ -466,10 +496,10 @@ impl Service {
         let result = self.spawn(&id, Some(&exec_id), &plan, stdio);
         let mut execs = lock(&container.execs);
         match result {
-            Ok(p) => {
+            Ok((p, _)) => {
                 let pid = p.pid as u32;
                 execs.insert(exec_id, Slot::Ready(p));
-                Ok(Response::Created { pid })
+                Ok(Response::Created { pid, times: None })
             }
             Err(message) => {
                 execs.remove(&exec_id);

@@ -74,12 +74,25 @@ pub enum StageMsg {
     /// The process's pseudo-terminal (only with `terminal`, before
     /// `Ready`): its master follows on the socket, see [`send_console`].
     Console,
-    Ready,
+    Ready {
+        #[serde(default)]
+        times: StageTimes,
+    },
     /// Names the object and the cause, in runc's words where runc has them
     /// (e.g. `exec: "nosuch": executable file not found in $PATH`).
     Error {
         message: String,
     },
+}
+
+/// Where the stage's time went, in microseconds (the stage's part of
+/// `jevm_protocol::CreateTimes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageTimes {
+    pub namespaces_us: u64,
+    pub pid_fork_us: u64,
+    pub mounts_us: u64,
+    pub process_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

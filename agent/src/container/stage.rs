@@ -7,7 +7,7 @@
 //! resets signals and `execve`s.
 
 use super::exits::{self, Since};
-use super::plan::{self, AgentMsg, InitPlan, StageMsg, INIT_ARG, SYNC_FD};
+use super::plan::{self, AgentMsg, InitPlan, StageMsg, StageTimes, INIT_ARG, SYNC_FD};
 use super::stdio::Terminal;
 use super::zygote::Zygote;
 use jevm_protocol::{read_frame, write_frame, FrameError};
@@ -112,6 +112,8 @@ pub struct Stage {
     process_pid: Option<i32>,
     /// The process's terminal, once the stage sent it.
     terminal: Option<Terminal>,
+    /// What the stage said its steps took, once it was ready.
+    times: StageTimes,
 }
 
 impl Stage {
@@ -151,11 +153,17 @@ impl Stage {
             since,
             process_pid: None,
             terminal: None,
+            times: StageTimes::default(),
         })
     }
 
     pub fn since(&self) -> Since {
         self.since
+    }
+
+    /// What the stage's steps took (zero until it was ready).
+    pub fn times(&self) -> StageTimes {
+        self.times
     }
 
     /// The terminal the stage allocated (with `terminal`), once.
@@ -196,13 +204,14 @@ impl Stage {
                         }
                     ))
                 }
-                StageMsg::Ready if plan.terminal && self.terminal.is_none() => {
+                StageMsg::Ready { .. } if plan.terminal && self.terminal.is_none() => {
                     return Err("container-init was ready without sending the terminal".into())
                 }
-                StageMsg::Ready => {
+                StageMsg::Ready { times } => {
+                    self.times = times;
                     return self
                         .process_pid
-                        .ok_or_else(|| "container-init was ready without reporting a pid".into())
+                        .ok_or_else(|| "container-init was ready without reporting a pid".into());
                 }
                 StageMsg::Error { message } => return Err(message),
             }

@@ -203,7 +203,7 @@ impl Harness {
 
     fn created(&self, id: &str, args: &[&str], stdio: Stdio) -> u32 {
         match self.create(id, args, stdio) {
-            Response::Created { pid } => pid,
+            Response::Created { pid, .. } => pid,
             other => panic!("create {id}: {other:?}"),
         }
     }
@@ -312,7 +312,7 @@ fn stages_come_from_the_zygote_as_children_of_the_agent_unless_the_spec_asks_for
             stdio: Stdio::default(),
         }),
     );
-    let Response::Created { pid } = created else {
+    let Response::Created { pid, .. } = created else {
         panic!("create z2: {created:?}")
     };
     assert_eq!(
@@ -596,7 +596,7 @@ fn exec_runs_beside_the_init_and_delete_kills_the_init() {
         }
     );
     h.start("ex");
-    let Response::Created { pid } = exec(
+    let Response::Created { pid, .. } = exec(
         &h,
         "e1",
         &["sh", "-c", "echo x; exit 3"],

@@ -262,7 +262,10 @@ impl Stage {
                 self.console = Some(recv_fd(&self.sock));
                 continue;
             }
-            if msg == json!("Ready") {
+            if let Some(times) = msg.pointer("/Ready/times") {
+                for step in ["namespaces_us", "pid_fork_us", "mounts_us", "process_us"] {
+                    assert!(times[step].is_u64(), "Ready without {step}: {msg}");
+                }
                 return Answer::Ready;
             }
             if let Some(m) = msg.pointer("/Error/message") {

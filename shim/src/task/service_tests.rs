@@ -23,7 +23,10 @@ impl Guest for FakeGuest {
     async fn call(&self, name: &'static str, req: Request) -> Result<Response, CallError> {
         self.calls.lock().unwrap().push(name.to_string());
         Ok(match req {
-            Request::CreateContainer(_) => Response::Created { pid: 42 },
+            Request::CreateContainer(_) => Response::Created {
+                pid: 42,
+                times: None,
+            },
             Request::StartContainer { .. } => {
                 let gate = self.hold_start.lock().unwrap().clone();
                 if let Some(gate) = gate {
@@ -38,7 +41,10 @@ impl Guest for FakeGuest {
                         message,
                     })
                 }
-                None => Response::Created { pid: 43 },
+                None => Response::Created {
+                    pid: 43,
+                    times: None,
+                },
             },
             Request::StartExec { .. } => Response::Started { pid: 43 },
             Request::Signal { .. }

@@ -16,7 +16,7 @@ mod seccomp;
 mod sync;
 mod syscalls;
 
-use super::plan::{InitPlan, PlanKind, StageMsg};
+use super::plan::{InitPlan, PlanKind, StageMsg, StageTimes};
 use anyhow::{bail, Context, Result};
 use errors::errno_text;
 use namespaces::Forked;
@@ -45,6 +45,22 @@ pub fn main() -> ! {
 }
 
 enum Never {}
+
+/// Microseconds between laps, for the stage's [`StageTimes`].
+struct Clock(std::time::Instant);
+
+impl Clock {
+    fn start() -> Clock {
+        Clock(std::time::Instant::now())
+    }
+
+    fn lap(&mut self) -> u64 {
+        let now = std::time::Instant::now();
+        let us = now.duration_since(self.0).as_micros();
+        self.0 = now;
+        u64::try_from(us).unwrap_or(u64::MAX)
+    }
+}
 
 fn run(sync: &mut Sync, plan: InitPlan) -> Result<Never> {
     process::close_inherited_fds()?;
@@ -75,10 +91,12 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     }
     let plan = namespaces::Plan::from_spec(spec)?;
     let userns = plan.user_namespace();
+    let mut clock = Clock::start();
     if userns {
         process::set_limits(process)?;
     }
     plan.enter()?;
+    let namespaces_us = clock.lap();
     // A new PID namespace takes effect for children only: the container's
     // PID 1 is a child of the stage, which reports it and leaves.
     let forked = if plan.needs_fork() {
@@ -87,6 +105,7 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
         Forked::NotForked
     };
     report_pid(sync, &forked)?;
+    let pid_fork_us = clock.lap();
 
     mounts::prepare_rootfs(spec, userns)?;
     // With the container's mounts in place (its devpts) but before any is
@@ -96,11 +115,18 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     }
     namespaces::set_hostname(spec, &plan)?;
     mounts::finish_rootfs(spec)?;
+    let mounts_us = clock.lap();
     if !userns {
         process::set_limits(process)?;
     }
     let prepared = process::prepare(process, spec, terminal)?;
-    sync.send(&StageMsg::Ready)?;
+    let times = StageTimes {
+        namespaces_us,
+        pid_fork_us,
+        mounts_us,
+        process_us: clock.lap(),
+    };
+    sync.send(&StageMsg::Ready { times })?;
     sync.wait_start()?;
     prepared.exec()
 }
@@ -117,12 +143,15 @@ fn exec(
     }
     let container = namespaces::Container::open(init_pid)?;
     let userns = container.user_namespace();
+    let mut clock = Clock::start();
     if userns {
         process::set_limits(process)?;
     }
     container.enter()?;
+    let namespaces_us = clock.lap();
     let forked = namespaces::fork_child(sync)?;
     report_pid(sync, &forked)?;
+    let pid_fork_us = clock.lap();
     if terminal {
         console::set_up(sync, false)?;
     }
@@ -130,7 +159,13 @@ fn exec(
         process::set_limits(process)?;
     }
     let prepared = process::prepare(process, spec, terminal)?;
-    sync.send(&StageMsg::Ready)?;
+    let times = StageTimes {
+        namespaces_us,
+        pid_fork_us,
+        mounts_us: 0,
+        process_us: clock.lap(),
+    };
+    sync.send(&StageMsg::Ready { times })?;
     sync.wait_start()?;
     prepared.exec()
 }
