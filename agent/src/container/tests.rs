@@ -327,6 +327,25 @@ fn stages_come_from_the_zygote_as_children_of_the_agent_unless_the_spec_asks_for
 }
 
 #[test]
+fn stages_one_after_another_come_from_the_zygote_s_spares() {
+    let mut h = harness();
+    let served = |h: &Harness| h.service.zygote().expect("the zygote started").served();
+    let before = served(&h);
+    // The first takes the spare forked when the zygote started, each next
+    // one the spare forked after the answer before it.
+    for (i, code) in [3, 4, 5].into_iter().enumerate() {
+        let id = format!("s{i}");
+        let pid = h.created(&id, &["sh", "-c", &format!("exit {code}")], Stdio::default());
+        assert_eq!(served(&h), before + i + 1);
+        assert_eq!(parent_of(pid), Some(std::process::id()), "{id}");
+        assert_eq!(h.start(&id), Response::Started { pid });
+        let event = h.next_event();
+        assert!(exited(&id, None, pid, code)(&event), "{event:?}");
+        assert_eq!(h.delete(&id), Response::Done);
+    }
+}
+
+#[test]
 fn a_dead_zygote_leaves_stages_to_exec() {
     let mut h = harness();
     let zygote = h.service.zygote().expect("the zygote started").pid();

@@ -15,6 +15,12 @@
 //! code from the top, as a freshly executed stage would. The zygote then
 //! answers with the stage's PID (or a negative errno) as 4 bytes.
 //!
+//! The forks are done ahead when they can be: the zygote keeps one stage
+//! forked and waiting for its fds (a [`Spare`], made when the zygote starts
+//! and again after each answer), and a request hands the spare its fds
+//! instead of forking. A template's zygote holds one at the snapshot, so
+//! the first container of every clone starts without a fork.
+//!
 //! The zygote never changes its signal dispositions or mask, and holds no
 //! fd but its control socket and stdio, so the stage starts from what an
 //! `execve`d stage starts from. A zygote that fails or goes away is left
@@ -138,31 +144,10 @@ fn ask(sock: RawFd, fds: &[RawFd; 4]) -> io::Result<i32> {
 /// The zygote process: answers requests until the agent closes the
 /// control socket, running `stage_main` in each stage it starts.
 pub fn serve(stage_main: fn() -> !) -> ! {
+    let mut spare = Spare::fork(stage_main);
     loop {
-        let mut byte = [0u8; 1];
-        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-        let mut iov = [IoSliceMut::new(&mut byte)];
-        let (n, fds) = match recvmsg::<()>(
-            CTL_FD,
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(msg) => {
-                let mut fds = Vec::new();
-                if let Ok(cmsgs) = msg.cmsgs() {
-                    for c in cmsgs {
-                        if let ControlMessageOwned::ScmRights(rs) = c {
-                            // SAFETY: the kernel just installed these fds
-                            // in this process; nothing else owns them.
-                            fds.extend(
-                                rs.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                            );
-                        }
-                    }
-                }
-                (msg.bytes, fds)
-            }
+        let (n, fds) = match receive(CTL_FD) {
+            Ok(msg) => msg,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => std::process::exit(1),
         };
@@ -171,7 +156,10 @@ pub fn serve(stage_main: fn() -> !) -> ! {
             std::process::exit(0);
         }
         let answer = match <&[OwnedFd; 4]>::try_from(fds.as_slice()) {
-            Ok(fds) => start_stage(fds, stage_main),
+            Ok(fds) => match spare.take().and_then(|s| s.hand(fds)) {
+                Some(pid) => pid,
+                None => start_stage(fds, stage_main),
+            },
             Err(_) => -libc::EINVAL,
         };
         drop(fds);
@@ -187,12 +175,112 @@ pub fn serve(stage_main: fn() -> !) -> ! {
         if sent != 4 {
             std::process::exit(1);
         }
+        if spare.is_none() {
+            spare = Spare::fork(stage_main);
+        }
     }
 }
 
-/// Forks the intermediate, which forks the stage and reports its PID on a
-/// pipe; returns that PID, or a negative errno.
-fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
+/// One message with up to four fds on `sock`: its length and the fds.
+fn receive(sock: RawFd) -> nix::Result<(usize, Vec<OwnedFd>)> {
+    let mut byte = [0u8; 1];
+    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(rs) = c {
+                // SAFETY: the kernel just installed these fds in this
+                // process; nothing else owns them.
+                fds.extend(rs.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// A stage forked ahead of the request that will use it, waiting on a
+/// socket for its four fds: that request is answered without a fork. The
+/// zygote forks one when it starts (so a template holds one, and the first
+/// container of every clone takes it) and another after each request it
+/// answered.
+struct Spare {
+    pid: i32,
+    /// The zygote's end; the spare exits when it closes.
+    sock: OwnedFd,
+}
+
+impl Spare {
+    fn fork(stage_main: fn() -> !) -> Option<Spare> {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .ok()?;
+        let (ours_fd, theirs_fd) = (ours.as_raw_fd(), theirs.as_raw_fd());
+        let pid = fork_stage(move || {
+            // The agent must see EOF on the control socket once the zygote
+            // is gone, and the spare must see it on its own when the
+            // zygote goes: it holds neither the control socket nor the
+            // zygote's end of its own.
+            // SAFETY: closing fds this forked child does not use again.
+            unsafe {
+                libc::close(CTL_FD);
+                libc::close(ours_fd);
+            }
+            let fds = loop {
+                match receive(theirs_fd) {
+                    Ok((n, fds)) if n > 0 && fds.len() == 4 => break fds,
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    // SAFETY: ends the spare: the zygote is gone or spoke
+                    // out of turn.
+                    _ => unsafe { libc::_exit(0) },
+                }
+            };
+            let raw = [
+                fds[0].as_raw_fd(),
+                fds[1].as_raw_fd(),
+                fds[2].as_raw_fd(),
+                fds[3].as_raw_fd(),
+            ];
+            // SAFETY: in a forked child of a single-threaded process.
+            unsafe { super::stage::place_stage_fds(&raw) };
+            stage_main()
+        });
+        (pid > 0).then_some(Spare { pid, sock: ours })
+    }
+
+    /// Gives the spare its fds; its PID, or None if it is gone (it was
+    /// killed while it waited).
+    fn hand(self, fds: &[OwnedFd; 4]) -> Option<i32> {
+        let raw = [
+            fds[0].as_raw_fd(),
+            fds[1].as_raw_fd(),
+            fds[2].as_raw_fd(),
+            fds[3].as_raw_fd(),
+        ];
+        let rights = [ControlMessage::ScmRights(&raw)];
+        match sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &[IoSlice::new(b"s")],
+            &rights,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => Some(self.pid),
+            Err(_) => None,
+        }
+    }
+}
+
+/// Forks the intermediate, which forks the stage (running `stage`, which
+/// does not return) and reports its PID on a pipe; returns that PID, or a
+/// negative errno. The intermediate exits at once, so the stage is the
+/// agent's child.
+fn fork_stage(stage: impl FnOnce()) -> i32 {
     let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
         Ok(p) => p,
         Err(e) => return -(e as i32),
@@ -204,15 +292,10 @@ fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
             let answer = match unsafe { libc::fork() } {
                 0 => {
                     drop((r, w));
-                    let raw = [
-                        fds[0].as_raw_fd(),
-                        fds[1].as_raw_fd(),
-                        fds[2].as_raw_fd(),
-                        fds[3].as_raw_fd(),
-                    ];
-                    // SAFETY: in a forked child of a single-threaded process.
-                    unsafe { super::stage::place_stage_fds(&raw) };
-                    stage_main()
+                    stage();
+                    // SAFETY: `stage` ends in exec or exit; should it
+                    // return, the child ends here.
+                    unsafe { libc::_exit(127) }
                 }
                 pid if pid > 0 => pid,
                 _ => -io::Error::last_os_error()
@@ -237,4 +320,19 @@ fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
             .raw_os_error()
             .unwrap_or(libc::EIO),
     }
+}
+
+/// Starts a stage with `fds` now (no spare was waiting).
+fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
+    let raw = [
+        fds[0].as_raw_fd(),
+        fds[1].as_raw_fd(),
+        fds[2].as_raw_fd(),
+        fds[3].as_raw_fd(),
+    ];
+    fork_stage(move || {
+        // SAFETY: in a forked child of a single-threaded process.
+        unsafe { super::stage::place_stage_fds(&raw) };
+        stage_main()
+    })
 }
