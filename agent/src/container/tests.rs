@@ -335,7 +335,11 @@ fn stages_one_after_another_come_from_the_zygote_s_spares() {
     // one the spare forked after the answer before it.
     for (i, code) in [3, 4, 5].into_iter().enumerate() {
         let id = format!("s{i}");
-        let pid = h.created(&id, &["sh", "-c", &format!("exit {code}")], Stdio::default());
+        let pid = h.created(
+            &id,
+            &["sh", "-c", &format!("exit {code}")],
+            Stdio::default(),
+        );
         assert_eq!(served(&h), before + i + 1);
         assert_eq!(parent_of(pid), Some(std::process::id()), "{id}");
         assert_eq!(h.start(&id), Response::Started { pid });
