@@ -430,14 +430,9 @@ impl Service {
         drop(child);
         match stage.prepare(plan) {
             Ok(pid) => {
-                let s = stage.times();
                 let times = CreateTimes {
                     stage_us,
-                    namespaces_us: s.namespaces_us,
-                    pid_fork_us: s.pid_fork_us,
-                    mounts_us: s.mounts_us,
-                    process_us: s.process_us,
-                    ..CreateTimes::default()
+                    ..stage.times()
                 };
                 let process = Process::new(id, exec_id, pid, stage, wanted, ends);
                 process.watch_exit(Arc::clone(&self.events));

@@ -74,25 +74,17 @@ pub enum StageMsg {
     /// The process's pseudo-terminal (only with `terminal`, before
     /// `Ready`): its master follows on the socket, see [`send_console`].
     Console,
+    /// `times`: the stage's own steps of `CreateTimes` (namespaces, PID 1
+    /// fork, mounts, process set-up); the agent fills in the rest.
     Ready {
         #[serde(default)]
-        times: StageTimes,
+        times: jevm_protocol::CreateTimes,
     },
     /// Names the object and the cause, in runc's words where runc has them
     /// (e.g. `exec: "nosuch": executable file not found in $PATH`).
     Error {
         message: String,
     },
-}
-
-/// Where the stage's time went, in microseconds (the stage's part of
-/// `jevm_protocol::CreateTimes`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StageTimes {
-    pub namespaces_us: u64,
-    pub pid_fork_us: u64,
-    pub mounts_us: u64,
-    pub process_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

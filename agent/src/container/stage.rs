@@ -7,7 +7,7 @@
 //! resets signals and `execve`s.
 
 use super::exits::{self, Since};
-use super::plan::{self, AgentMsg, InitPlan, StageMsg, StageTimes, INIT_ARG, SYNC_FD};
+use super::plan::{self, AgentMsg, InitPlan, StageMsg, INIT_ARG, SYNC_FD};
 use super::stdio::Terminal;
 use super::zygote::Zygote;
 use jevm_protocol::{read_frame, write_frame, FrameError};
@@ -113,7 +113,7 @@ pub struct Stage {
     /// The process's terminal, once the stage sent it.
     terminal: Option<Terminal>,
     /// What the stage said its steps took, once it was ready.
-    times: StageTimes,
+    times: jevm_protocol::CreateTimes,
 }
 
 impl Stage {
@@ -153,7 +153,7 @@ impl Stage {
             since,
             process_pid: None,
             terminal: None,
-            times: StageTimes::default(),
+            times: Default::default(),
         })
     }
 
@@ -162,7 +162,7 @@ impl Stage {
     }
 
     /// What the stage's steps took (zero until it was ready).
-    pub fn times(&self) -> StageTimes {
+    pub fn times(&self) -> jevm_protocol::CreateTimes {
         self.times
     }
 

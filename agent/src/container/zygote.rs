@@ -114,15 +114,26 @@ impl Zygote {
     }
 }
 
-fn ask(sock: RawFd, fds: &[RawFd; 4]) -> io::Result<i32> {
+/// One byte with `fds` as SCM_RIGHTS: a request to the zygote, or the
+/// zygote's handover to a spare.
+fn send_fds(sock: RawFd, fds: &[RawFd; 4]) -> nix::Result<()> {
     let rights = [ControlMessage::ScmRights(fds)];
     sendmsg::<()>(
         sock,
         &[IoSlice::new(b"s")],
         &rights,
-        MsgFlags::empty(),
+        MsgFlags::MSG_NOSIGNAL,
         None,
-    )?;
+    )
+    .map(drop)
+}
+
+fn raw(fds: &[OwnedFd; 4]) -> [RawFd; 4] {
+    fds.each_ref().map(AsRawFd::as_raw_fd)
+}
+
+fn ask(sock: RawFd, fds: &[RawFd; 4]) -> io::Result<i32> {
+    send_fds(sock, fds)?;
     let mut answer = [0u8; 4];
     let n = loop {
         match nix::sys::socket::recv(sock, &mut answer, MsgFlags::empty()) {
@@ -233,21 +244,19 @@ impl Spare {
             }
             let fds = loop {
                 match receive(theirs_fd) {
-                    Ok((n, fds)) if n > 0 && fds.len() == 4 => break fds,
+                    Ok((n, fds)) if n > 0 => match <[OwnedFd; 4]>::try_from(fds) {
+                        Ok(fds) => break fds,
+                        // SAFETY: ends the spare: the zygote spoke out of turn.
+                        Err(_) => unsafe { libc::_exit(0) },
+                    },
                     Err(nix::errno::Errno::EINTR) => continue,
                     // SAFETY: ends the spare: the zygote is gone or spoke
                     // out of turn.
                     _ => unsafe { libc::_exit(0) },
                 }
             };
-            let raw = [
-                fds[0].as_raw_fd(),
-                fds[1].as_raw_fd(),
-                fds[2].as_raw_fd(),
-                fds[3].as_raw_fd(),
-            ];
             // SAFETY: in a forked child of a single-threaded process.
-            unsafe { super::stage::place_stage_fds(&raw) };
+            unsafe { super::stage::place_stage_fds(&raw(&fds)) };
             stage_main()
         });
         (pid > 0).then_some(Spare { pid, sock: ours })
@@ -256,23 +265,9 @@ impl Spare {
     /// Gives the spare its fds; its PID, or None if it is gone (it was
     /// killed while it waited).
     fn hand(self, fds: &[OwnedFd; 4]) -> Option<i32> {
-        let raw = [
-            fds[0].as_raw_fd(),
-            fds[1].as_raw_fd(),
-            fds[2].as_raw_fd(),
-            fds[3].as_raw_fd(),
-        ];
-        let rights = [ControlMessage::ScmRights(&raw)];
-        match sendmsg::<()>(
-            self.sock.as_raw_fd(),
-            &[IoSlice::new(b"s")],
-            &rights,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Ok(_) => Some(self.pid),
-            Err(_) => None,
-        }
+        send_fds(self.sock.as_raw_fd(), &raw(fds))
+            .ok()
+            .map(|()| self.pid)
     }
 }
 
@@ -324,12 +319,7 @@ fn fork_stage(stage: impl FnOnce()) -> i32 {
 
 /// Starts a stage with `fds` now (no spare was waiting).
 fn start_stage(fds: &[OwnedFd; 4], stage_main: fn() -> !) -> i32 {
-    let raw = [
-        fds[0].as_raw_fd(),
-        fds[1].as_raw_fd(),
-        fds[2].as_raw_fd(),
-        fds[3].as_raw_fd(),
-    ];
+    let raw = raw(fds);
     fork_stage(move || {
         // SAFETY: in a forked child of a single-threaded process.
         unsafe { super::stage::place_stage_fds(&raw) };

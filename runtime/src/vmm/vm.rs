@@ -2,7 +2,7 @@
 //! together so that dropping a [`Vm`] leaves nothing behind.
 
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -194,6 +194,22 @@ fn base(ram: GuestRam) -> Result<Base, VmError> {
     Ok(Base { kvm, vm_fd, ram })
 }
 
+/// The VM's virtio-fs device and its name: serving `share`, or unattached.
+fn fs_device(
+    share: Option<&Path>,
+    device_nodes: &Arc<DeviceNodeGrants>,
+) -> Result<(String, Fs), VmError> {
+    let (name, fs) = match share {
+        Some(dir) => (
+            format!("virtio-fs {}", dir.display()),
+            Fs::with_share(SHARE_TAG, dir, Arc::clone(device_nodes)),
+        ),
+        None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
+    };
+    let fs = fs.map_err(|e| device_err(&name)(e.to_string()))?;
+    Ok((name, fs))
+}
+
 fn device_err(name: &str) -> impl Fn(String) -> VmError + '_ {
     move |cause| VmError::Device {
         name: name.to_string(),
@@ -350,14 +366,7 @@ impl Vm {
         }
         // Every VM carries one virtio-fs device: a template's guest must
         // have probed (and mounted) it for its clones to use it.
-        let (fs_name, fs) = match &cfg.share {
-            Some(dir) => (
-                format!("virtio-fs {}", dir.display()),
-                Fs::with_share(SHARE_TAG, dir, Arc::default()),
-            ),
-            None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
-        };
-        let fs = fs.map_err(|e| device_err(&fs_name)(e.to_string()))?;
+        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &Arc::default())?;
         virtio.push((fs_name, Box::new(fs)));
         // And one virtio-net device, unattached at boot for the same reason.
         virtio.push((
@@ -434,14 +443,8 @@ impl Vm {
                 "the saved VM has {fs_devices} virtio-fs devices, expected exactly 1"
             )));
         }
-        let (fs_name, fs) = match &cfg.share {
-            Some(dir) => (
-                format!("virtio-fs {}", dir.display()),
-                Fs::with_share(SHARE_TAG, dir, Arc::clone(&cfg.share_device_nodes)),
-            ),
-            None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
-        };
-        let mut fs = Some(fs.map_err(|e| device_err(&fs_name)(e.to_string()))?);
+        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &cfg.share_device_nodes)?;
+        let mut fs = Some(fs);
         let net_devices = state
             .devices
             .iter()

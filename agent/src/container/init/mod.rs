@@ -16,9 +16,10 @@ mod seccomp;
 mod sync;
 mod syscalls;
 
-use super::plan::{InitPlan, PlanKind, StageMsg, StageTimes};
+use super::plan::{InitPlan, PlanKind, StageMsg};
 use anyhow::{bail, Context, Result};
 use errors::errno_text;
+use jevm_protocol::CreateTimes;
 use namespaces::Forked;
 use oci_spec::runtime::{Process, Spec};
 use std::path::Path;
@@ -46,7 +47,7 @@ pub fn main() -> ! {
 
 enum Never {}
 
-/// Microseconds between laps, for the stage's [`StageTimes`].
+/// Microseconds between laps, for the stage's steps of [`CreateTimes`].
 struct Clock(std::time::Instant);
 
 impl Clock {
@@ -56,9 +57,9 @@ impl Clock {
 
     fn lap(&mut self) -> u64 {
         let now = std::time::Instant::now();
-        let us = now.duration_since(self.0).as_micros();
+        let us = super::micros(now.duration_since(self.0));
         self.0 = now;
-        u64::try_from(us).unwrap_or(u64::MAX)
+        us
     }
 }
 
@@ -120,11 +121,12 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
         process::set_limits(process)?;
     }
     let prepared = process::prepare(process, spec, terminal)?;
-    let times = StageTimes {
+    let times = CreateTimes {
         namespaces_us,
         pid_fork_us,
         mounts_us,
         process_us: clock.lap(),
+        ..CreateTimes::default()
     };
     sync.send(&StageMsg::Ready { times })?;
     sync.wait_start()?;
@@ -159,11 +161,11 @@ fn exec(
         process::set_limits(process)?;
     }
     let prepared = process::prepare(process, spec, terminal)?;
-    let times = StageTimes {
+    let times = CreateTimes {
         namespaces_us,
         pid_fork_us,
-        mounts_us: 0,
         process_us: clock.lap(),
+        ..CreateTimes::default()
     };
     sync.send(&StageMsg::Ready { times })?;
     sync.wait_start()?;

@@ -122,20 +122,16 @@ const FUSE_MAJOR: u32 = 7;
 /// `FUSE_INIT_EXT`: the INIT carries a second word of flags.
 const FUSE_INIT_EXT: u64 = 1 << 30;
 
-/// The session `request` opens if it is an INIT the server will accept.
-fn init_session(request: &Reader<'_, ()>) -> Option<FuseSession> {
-    let mut r = request.clone();
-    let header: InHeader = r.read_obj().ok()?;
-    if header.opcode != Opcode::Init as u32 {
-        return None;
-    }
-    let init: InitIn = r.read_obj().ok()?;
+/// The session an INIT opens (`args`: its body) if the server will accept
+/// it.
+fn init_session(args: &mut Reader<'_, ()>) -> Option<FuseSession> {
+    let init: InitIn = args.read_obj().ok()?;
     if init.major != FUSE_MAJOR {
         return None;
     }
     let mut flags = u64::from(init.flags);
     if flags & FUSE_INIT_EXT != 0 {
-        let more: InitIn2 = r.read_obj().ok()?;
+        let more: InitIn2 = args.read_obj().ok()?;
         flags |= u64::from(more.flags2) << 32;
     }
     Some(FuseSession {
@@ -159,19 +155,15 @@ impl FileSystem for Unattached {
     }
 }
 
-/// The MKNOD in `request` when it would make a device node the pod was not
-/// granted: its header, to answer it, and the node asked for.
-fn refused_mknod(request: &Reader<'_, ()>, grants: &DeviceNodeGrants) -> Option<InHeader> {
-    // A copy: the server reads the request from its start.
-    let mut r = request.clone();
-    let header: InHeader = r.read_obj().ok()?;
-    if header.opcode != Opcode::Mknod as u32 {
-        return None;
-    }
+/// Whether a MKNOD (`args`: its body) would make a device node the pod was
+/// not granted (logged, with the node asked for).
+fn refused_mknod(args: &mut Reader<'_, ()>, grants: &DeviceNodeGrants) -> bool {
     // Too short a request is the server's to refuse.
-    let args: MknodIn = r.read_obj().ok()?;
+    let Ok(args) = args.read_obj::<MknodIn>() else {
+        return false;
+    };
     if grants.allows_mknod(args.mode, args.rdev) {
-        return None;
+        return false;
     }
     guest_warn!(
         grants.refusals(),
@@ -180,7 +172,7 @@ fn refused_mknod(request: &Reader<'_, ()>, grants: &DeviceNodeGrants) -> Option<
         libc::minor(args.rdev.into()),
         args.mode
     );
-    Some(header)
+    true
 }
 
 /// Answers `request` with `-errno` and no body; returns the reply's length.
@@ -306,22 +298,34 @@ impl Backend {
                 device_nodes,
                 session,
                 ..
-            } => match refused_mknod(&reader, device_nodes) {
-                Some(refusal) => {
-                    reply_error(&mut writer, refusal, libc::EPERM).map_err(|e| e.to_string())
-                }
-                None => {
-                    // Recorded whether or not the file system agrees: only
-                    // a template whose guest mounted the share is saved
-                    // with it, and a clone's device repeats the INIT.
-                    if let Some(opened) = init_session(&reader) {
-                        *session.lock().unwrap() = Some(opened);
+            } => {
+                // One look at the header, on a copy: the server reads the
+                // request from its start.
+                let mut args = reader.clone();
+                let header = args.read_obj::<InHeader>().ok();
+                match header {
+                    Some(h)
+                        if h.opcode == Opcode::Mknod as u32
+                            && refused_mknod(&mut args, device_nodes) =>
+                    {
+                        reply_error(&mut writer, h, libc::EPERM).map_err(|e| e.to_string())
                     }
-                    server
-                        .handle_message(reader, writer, None, None)
-                        .map_err(|e| e.to_string())
+                    _ => {
+                        // Recorded whether or not the file system agrees:
+                        // only a template whose guest mounted the share is
+                        // saved with it, and a clone's device repeats the
+                        // INIT.
+                        if header.is_some_and(|h| h.opcode == Opcode::Init as u32) {
+                            if let Some(opened) = init_session(&mut args) {
+                                *session.lock().unwrap() = Some(opened);
+                            }
+                        }
+                        server
+                            .handle_message(reader, writer, None, None)
+                            .map_err(|e| e.to_string())
+                    }
                 }
-            },
+            }
         };
         match res {
             // A reply is at most the chain's writable length, itself < 4 GiB.
