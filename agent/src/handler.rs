@@ -20,6 +20,9 @@ pub trait Guest {
     fn read_file(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// All of `data` at `offset`, flushed to the device before returning.
     fn write_file(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// `data` stored at the start of an existing file through a shared
+    /// writable mapping, left mapped and dirty (no msync, no fsync).
+    fn write_mapped(&self, path: &str, data: &[u8]) -> io::Result<()>;
     /// Sends `data` to the host's vsock `port` and returns its answer, at
     /// most `limit` bytes.
     fn dial_host(&self, port: u32, data: &[u8], limit: usize) -> io::Result<Vec<u8>>;
@@ -89,6 +92,12 @@ fn handle_diag(guest: &impl Guest, diag: Diag) -> Response {
                 len: data.len() as u64,
             },
             Err(e) => error(format!("write {path}: {e}")),
+        },
+        Diag::WriteMapped { path, data } => match guest.write_mapped(&path, &data) {
+            Ok(()) => Response::Written {
+                len: data.len() as u64,
+            },
+            Err(e) => error(format!("write {path} through a mapping: {e}")),
         },
         Diag::DialHost { port, data } => match guest.dial_host(port, &data, MAX_DIAL_ANSWER) {
             Ok(bytes) => Response::Bytes(bytes),
@@ -180,6 +189,9 @@ mod tests {
             self.result(Vec::new())
         }
         fn write_file(&self, _: &str, _: u64, _: &[u8]) -> io::Result<()> {
+            self.result(())
+        }
+        fn write_mapped(&self, _: &str, _: &[u8]) -> io::Result<()> {
             self.result(())
         }
         fn dial_host(&self, _: u32, data: &[u8], _: usize) -> io::Result<Vec<u8>> {

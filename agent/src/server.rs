@@ -158,6 +158,11 @@ fn serve_connection(mut stream: impl Connection, system: &System, containers: &S
         } else {
             handle(system, request)
         };
+        if response == Response::ShuttingDown {
+            // Before the answer: the host may stop the VM as soon as it has
+            // it (see `Request::Shutdown`).
+            system.sync();
+        }
         if let Err(e) = write_frame(&mut stream, &response) {
             debug!("answering the host: {e}");
             return;

@@ -53,6 +53,13 @@ impl System {
         self
     }
 
+    /// Writes every file system's dirty data out: for the share, to the
+    /// host (shared writable mappings of its files are the only data a
+    /// guest holds back; its writes go through).
+    pub fn sync(&self) {
+        nix::unistd::sync();
+    }
+
     /// Flushes file systems and stops the VM. Returns only if that failed.
     /// Outside PID 1 (development) the process exits instead.
     pub fn power_off(&self) {
@@ -106,6 +113,45 @@ impl Guest for System {
         let file = options.open(path)?;
         file.write_all_at(data, offset)?;
         file.sync_all()
+    }
+
+    fn write_mapped(&self, path: &str, data: &[u8]) -> io::Result<()> {
+        use nix::sys::mman::{mmap, MapFlags, ProtFlags};
+        let Some(len) = std::num::NonZeroUsize::new(data.len()) else {
+            return Ok(());
+        };
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        if file.metadata()?.len() < data.len() as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("shorter than the {} bytes to write", data.len()),
+            ));
+        }
+        // SAFETY: a new shared mapping of `len` bytes of a file at least
+        // that long, not aliased by any Rust reference; it is written
+        // through the raw pointer only and never unmapped (below).
+        let addr = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }?;
+        // SAFETY: `addr` maps `len` = data.len() writable bytes (above);
+        // `data` is a separate allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), addr.as_ptr().cast::<u8>(), data.len())
+        };
+        // The mapping and the file stay open for as long as the agent
+        // lives: FUSE writes a file's dirty pages back when a mapping of
+        // it is unmapped and when the file is closed, so only both kept
+        // leave the data in the guest alone. (A diagnostic; each call
+        // keeps one of each.)
+        std::mem::forget(file);
+        Ok(())
     }
 
     fn dial_host(&self, port: u32, data: &[u8], limit: usize) -> io::Result<Vec<u8>> {

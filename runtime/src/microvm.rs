@@ -188,6 +188,22 @@ impl MicroVm {
         reason.unwrap_or(StopReason::HostRequest)
     }
 
+    /// Has the agent flush the guest's file systems, then stops the VM
+    /// without waiting for the guest's own power-off: once the agent has
+    /// answered `Shutdown` nothing in the guest is left to lose, and the
+    /// guest kernel's reboot path is guest work on the critical path of
+    /// every container removal (~140 ms in the KVM test host). Without an
+    /// answer the VM is stopped all the same. Returns why the VM stopped
+    /// (`HostRequest`, unless it had stopped by itself before).
+    pub fn discard(mut self) -> StopReason {
+        if let Err(e) = self.agent_shutdown() {
+            log::warn!("asking the agent to flush and shut down: {e}");
+        }
+        let vm = self.vm.as_mut().expect("vm present until drop");
+        vm.stop();
+        vm.stop_reason().unwrap_or(StopReason::HostRequest)
+    }
+
     fn agent_shutdown(&self) -> Result<(), AgentError> {
         let mut a = self.agent()?;
         match a.call(&Request::Shutdown)? {

@@ -353,8 +353,9 @@ impl Pod {
         Ok((pod, times))
     }
 
-    /// Powers the VM off (forcibly after a few seconds) and waits for its
-    /// threads; the VM's run directory goes with it. Idempotent.
+    /// Has the guest flush its file systems and stops the VM (see
+    /// `MicroVm::discard`), waiting for its threads; the VM's run
+    /// directory goes with it. Idempotent.
     pub async fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         let Some(life) = &self.life else {
@@ -373,7 +374,7 @@ impl Pod {
                     drop(vm);
                     None
                 } else {
-                    Some(vm.shutdown(Duration::from_secs(5)))
+                    Some(vm.discard())
                 }
             })
             .await;

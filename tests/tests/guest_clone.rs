@@ -11,6 +11,7 @@ use jevm_protocol::{Diag, Request, Response, SHARE_MOUNT};
 use jevm_runtime::clone::{build_template, clone_from, CloneOptions};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{Template, TemplateSpec, TemplateStore};
+use jevm_runtime::vmm::StopReason;
 use jevm_tests::{footprint, guest_artifacts, leak_since};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -496,7 +497,34 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
         other => panic!("unshared clone read the share: {other:?}"),
     }
 
-    vm.shutdown(Duration::from_secs(30));
+    // What the guest holds back (a shared mapping's dirty pages, which
+    // the share's write-through does not cover) is on the host once
+    // `discard` returns: the agent flushes before it answers `Shutdown`,
+    // and the VM is stopped without waiting for the guest's power-off.
+    std::fs::write(share.join("mapped"), [b'.'; 4096]).unwrap();
+    let dirty = b"dirty in the guest";
+    assert_eq!(
+        vm.agent()
+            .unwrap()
+            .call(&Request::Diag(Diag::WriteMapped {
+                path: at("mapped"),
+                data: dirty.to_vec(),
+            }))
+            .unwrap(),
+        Response::Written { len: 18 }
+    );
+    assert_eq!(
+        std::fs::read(share.join("mapped")).unwrap()[..18],
+        [b'.'; 18],
+        "the mapping's write reached the host before any flush"
+    );
+    assert_eq!(vm.discard(), StopReason::HostRequest);
+    assert_eq!(
+        std::fs::read(share.join("mapped")).unwrap()[..18],
+        dirty[..],
+        "the guest's dirty page was lost when the VM was discarded"
+    );
+
     plain.shutdown(Duration::from_secs(30));
     assert_eq!(
         leak_since(&before, Duration::from_secs(2)),

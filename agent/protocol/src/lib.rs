@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 
 /// Bumped on every incompatible change to [`Request`] or [`Response`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// vsock port the agent listens on for host requests.
 pub const AGENT_PORT: u32 = 1024;
@@ -51,7 +51,9 @@ pub enum Request {
     Version,
     /// Liveness check; the agent echoes the nonce.
     Ping { nonce: u64 },
-    /// Flush file systems and power the guest off (the VM exits).
+    /// Flush file systems, answer `ShuttingDown`, and power the guest off
+    /// (the VM exits). The answer comes only after the flush, so the host
+    /// may stop the VM as soon as it has it: nothing is left to lose.
     Shutdown,
     /// Diagnostics used by the test suite and `jevm` itself.
     Diag(Diag),
@@ -298,6 +300,11 @@ pub enum Diag {
         offset: u64,
         data: Vec<u8>,
     },
+    /// Write `data` at the start of an existing guest file through a shared
+    /// writable mapping, without `msync`, and keep the mapping: the guest
+    /// holds the data as dirty pages until its own writeback or a sync
+    /// (tests of what a shutdown flushes).
+    WriteMapped { path: String, data: Vec<u8> },
     /// Connect to the host (CID 2) on `port`, send `data`, and return what
     /// the host answers before it closes the connection (at most 64 KiB).
     DialHost { port: u32, data: Vec<u8> },
