@@ -9,7 +9,7 @@
 //! mapping).
 
 use super::errors::{io_err, os_err};
-use super::mounts::secure_join;
+use super::mounts::{ensure_dir, secure_join};
 use anyhow::{bail, Result};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
@@ -131,8 +131,7 @@ fn device_path(rootfs: &Path, path: &Path) -> Result<std::path::PathBuf> {
     let shown = path.display().to_string();
     let dest = secure_join(rootfs, path)?;
     if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| io_err(format!("device {shown:?}: mkdir"), &e))?;
+        ensure_dir(parent).map_err(|e| io_err(format!("device {shown:?}: mkdir"), &e))?;
     }
     match std::fs::remove_file(&dest) {
         Ok(()) => Ok(dest),

@@ -237,7 +237,7 @@ pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<()> {
     }
     if let Some(process) = spec.process() {
         let cwd = secure_join(&rootfs, process.cwd())?;
-        std::fs::create_dir_all(&cwd).map_err(|e| {
+        ensure_dir(&cwd).map_err(|e| {
             io_err(
                 format!("mkdir cwd {:?}", process.cwd().display().to_string()),
                 &e,
@@ -340,10 +340,10 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
 /// Creates a mount point: a directory, or an empty file for a file bind.
 fn make_target(dest: &Path, dir: bool) -> std::io::Result<()> {
     if dir {
-        return std::fs::create_dir_all(dest);
+        return ensure_dir(dest);
     }
     if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent)?;
+        ensure_dir(parent)?;
     }
     match std::fs::symlink_metadata(dest) {
         Ok(_) => Ok(()),
@@ -353,6 +353,19 @@ fn make_target(dest: &Path, dir: bool) -> std::io::Result<()> {
             .write(true)
             .open(dest)
             .map(drop),
+    }
+}
+
+/// `create_dir_all`, but a directory already there is only looked at.
+/// `mkdir` of an existing path in the rootfs is not free: the kernel
+/// revalidates the last component with `LOOKUP_EXCL`, which FUSE always
+/// answers with a LOOKUP round trip to the host (every mount point and
+/// every device node's parent paid one), where a `stat` is answered from
+/// the guest's cache.
+pub(super) fn ensure_dir(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        _ => std::fs::create_dir_all(path),
     }
 }
 
