@@ -179,6 +179,10 @@ pub struct MmioState {
     /// been reset since.
     pub activated: bool,
     pub queues: Vec<MmioQueueState>,
+    /// SHMSel: the shared memory region the SHMLen/SHMBase reads describe
+    /// (absent from templates saved before devices had regions).
+    #[serde(default)]
+    pub shm_sel: u32,
 }
 
 /// A virtio device behind a virtio-mmio (version 2) register window.
@@ -408,8 +412,20 @@ impl MmioTransport {
             REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
             REG_INTERRUPT_STATUS => self.irq.status(),
             REG_STATUS => self.state.status,
-            // No shared memory regions: the spec's "length -1" says so.
-            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
+            // A region the device does not have reads as length and base
+            // all ones (virtio 1.2, 4.2.2.1).
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => {
+                let (base, len) = self
+                    .device
+                    .shm_region(self.state.shm_sel)
+                    .unwrap_or((u64::MAX, u64::MAX));
+                match offset {
+                    REG_SHM_LEN_LOW => len as u32,
+                    REG_SHM_LEN_HIGH => (len >> 32) as u32,
+                    REG_SHM_BASE_LOW => base as u32,
+                    _ => (base >> 32) as u32,
+                }
+            }
             REG_CONFIG_GENERATION => self.state.config_generation,
             _ => {
                 debug!(
@@ -468,8 +484,7 @@ impl MmioTransport {
             REG_QUEUE_NOTIFY => self.queue_notify(value),
             REG_INTERRUPT_ACK => self.irq.ack(value),
             REG_STATUS => self.write_status(value),
-            // There are no regions to select; the Len/Base reads say so.
-            REG_SHM_SEL => {}
+            REG_SHM_SEL => self.state.shm_sel = value,
             _ => debug!(
                 "{}: write of read-only or unknown register {offset:#x}",
                 self.name()
@@ -781,9 +796,15 @@ mod tests {
         inline: bool,
     }
 
+    /// The fake's one shared memory region: id 1 (0 is absent).
+    const FAKE_SHM: (u64, u64) = (0x4_1234_5000, 0x1_2000_0000);
+
     impl VirtioDevice for FakeDevice {
         fn device_type(&self) -> u32 {
             2
+        }
+        fn shm_region(&self, id: u32) -> Option<(u64, u64)> {
+            (id == 1).then_some(FAKE_SHM)
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &self.queue_sizes
@@ -912,6 +933,34 @@ mod tests {
         assert_eq!(f.r(REG_DEVICE_ID), 2);
         assert_eq!(f.r(REG_VENDOR_ID), VENDOR_ID);
         assert_eq!(f.r(REG_SHM_LEN_LOW), u32::MAX);
+    }
+
+    #[test]
+    fn shared_memory_registers_describe_the_selected_region_or_all_ones() {
+        let mut f = fixture();
+        let regs = |f: &mut Fixture| {
+            [
+                REG_SHM_LEN_LOW,
+                REG_SHM_LEN_HIGH,
+                REG_SHM_BASE_LOW,
+                REG_SHM_BASE_HIGH,
+            ]
+            .map(|r| f.r(r))
+        };
+        assert_eq!(regs(&mut f), [u32::MAX; 4], "region 0 is absent");
+        f.w(REG_SHM_SEL, 1);
+        let (base, len) = FAKE_SHM;
+        assert_eq!(
+            regs(&mut f),
+            [
+                len as u32,
+                (len >> 32) as u32,
+                base as u32,
+                (base >> 32) as u32
+            ]
+        );
+        f.w(REG_SHM_SEL, u32::MAX);
+        assert_eq!(regs(&mut f), [u32::MAX; 4]);
     }
 
     #[test]

@@ -110,6 +110,11 @@ pub trait VirtioDevice: Send {
     fn serves_queues_inline(&self) -> bool {
         false
     }
+    /// Shared memory region `id` (virtio 1.2, 2.10): guest-physical base
+    /// and length. None: the device has no such region.
+    fn shm_region(&self, _id: u32) -> Option<(u64, u64)> {
+        None
+    }
     /// The driver notified queue `index` (devices that serve inline only;
     /// called on the vCPU, with the transport locked).
     fn queue_notify(&mut self, _index: u32) {}
