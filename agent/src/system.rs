@@ -230,14 +230,27 @@ impl Guest for System {
         std::fs::create_dir_all(target).map_err(|e| failed("mkdir", e))?;
         // nodev/nosuid: the share carries host files; device nodes and
         // set-id bits in it must not act in the guest's root namespace.
-        mount(
+        let flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+        // dax=always: files are mapped from the host's page cache through
+        // the device's window instead of copied into this guest's memory
+        // (the VMM's devices/fs/dax.rs). A kernel built without FUSE_DAX,
+        // or a device without a window, refuses it with EINVAL; the share
+        // then works as before, only with its pages in the guest.
+        match mount(
             Some(tag),
             target,
             Some("virtiofs"),
-            MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
-            None::<&str>,
-        )
-        .map_err(|e| failed("mount", e.into()))?;
+            flags,
+            Some("dax=always"),
+        ) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EINVAL) => {
+                info!("virtio-fs {tag:?}: no DAX (the kernel or the device has none); mounting without");
+                mount(Some(tag), target, Some("virtiofs"), flags, None::<&str>)
+                    .map_err(|e| failed("mount", e.into()))?;
+            }
+            Err(e) => return Err(failed("mount", e.into())),
+        }
         // The kernel sends FUSE_INIT in the background; a STATFS waits for
         // its answer, so a template is saved with the session open (and a
         // session the device refused fails here, not at first use).

@@ -301,9 +301,9 @@ pub enum Diag {
         data: Vec<u8>,
     },
     /// Write `data` at the start of an existing guest file through a shared
-    /// writable mapping, without `msync`, and keep the mapping: the guest
-    /// holds the data as dirty pages until its own writeback or a sync
-    /// (tests of what a shutdown flushes).
+    /// writable mapping, without `msync`, and keep the mapping (tests of
+    /// where such writes go: in the share, DAX puts them in the host file
+    /// at once; elsewhere they are dirty guest pages until writeback).
     WriteMapped { path: String, data: Vec<u8> },
     /// Connect to the host (CID 2) on `port`, send `data`, and return what
     /// the host answers before it closes the connection (at most 64 KiB).

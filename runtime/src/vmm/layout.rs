@@ -45,6 +45,19 @@ pub const MIN_MEM_MIB: u32 = 32;
 /// Largest guest RAM that fits below the MMIO window without a second slot.
 pub const MAX_MEM_MIB: u32 = 3072;
 
+/// Where the virtio-fs DAX window (devices/fs/dax.rs) sits in guest-physical
+/// memory: above 4 GiB, clear of RAM (capped below the MMIO window) and of
+/// every MMIO address; 128 MiB-aligned, as the guest's memory hotplug wants
+/// for the struct pages it makes for the window.
+pub const DAX_WINDOW_BASE: u64 = 1 << 32;
+/// The window's size: room for 128 of the guest's 2 MiB mapping ranges (it
+/// recycles the least recently used when they run out). The guest spends
+/// 64 bytes of its RAM per 4 KiB of window on struct pages (4 MiB here),
+/// written once in the template and shared by its clones.
+pub const DAX_WINDOW_SIZE: u64 = 256 << 20;
+/// Its KVM memory slot; guest RAM is always the one slot 0.
+pub const DAX_WINDOW_SLOT: u32 = 1;
+
 /// Virtio device `index`'s MMIO base and GSI.
 pub fn virtio_slot(index: u32) -> (u64, u32) {
     (

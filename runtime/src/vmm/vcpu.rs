@@ -517,6 +517,13 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) -> Vcpu
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
             }
+            // EFAULT: the guest touched memory the host could not back; the
+            // one way a well-behaved guest gets here is a share file it
+            // maps through the DAX window being truncated on the host.
+            Err(e) if e.errno() == libc::EFAULT => ctl.request_stop(StopReason::Fault(format!(
+                "vCPU {id}: KVM_RUN failed: {e} (guest memory the host cannot back, e.g. a \
+                 virtio-fs DAX mapping of a share file truncated on the host)"
+            ))),
             Err(e) => {
                 ctl.request_stop(StopReason::Fault(format!("vCPU {id}: KVM_RUN failed: {e}")))
             }

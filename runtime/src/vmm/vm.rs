@@ -21,7 +21,7 @@ use super::boot::{self, BootError};
 use super::bus::Bus;
 use super::devices::balloon::{Balloon, FreedPages, VIRTIO_ID_BALLOON};
 use super::devices::block::Block;
-use super::devices::fs::{DeviceNodeGrants, Fs, VIRTIO_ID_FS};
+use super::devices::fs::{DaxWindow, DeviceNodeGrants, Fs, VIRTIO_ID_FS};
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
 use super::devices::net::{Net, VIRTIO_ID_NET};
 use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleNote, ConsoleSink, COM1_IRQ};
@@ -166,6 +166,8 @@ pub struct Vm {
     bus: Arc<Bus>,
     vm_fd: Option<VmFd>,
     ram: Option<GuestRam>,
+    /// Dropped after `vm_fd`, like `ram`: KVM maps it as guest memory.
+    dax: Option<Arc<DaxWindow>>,
 }
 
 /// The parts boot and restore build the same way.
@@ -173,13 +175,26 @@ struct Base {
     kvm: Kvm,
     vm_fd: VmFd,
     ram: GuestRam,
+    dax: Arc<DaxWindow>,
 }
 
-fn base(ram: GuestRam) -> Result<Base, VmError> {
+/// The DAX window every VM has (devices/fs/dax.rs), made before its VM so
+/// that the devices can be built first.
+fn dax_window() -> Result<Arc<DaxWindow>, VmError> {
+    DaxWindow::new(layout::DAX_WINDOW_SIZE)
+        .map(Arc::new)
+        .map_err(|e| device_err("virtio-fs DAX window")(e.to_string()))
+}
+
+fn base(ram: GuestRam, dax: Arc<DaxWindow>) -> Result<Base, VmError> {
     let (kvm, vm_fd) = super::ahead::take_or_create()?;
     // Guest memory before the irqchip: registering a slot right after
     // KVM_CREATE_IRQCHIP was measured to stall for milliseconds.
     memory::register(&vm_fd, &ram.mem)?;
+    // Every VM has the window, so a template's guest sets it up at boot
+    // and its clones find it where the guest expects it.
+    dax.register(&vm_fd, layout::DAX_WINDOW_SLOT)
+        .map_err(|e| device_err("virtio-fs DAX window")(e.to_string()))?;
     vm_fd
         .set_tss_address(KVM_TSS_ADDR)
         .map_err(kvm_err("set the TSS address"))?;
@@ -191,20 +206,30 @@ fn base(ram: GuestRam) -> Result<Base, VmError> {
         ..Default::default()
     };
     vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-    Ok(Base { kvm, vm_fd, ram })
+    Ok(Base {
+        kvm,
+        vm_fd,
+        ram,
+        dax,
+    })
 }
 
 /// The VM's virtio-fs device and its name: serving `share`, or unattached.
 fn fs_device(
     share: Option<&Path>,
     device_nodes: &Arc<DeviceNodeGrants>,
+    dax: &Arc<DaxWindow>,
 ) -> Result<(String, Fs), VmError> {
+    let window = Some(Arc::clone(dax));
     let (name, fs) = match share {
         Some(dir) => (
             format!("virtio-fs {}", dir.display()),
-            Fs::with_share(SHARE_TAG, dir, Arc::clone(device_nodes)),
+            Fs::with_share(SHARE_TAG, dir, Arc::clone(device_nodes), window),
         ),
-        None => ("virtio-fs (unattached)".into(), Fs::unattached(SHARE_TAG)),
+        None => (
+            "virtio-fs (unattached)".into(),
+            Fs::unattached(SHARE_TAG, window),
+        ),
     };
     let fs = fs.map_err(|e| device_err(&name)(e.to_string()))?;
     Ok((name, fs))
@@ -354,7 +379,12 @@ impl Vm {
         // and their workers come from the spawner then.
         let ahead = jail_threads_ahead(cfg.vcpus as usize, [])?;
         vcpu::install_kick_handler();
-        let Base { kvm, vm_fd, ram } = base(memory::create(cfg.mem_mib)?)?;
+        let Base {
+            kvm,
+            vm_fd,
+            ram,
+            dax,
+        } = base(memory::create(cfg.mem_mib)?, dax_window()?)?;
 
         // Devices: vsock first so it is always virtio-mmio slot 0.
         let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
@@ -366,7 +396,7 @@ impl Vm {
         }
         // Every VM carries one virtio-fs device: a template's guest must
         // have probed (and mounted) it for its clones to use it.
-        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &Arc::default())?;
+        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &Arc::default(), &dax)?;
         virtio.push((fs_name, Box::new(fs)));
         // And one virtio-net device, unattached at boot for the same reason.
         virtio.push((
@@ -424,7 +454,7 @@ impl Vm {
             cfg.vcpus,
             cfg.mem_mib
         );
-        let vm = Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)?;
+        let vm = Self::run(kvm, vm_fd, (ram, dax), bus, console, ctl, vcpus)?;
         ahead.taken();
         Ok(vm)
     }
@@ -443,7 +473,8 @@ impl Vm {
                 "the saved VM has {fs_devices} virtio-fs devices, expected exactly 1"
             )));
         }
-        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &cfg.share_device_nodes)?;
+        let dax = dax_window()?;
+        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &cfg.share_device_nodes, &dax)?;
         let mut fs = Some(fs);
         let net_devices = state
             .devices
@@ -469,11 +500,15 @@ impl Vm {
                 .map(|d| d.device_type),
         )?;
         vcpu::install_kick_handler();
-        let Base { kvm, vm_fd, ram } = base(memory::map_template(
-            &cfg.memory,
-            cfg.memory_file.clone(),
-            state.mem_size,
-        )?)?;
+        let Base {
+            kvm,
+            vm_fd,
+            ram,
+            dax,
+        } = base(
+            memory::map_template(&cfg.memory, cfg.memory_file.clone(), state.mem_size)?,
+            dax,
+        )?;
         let chip = |what, c: &kvm_irqchip| vm_fd.set_irqchip(c).map_err(kvm_err(what));
         chip("restore the master PIC", &state.pic_master)?;
         chip("restore the slave PIC", &state.pic_slave)?;
@@ -554,7 +589,7 @@ impl Vm {
             vcpu::restore(&fd, s)?;
             vcpus.push(fd);
         }
-        let vm = Self::run(kvm, vm_fd, ram, bus, console, ctl, vcpus)?;
+        let vm = Self::run(kvm, vm_fd, (ram, dax), bus, console, ctl, vcpus)?;
         ahead.taken();
         Ok(vm)
     }
@@ -562,7 +597,7 @@ impl Vm {
     fn run(
         kvm: Kvm,
         vm_fd: VmFd,
-        ram: GuestRam,
+        (ram, dax): (GuestRam, Arc<DaxWindow>),
         bus: Arc<Bus>,
         console: Arc<Mutex<ConsoleLog>>,
         ctl: Arc<VmControl>,
@@ -577,6 +612,7 @@ impl Vm {
             bus: bus.clone(),
             vm_fd: Some(vm_fd),
             ram: Some(ram),
+            dax: Some(dax),
         };
         // The process's jail (jail/), unless its owner set one up with
         // another mode already: vCPUs run guest code from here on.
@@ -765,5 +801,6 @@ impl Drop for Vm {
         }
         self.vm_fd.take();
         self.ram.take();
+        self.dax.take();
     }
 }

@@ -17,7 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use super::*;
 use crate::vmm::devices::balloon::{Balloon, FreedPages};
 use crate::vmm::devices::block::Block;
-use crate::vmm::devices::fs::{Fs, FuseSession};
+use crate::vmm::devices::fs::{DaxWindow, Fs, FuseSession};
 use crate::vmm::devices::net::Net;
 use crate::vmm::devices::vsock::Vsock;
 
@@ -44,7 +44,8 @@ fn device(kind: Kind, dir: &Path) -> Box<dyn VirtioDevice> {
         Kind::Fs => {
             let share = dir.join("share");
             std::fs::create_dir_all(&share).unwrap();
-            Box::new(Fs::with_share("fuzz", &share, Default::default()).unwrap())
+            let window = std::sync::Arc::new(DaxWindow::new(2 << 20).unwrap());
+            Box::new(Fs::with_share("fuzz", &share, Default::default(), Some(window)).unwrap())
         }
         Kind::Net => Box::new(Net::unattached()),
         Kind::Vsock => Box::new(Vsock::new(3, dir.join("vsock.sock")).unwrap()),
@@ -263,6 +264,7 @@ fn saved_state() -> impl Strategy<Value = MmioDeviceState> {
                         config_generation: 0,
                         activated,
                         queues,
+                        shm_sel: qsel.rotate_left(16),
                     },
                     interrupt_status: isr,
                     queues: pos

@@ -181,7 +181,8 @@ proptest! {
         std::fs::create_dir(share.join("d")).unwrap();
         let before = outside(dir.path());
 
-        let fs = Fs::with_share("fuzz", &share, Arc::default()).unwrap();
+        let window = Arc::new(DaxWindow::new(8 << 20).unwrap());
+        let fs = Fs::with_share("fuzz", &share, Arc::default(), Some(window)).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
         init(&fs.backend, &mem);
         for (i, h) in requests.iter().enumerate() {

@@ -46,12 +46,19 @@
 //!   128 KiB: 1 MiB made exec fault a binary in with fewer, larger reads,
 //!   but cost an idle pod 0.5 MiB more guest page cache and no time that
 //!   `hack/bench ctr` could tell from its noise.
+//! - File data through DAX (`dax.rs`): the guest mounts the share with
+//!   `dax=always` and maps file ranges (2 MiB at a time) from the host's
+//!   page cache into the device's window instead of reading them into its
+//!   own. A guest write, through `write` or a shared mapping, is in the
+//!   host file at once; a host-side change is seen by the guest at once;
+//!   a container's executables cost the pod no guest memory and are shared
+//!   with every pod of the same image. A guest without DAX falls back to
+//!   the page cache, with the policy below.
 //! - Cache policy `auto` with 1 s attribute and entry timeouts, no writeback
-//!   cache, no DAX (the transport offers no shared-memory region): guest
-//!   writes reach the host file before the write call returns; a host-side
-//!   change is seen by the guest at the next open of the file (its page
-//!   cache is dropped on every open) and in metadata and directory entries
-//!   within a second. `never` (no guest page cache at all) would make
+//!   cache: guest writes reach the host file before the write call
+//!   returns; a host-side change is seen by the guest at the next open of
+//!   the file (its page cache is dropped on every open) and in metadata
+//!   and directory entries within a second. `never` (no guest page cache at all) would make
 //!   `mmap(MAP_SHARED)` of share files fail in the guest with ENODEV (this
 //!   server does not negotiate FUSE_DIRECT_IO_ALLOW_MMAP), which programs in
 //!   a container rootfs rely on; `always` and writeback would let the guest
@@ -76,12 +83,15 @@ use fuse_backend_rs::abi::fuse_abi::{
 use fuse_backend_rs::api::filesystem::{FileSystem, FsOptions};
 use fuse_backend_rs::api::server::{Server, MAX_BUFFER_SIZE, MAX_REQ_PAGES};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use fuse_backend_rs::transport::{FsCacheReqHandler, Reader, VirtioFsWriter, Writer};
 use log::{debug, error, warn};
 
+mod dax;
 mod device_nodes;
 #[cfg(test)]
 mod fuzz;
+pub use dax::DaxWindow;
+use dax::WindowHandler;
 pub use device_nodes::{DeviceKind, DeviceNodeGrants, DeviceRule};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -269,6 +279,8 @@ enum Backend {
         device_nodes: Arc<DeviceNodeGrants>,
         /// The guest's last INIT (see [`FuseSession`]).
         session: std::sync::Mutex<Option<FuseSession>>,
+        /// Where SETUPMAPPING puts files (none: the guest is refused).
+        window: Option<Arc<DaxWindow>>,
     },
 }
 
@@ -276,6 +288,7 @@ impl Backend {
     fn for_share(
         share: Option<&Path>,
         device_nodes: &Arc<DeviceNodeGrants>,
+        window: Option<&Arc<DaxWindow>>,
     ) -> Result<Backend, FsError> {
         let Some(dir) = share else {
             return Ok(Backend::Unattached(Server::new(Unattached)));
@@ -312,6 +325,7 @@ impl Backend {
             fs,
             device_nodes: Arc::clone(device_nodes),
             session: Default::default(),
+            window: window.cloned(),
         })
     }
 
@@ -370,7 +384,15 @@ impl Backend {
                 fs,
                 device_nodes,
                 session,
+                window,
             } => {
+                let serve = |reader, writer| {
+                    let mut mapper = window.as_ref().map(|w| WindowHandler(Arc::clone(w)));
+                    let vu_req = mapper.as_mut().map(|m| m as &mut dyn FsCacheReqHandler);
+                    server
+                        .handle_message(reader, writer, vu_req, None)
+                        .map_err(|e| e.to_string())
+                };
                 // One look at the header, on a copy: the server reads the
                 // request from its start.
                 let mut args = reader.clone();
@@ -393,18 +415,12 @@ impl Backend {
                                 answer_init(fs, &mut writer, h, opened, max_readahead)
                                     .map_err(|e| e.to_string())
                             } else {
-                                server
-                                    .handle_message(reader, writer, None, None)
-                                    .map_err(|e| e.to_string())
+                                serve(reader, writer)
                             }
                         }
-                        None => server
-                            .handle_message(reader, writer, None, None)
-                            .map_err(|e| e.to_string()),
+                        None => serve(reader, writer),
                     },
-                    _ => server
-                        .handle_message(reader, writer, None, None)
-                        .map_err(|e| e.to_string()),
+                    _ => serve(reader, writer),
                 }
             }
         };
@@ -427,22 +443,25 @@ pub struct Fs {
     backend: Arc<Backend>,
     acked_features: u64,
     worker: Option<WorkerThread<Worker>>,
+    /// The DAX window offered as shared memory region 0 (see dax.rs).
+    window: Option<Arc<DaxWindow>>,
 }
 
 impl Fs {
     /// A device with no directory behind it (every boot and template VM).
-    pub fn unattached(tag: &str) -> Result<Fs, FsError> {
-        Self::build(tag, None, Arc::default())
+    pub fn unattached(tag: &str, window: Option<Arc<DaxWindow>>) -> Result<Fs, FsError> {
+        Self::build(tag, None, Arc::default(), window)
     }
 
     /// A device serving `share` (a directory; symlinks in the path are
     /// resolved once, here, by the host), where the guest may create the
     /// device nodes `device_nodes` grants (its owner changes them as
-    /// containers come and go).
+    /// containers come and go), and may map files into `window`.
     pub fn with_share(
         tag: &str,
         share: &Path,
         device_nodes: Arc<DeviceNodeGrants>,
+        window: Option<Arc<DaxWindow>>,
     ) -> Result<Fs, FsError> {
         let fail = |cause: String| FsError::Share {
             path: share.to_owned(),
@@ -453,13 +472,14 @@ impl Fs {
         if !meta.is_dir() {
             return Err(fail("not a directory".into()));
         }
-        Self::build(tag, Some(dir), device_nodes)
+        Self::build(tag, Some(dir), device_nodes, window)
     }
 
     fn build(
         tag: &str,
         share: Option<PathBuf>,
         device_nodes: Arc<DeviceNodeGrants>,
+        window: Option<Arc<DaxWindow>>,
     ) -> Result<Fs, FsError> {
         if tag.is_empty() || tag.len() > TAG_LEN {
             return Err(FsError::Tag(tag.to_owned()));
@@ -468,12 +488,17 @@ impl Fs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Ok(Fs {
-            backend: Arc::new(Backend::for_share(share.as_deref(), &device_nodes)?),
+            backend: Arc::new(Backend::for_share(
+                share.as_deref(),
+                &device_nodes,
+                window.as_ref(),
+            )?),
             share,
             device_nodes,
             config,
             acked_features: 0,
             worker: None,
+            window,
         })
     }
 
@@ -516,6 +541,14 @@ impl VirtioDevice for Fs {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         super::read_config_space(&self.config, offset, data);
+    }
+
+    /// Region 0 is the cache, the DAX window (virtio 1.2, 5.11.5).
+    fn shm_region(&self, id: u32) -> Option<(u64, u64)> {
+        match (id, &self.window) {
+            (0, Some(w)) => Some((crate::vmm::layout::DAX_WINDOW_BASE, w.size())),
+            _ => None,
+        }
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -587,10 +620,22 @@ impl VirtioDevice for Fs {
         // session's inodes and open files must not outlive it.
         // The driver resets from a vCPU, whose jail opens no files: the
         // new session is opened outside it.
-        let (share, nodes) = (self.share.clone(), self.device_nodes.clone());
-        let fresh = crate::jail::outside(move || Backend::for_share(share.as_deref(), &nodes))
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        // Nor may its mappings: the new session starts with an empty window.
+        if let Some(w) = &self.window {
+            if let Err(e) = w.unmap(0, w.size()) {
+                warn!("{}: emptying the DAX window: {e}", self.name());
+            }
+        }
+        let (share, nodes, window) = (
+            self.share.clone(),
+            self.device_nodes.clone(),
+            self.window.clone(),
+        );
+        let fresh = crate::jail::outside(move || {
+            Backend::for_share(share.as_deref(), &nodes, window.as_ref())
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
         self.backend = Arc::new(fresh.unwrap_or_else(|e| {
             warn!("{e}; the device is unattached from now on");
             Backend::Unattached(Server::new(Unattached))
@@ -847,6 +892,61 @@ mod tests {
         )
     }
 
+    #[test]
+    fn the_guest_maps_share_files_into_the_dax_window_and_nothing_else() {
+        use fuse_backend_rs::abi::virtio_fs::{RemovemappingIn, RemovemappingOne, SetupmappingIn};
+        let (_dir, share) = scratch();
+        let window = Arc::new(DaxWindow::new(4 << 20).unwrap());
+        let fs = Fs::with_share(TAG, &share, Arc::default(), Some(Arc::clone(&window))).unwrap();
+        assert_eq!(
+            fs.shm_region(0),
+            Some((crate::vmm::layout::DAX_WINDOW_BASE, 4 << 20))
+        );
+        assert_eq!(fs.shm_region(1), None);
+        assert_eq!(Fs::unattached(TAG, None).unwrap().shm_region(0), None);
+
+        let (backend, mem) = (backend_of(&fs), guest_memory());
+        assert_eq!(init(backend, &mem).error, 0);
+        let node = lookup(backend, &mem, ROOT_ID, "hello").unwrap().nodeid;
+        let fh = open(backend, &mem, node, libc::O_RDONLY).unwrap();
+        let setup = |moffset: u64, len: u64| {
+            let body = SetupmappingIn {
+                fh,
+                foffset: 0,
+                len,
+                flags: 0,
+                moffset,
+            };
+            call(backend, &mem, Opcode::SetupMapping, node, body.as_slice())
+                .0
+                .error
+        };
+        assert_eq!(setup(2 << 20, 2 << 20), 0);
+        // SAFETY: the window's first page at 2 MiB now maps the file.
+        let seen = unsafe { std::slice::from_raw_parts(window.host_ptr().add(2 << 20), 19) };
+        assert_eq!(seen, b"hello from the host");
+        assert_eq!(
+            setup(3 << 20, 2 << 20),
+            -libc::EINVAL,
+            "a mapping past the window"
+        );
+        let mut body = RemovemappingIn { count: 1 }.as_slice().to_vec();
+        body.extend_from_slice(
+            RemovemappingOne {
+                moffset: 2 << 20,
+                len: 2 << 20,
+            }
+            .as_slice(),
+        );
+        let (out, _) = call(backend, &mem, Opcode::RemoveMapping, node, &body);
+        assert_eq!(out.error, 0);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(
+            !maps.contains(&*share.join("hello").to_string_lossy()),
+            "the file is still mapped after REMOVEMAPPING"
+        );
+    }
+
     /// A share directory `share` inside a scratch directory that also
     /// holds `secret`, a file the guest must not reach.
     fn scratch() -> (tempfile::TempDir, PathBuf) {
@@ -865,7 +965,7 @@ mod tests {
 
     #[test]
     fn config_space_is_the_nul_padded_tag_and_one_request_queue() {
-        let fs = Fs::unattached(TAG).unwrap();
+        let fs = Fs::unattached(TAG, None).unwrap();
         let mut tag = [0xffu8; TAG_LEN];
         fs.read_config(0, &mut tag);
         let mut want = [0u8; TAG_LEN];
@@ -879,13 +979,13 @@ mod tests {
         assert_eq!(past, [0; 4]);
         assert_eq!(fs.device_type(), 26);
         assert_eq!(fs.queue_max_sizes().len(), 2);
-        assert!(Fs::unattached("").is_err());
-        assert!(Fs::unattached(&"x".repeat(37)).is_err());
+        assert!(Fs::unattached("", None).is_err());
+        assert!(Fs::unattached(&"x".repeat(37), None).is_err());
     }
 
     #[test]
     fn unattached_device_answers_init_with_enodev_and_other_requests_with_errors() {
-        let fs = Fs::unattached(TAG).unwrap();
+        let fs = Fs::unattached(TAG, None).unwrap();
         let mem = guest_memory();
         assert_eq!(init(backend_of(&fs), &mem).error, -libc::ENODEV);
         assert!(lookup(backend_of(&fs), &mem, ROOT_ID, "x").is_err());
@@ -912,7 +1012,7 @@ mod tests {
     #[test]
     fn a_share_s_init_answer_adds_large_requests_and_cached_symlinks_where_the_guest_can() {
         let (_dir, share) = scratch();
-        let fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
+        let fs = Fs::with_share(TAG, &share, Arc::default(), None).unwrap();
         let mem = guest_memory();
         let opts = |o: &InitOut| {
             FsOptions::from_bits_truncate(u64::from(o.flags) | u64::from(o.flags2) << 32)
@@ -968,7 +1068,7 @@ mod tests {
     fn a_clone_serves_its_own_share_behind_the_session_its_template_s_guest_opened() {
         let (_t, template_share) = scratch();
         std::fs::remove_file(template_share.join("hello")).unwrap();
-        let template = Fs::with_share(TAG, &template_share, Arc::default()).unwrap();
+        let template = Fs::with_share(TAG, &template_share, Arc::default(), None).unwrap();
         let mem = guest_memory();
         assert_eq!(template.saved_state(), None, "no session before INIT");
         let flags = (1 << 33) | (1 << 13) | 1;
@@ -985,7 +1085,7 @@ mod tests {
 
         // The clone's device answers the guest's requests at once: no INIT.
         let (_c, clone_share) = scratch();
-        let mut clone = Fs::with_share(TAG, &clone_share, Arc::default()).unwrap();
+        let mut clone = Fs::with_share(TAG, &clone_share, Arc::default(), None).unwrap();
         clone.restore_state(&saved).unwrap();
         assert_eq!(clone.saved_state(), Some(saved.clone()));
         let b = backend_of(&clone);
@@ -1008,10 +1108,10 @@ mod tests {
 
         // A clone without a share keeps nothing; one of another FUSE major
         // version is refused, naming the device and the version.
-        let mut unattached = Fs::unattached(TAG).unwrap();
+        let mut unattached = Fs::unattached(TAG, None).unwrap();
         unattached.restore_state(&saved).unwrap();
         assert_eq!(unattached.saved_state(), None);
-        let mut other = Fs::with_share(TAG, &clone_share, Arc::default()).unwrap();
+        let mut other = Fs::with_share(TAG, &clone_share, Arc::default(), None).unwrap();
         let e = other
             .restore_state(&SavedDeviceState::Fs(FuseSession {
                 major: 8,
@@ -1027,7 +1127,7 @@ mod tests {
     #[test]
     fn an_init_of_another_major_version_or_a_reset_opens_no_session() {
         let (_dir, share) = scratch();
-        let mut fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
+        let mut fs = Fs::with_share(TAG, &share, Arc::default(), None).unwrap();
         let mem = guest_memory();
         let v8 = InitIn {
             major: 8,
@@ -1046,7 +1146,7 @@ mod tests {
     #[test]
     fn share_serves_a_host_file_and_dot_dot_at_the_root_stays_at_the_root() {
         let (_dir, share) = scratch();
-        let fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
+        let fs = Fs::with_share(TAG, &share, Arc::default(), None).unwrap();
         let b = backend_of(&fs);
         let mem = guest_memory();
         assert_eq!(init(b, &mem).error, 0);
@@ -1078,7 +1178,7 @@ mod tests {
     #[test]
     fn symlinks_in_the_share_are_not_followed_on_the_host() {
         let (_dir, share) = scratch();
-        let fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
+        let fs = Fs::with_share(TAG, &share, Arc::default(), None).unwrap();
         let b = backend_of(&fs);
         let mem = guest_memory();
         assert_eq!(init(b, &mem).error, 0);
@@ -1095,13 +1195,13 @@ mod tests {
     fn share_must_be_an_existing_directory_and_errors_name_it() {
         let (dir, share) = scratch();
         let missing = dir.path().join("nope");
-        let msg = Fs::with_share(TAG, &missing, Arc::default())
+        let msg = Fs::with_share(TAG, &missing, Arc::default(), None)
             .err()
             .unwrap()
             .to_string();
         assert!(msg.contains(&*missing.to_string_lossy()), "{msg}");
         let file = share.join("hello");
-        let msg = Fs::with_share(TAG, &file, Arc::default())
+        let msg = Fs::with_share(TAG, &file, Arc::default(), None)
             .err()
             .unwrap()
             .to_string();
@@ -1131,7 +1231,7 @@ mod tests {
         }
         let (_dir, share) = scratch();
         let grants = Arc::new(DeviceNodeGrants::default());
-        let fs = Fs::with_share(TAG, &share, Arc::clone(&grants)).unwrap();
+        let fs = Fs::with_share(TAG, &share, Arc::clone(&grants), None).unwrap();
         let b = backend_of(&fs);
         let mem = guest_memory();
         assert_eq!(init(b, &mem).error, 0);
@@ -1181,7 +1281,7 @@ mod tests {
     #[test]
     fn worker_serves_the_request_queue_and_pause_reports_queue_positions() {
         let (_dir, share) = scratch();
-        let mut fs = Fs::with_share(TAG, &share, Arc::default()).unwrap();
+        let mut fs = Fs::with_share(TAG, &share, Arc::default(), None).unwrap();
         let mem = guest_memory();
         // Rings of the two queues apart from each other and from the buffers.
         let hiprio = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
