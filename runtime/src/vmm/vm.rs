@@ -178,23 +178,11 @@ struct Base {
     dax: Arc<DaxWindow>,
 }
 
-/// The DAX window every VM has (devices/fs/dax.rs), made before its VM so
-/// that the devices can be built first.
-fn dax_window() -> Result<Arc<DaxWindow>, VmError> {
-    DaxWindow::new(layout::DAX_WINDOW_SIZE)
-        .map(Arc::new)
-        .map_err(|e| device_err("virtio-fs DAX window")(e.to_string()))
-}
-
-fn base(ram: GuestRam, dax: Arc<DaxWindow>) -> Result<Base, VmError> {
-    let (kvm, vm_fd) = super::ahead::take_or_create()?;
+fn base(ram: GuestRam) -> Result<Base, VmError> {
+    let (kvm, vm_fd, dax) = super::ahead::take_or_create()?;
     // Guest memory before the irqchip: registering a slot right after
     // KVM_CREATE_IRQCHIP was measured to stall for milliseconds.
     memory::register(&vm_fd, &ram.mem)?;
-    // Every VM has the window, so a template's guest sets it up at boot
-    // and its clones find it where the guest expects it.
-    dax.register(&vm_fd, layout::DAX_WINDOW_SLOT)
-        .map_err(|e| device_err("virtio-fs DAX window")(e.to_string()))?;
     vm_fd
         .set_tss_address(KVM_TSS_ADDR)
         .map_err(kvm_err("set the TSS address"))?;
@@ -384,7 +372,7 @@ impl Vm {
             vm_fd,
             ram,
             dax,
-        } = base(memory::create(cfg.mem_mib)?, dax_window()?)?;
+        } = base(memory::create(cfg.mem_mib)?)?;
 
         // Devices: vsock first so it is always virtio-mmio slot 0.
         let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
@@ -473,9 +461,10 @@ impl Vm {
                 "the saved VM has {fs_devices} virtio-fs devices, expected exactly 1"
             )));
         }
-        let dax = dax_window()?;
-        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &cfg.share_device_nodes, &dax)?;
-        let mut fs = Some(fs);
+        if let Some(dir) = &cfg.share {
+            let name = format!("virtio-fs {}", dir.display());
+            Fs::check_share(dir).map_err(|e| device_err(&name)(e.to_string()))?;
+        }
         let net_devices = state
             .devices
             .iter()
@@ -505,10 +494,13 @@ impl Vm {
             vm_fd,
             ram,
             dax,
-        } = base(
-            memory::map_template(&cfg.memory, cfg.memory_file.clone(), state.mem_size)?,
-            dax,
-        )?;
+        } = base(memory::map_template(
+            &cfg.memory,
+            cfg.memory_file.clone(),
+            state.mem_size,
+        )?)?;
+        let (fs_name, fs) = fs_device(cfg.share.as_deref(), &cfg.share_device_nodes, &dax)?;
+        let mut fs = Some(fs);
         let chip = |what, c: &kvm_irqchip| vm_fd.set_irqchip(c).map_err(kvm_err(what));
         chip("restore the master PIC", &state.pic_master)?;
         chip("restore the slave PIC", &state.pic_slave)?;

@@ -463,6 +463,12 @@ impl Fs {
         device_nodes: Arc<DeviceNodeGrants>,
         window: Option<Arc<DaxWindow>>,
     ) -> Result<Fs, FsError> {
+        let dir = Self::check_share(share)?;
+        Self::build(tag, Some(dir), device_nodes, window)
+    }
+
+    /// `share`, resolved, if it is a directory a device could serve.
+    pub fn check_share(share: &Path) -> Result<PathBuf, FsError> {
         let fail = |cause: String| FsError::Share {
             path: share.to_owned(),
             cause,
@@ -472,7 +478,7 @@ impl Fs {
         if !meta.is_dir() {
             return Err(fail("not a directory".into()));
         }
-        Self::build(tag, Some(dir), device_nodes, window)
+        Ok(dir)
     }
 
     fn build(
