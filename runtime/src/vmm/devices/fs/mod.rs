@@ -63,6 +63,11 @@
 //!   server does not negotiate FUSE_DIRECT_IO_ALLOW_MMAP), which programs in
 //!   a container rootfs rely on; `always` and writeback would let the guest
 //!   keep stale data or hold writes the host cannot see yet.
+//! - A LOOKUP of a name that does not exist is answered with a negative
+//!   entry (node 0) valid for the entry timeout, not ENOENT, so the guest
+//!   keeps the negative dentry like a positive one instead of asking again
+//!   at every path walk (`answer_lookup`). A file the host creates under a
+//!   name the guest just found missing is seen within the same second.
 //! - Device nodes: a MKNOD of a character or block device is answered
 //!   EPERM unless a container of the pod was granted it
 //!   (`device_nodes.rs`), before the server sees it.
@@ -77,10 +82,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
-    InHeader, InitIn, InitIn2, InitOut, MknodIn, Opcode, OutHeader, KERNEL_MINOR_VERSION,
+    EntryOut, InHeader, InitIn, InitIn2, InitOut, MknodIn, Opcode, OutHeader, KERNEL_MINOR_VERSION,
     KERNEL_VERSION,
 };
-use fuse_backend_rs::api::filesystem::{FileSystem, FsOptions};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, FsOptions};
 use fuse_backend_rs::api::server::{Server, MAX_BUFFER_SIZE, MAX_REQ_PAGES};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FsCacheReqHandler, Reader, VirtioFsWriter, Writer};
@@ -268,6 +273,57 @@ fn reply_error(writer: &mut Writer<'_, ()>, request: InHeader, errno: i32) -> io
     Ok(writer.bytes_written())
 }
 
+/// The oldest protocol minor where a LOOKUP answered with node 0 is a
+/// negative entry the kernel caches (older ones want ENOENT).
+const NEGATIVE_ENTRY_MINOR: u32 = 4;
+
+/// Answers a LOOKUP (`args`: its body) as the server would, except that a
+/// name that does not exist is a negative entry the guest may cache for
+/// the entry timeout, like a positive one, instead of ENOENT, which it asks
+/// again at every path walk: a container's create looked up its missing
+/// mount points and the missing directories of its PATH two or three
+/// times each (a device trace). None: a body the server should refuse.
+fn answer_lookup(
+    fs: &PassthroughFs,
+    writer: &mut Writer<'_, ()>,
+    request: InHeader,
+    args: &mut Reader<'_, ()>,
+) -> Option<io::Result<usize>> {
+    let len = (request.len as usize).checked_sub(std::mem::size_of::<InHeader>())?;
+    if len > args.available_bytes() {
+        return None;
+    }
+    let mut body = vec![0u8; len];
+    io::Read::read_exact(args, &mut body).ok()?;
+    let name = std::ffi::CStr::from_bytes_until_nul(&body).ok()?;
+    let out = match fs.lookup(&Context::from(&request), request.nodeid, name) {
+        Ok(entry) => EntryOut::from(entry),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => EntryOut {
+            nodeid: 0,
+            entry_valid: METADATA_TIMEOUT.as_secs(),
+            entry_valid_nsec: METADATA_TIMEOUT.subsec_nanos(),
+            ..Default::default()
+        },
+        Err(e) => {
+            return Some(reply_error(
+                writer,
+                request,
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))
+        }
+    };
+    let header = OutHeader {
+        len: (std::mem::size_of::<OutHeader>() + std::mem::size_of::<EntryOut>()) as u32,
+        error: 0,
+        unique: request.unique,
+    };
+    Some((|| {
+        io::Write::write_all(writer, vm_memory::ByteValued::as_slice(&header))?;
+        io::Write::write_all(writer, vm_memory::ByteValued::as_slice(&out))?;
+        Ok(writer.bytes_written())
+    })())
+}
+
 /// Who answers the guest's FUSE requests.
 enum Backend {
     Unattached(Server<Unattached>),
@@ -420,6 +476,18 @@ impl Backend {
                         }
                         None => serve(reader, writer),
                     },
+                    Some(h)
+                        if h.opcode == Opcode::Lookup as u32
+                            && session
+                                .lock()
+                                .unwrap()
+                                .is_some_and(|s| s.minor >= NEGATIVE_ENTRY_MINOR) =>
+                    {
+                        match answer_lookup(fs, &mut writer, h, &mut args) {
+                            Some(res) => res.map_err(|e| e.to_string()),
+                            None => serve(reader, writer),
+                        }
+                    }
                     _ => serve(reader, writer),
                 }
             }
@@ -801,7 +869,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fuse_backend_rs::abi::fuse_abi::{EntryOut, InitIn, OpenIn, OpenOut, ReadIn, ROOT_ID};
+    use fuse_backend_rs::abi::fuse_abi::{InitIn, OpenIn, OpenOut, ReadIn, ROOT_ID};
     use std::time::Instant;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -879,7 +947,12 @@ mod tests {
         if out.error != 0 {
             return Err(-out.error);
         }
-        Ok(*EntryOut::from_slice(&reply[..std::mem::size_of::<EntryOut>()]).unwrap())
+        let entry = *EntryOut::from_slice(&reply[..std::mem::size_of::<EntryOut>()]).unwrap();
+        // Node 0: a negative entry, the guest's ENOENT.
+        if entry.nodeid == 0 {
+            return Err(libc::ENOENT);
+        }
+        Ok(entry)
     }
 
     fn open(backend: &Backend, mem: &GuestMemory, node: u64, flags: i32) -> Result<u64, i32> {
@@ -951,6 +1024,48 @@ mod tests {
             !maps.contains(&*share.join("hello").to_string_lossy()),
             "the file is still mapped after REMOVEMAPPING"
         );
+    }
+
+    #[test]
+    fn a_missing_name_is_a_negative_entry_the_guest_may_cache() {
+        let (_dir, share) = scratch();
+        let mem = guest_memory();
+        let raw_lookup = |b: &Backend, name: &str| {
+            let mut body = name.as_bytes().to_vec();
+            body.push(0);
+            call(b, &mem, Opcode::Lookup, ROOT_ID, &body)
+        };
+        let fs = Fs::with_share(TAG, &share, Arc::default(), None).unwrap();
+        let b = backend_of(&fs);
+        assert_eq!(init(b, &mem).error, 0);
+        let (out, body) = raw_lookup(b, "missing");
+        assert_eq!(out.error, 0);
+        let entry = *EntryOut::from_slice(&body[..std::mem::size_of::<EntryOut>()]).unwrap();
+        assert_eq!(entry.nodeid, 0, "not a negative entry");
+        assert_eq!(
+            (entry.entry_valid, entry.entry_valid_nsec),
+            (METADATA_TIMEOUT.as_secs(), METADATA_TIMEOUT.subsec_nanos())
+        );
+        // An existing name: the file system's entry, as the server sends it.
+        let hello = lookup(b, &mem, ROOT_ID, "hello").unwrap();
+        assert_ne!(hello.nodeid, ROOT_ID);
+        assert_eq!(hello.attr.size, b"hello from the host".len() as u64);
+        assert_eq!(
+            (hello.entry_valid, hello.attr_valid),
+            (METADATA_TIMEOUT.as_secs(), METADATA_TIMEOUT.as_secs())
+        );
+        // What the guest opens with it is the file.
+        let fh = open(b, &mem, hello.nodeid, libc::O_RDONLY).unwrap();
+        let read = ReadIn {
+            fh,
+            size: 64,
+            ..Default::default()
+        };
+        let (out, data) = call(b, &mem, Opcode::Read, hello.nodeid, read.as_slice());
+        assert_eq!((out.error, &data[..]), (0, &b"hello from the host"[..]));
+        // Errors other than ENOENT stay errors; `..` stays in the share.
+        assert_eq!(raw_lookup(b, "a/b").0.error, -libc::EINVAL);
+        assert_eq!(lookup(b, &mem, ROOT_ID, "..").unwrap().nodeid, ROOT_ID);
     }
 
     /// A share directory `share` inside a scratch directory that also
