@@ -644,6 +644,47 @@ fn bind_mounts_ro_and_rw() {
     assert_same("bind mounts", &r, &j);
 }
 
+/// jevm's guest maps share files through a 256 MiB DAX window of 2 MiB
+/// ranges (runtime/src/vmm/devices/fs/dax.rs): a file larger than the
+/// window is read by recycling ranges while it is read. Marks every 8 MiB
+/// of a sparse file with its offset, so a range mapped at the wrong file
+/// offset after a recycle changes the sum.
+#[test]
+fn a_file_larger_than_the_dax_window_reads_back_whole() {
+    const SIZE: u64 = 288 << 20;
+    let env = ctr_env_or_skip!();
+    let dir = tempfile::tempdir_in(&env.base).unwrap();
+    let big = dir.path().join("big");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(SIZE).unwrap();
+        for off in (0..SIZE).step_by(8 << 20) {
+            f.write_all_at(format!("offset {off:#x}\n").as_bytes(), off)
+                .unwrap();
+        }
+    }
+    let host = std::process::Command::new("md5sum")
+        .arg(&big)
+        .output()
+        .unwrap();
+    let host_sum = String::from_utf8_lossy(&host.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let src = dir.path().display().to_string();
+    let mount = format!("type=bind,src={src},dst=/data,options=rbind:ro");
+    let (r, j) = run_both(
+        &env,
+        "daxbig",
+        &["--mount", &mount],
+        &sh("md5sum /data/big | cut -d' ' -f1"),
+    );
+    assert_eq!(r.stdout, format!("{host_sum}\n"), "{r:?}");
+    assert_same("a file larger than the DAX window", &r, &j);
+}
+
 #[test]
 fn memory_limit_exceeded_is_oom_137() {
     let env = ctr_env_or_skip!();
