@@ -252,8 +252,8 @@ impl VirtioDevice for Net {
             epoll,
             stop: worker_stop,
             rx_pending: None,
-            rx_buf: vec![0u8; MAX_BUFFER],
-            tx_buf: vec![0u8; MAX_BUFFER],
+            rx_buf: Vec::new(),
+            tx_buf: Vec::new(),
         };
         self.worker = Some(
             WorkerThread::spawn("net", ThreadKind::Net, stop, move || worker.run())
@@ -307,9 +307,21 @@ struct Worker {
     /// The length of a frame in `rx_buf` that found no receive buffer
     /// yet: the tap is not read again until it is delivered.
     rx_pending: Option<usize>,
-    /// One frame each way, header included.
+    /// One frame each way, header included; allocated at first use
+    /// ([`frame_buf`]).
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
+}
+
+/// `buf`, grown to a whole frame the first time it is needed: a pod
+/// without a network (its device unattached, its guest sending nothing)
+/// never touches one, and the two were 128 KiB of zeroed heap pages in
+/// every such pod's VMM.
+fn frame_buf(buf: &mut Vec<u8>) -> &mut [u8] {
+    if buf.is_empty() {
+        buf.resize(MAX_BUFFER, 0);
+    }
+    buf
 }
 
 impl Worker {
@@ -384,7 +396,7 @@ impl Worker {
             while let Some(chain) = self.queues[TX].queue.pop_descriptor_chain(&self.mem) {
                 popped = true;
                 let head = chain.head_index();
-                let frame = read_chain(&self.mem, chain, &mut self.tx_buf);
+                let frame = read_chain(&self.mem, chain, frame_buf(&mut self.tx_buf));
                 match (frame, &self.tap) {
                     (Some(len), Some(tap)) => match (&**tap).write(&self.tx_buf[..len]) {
                         Ok(_) => {
@@ -450,7 +462,7 @@ impl Worker {
         loop {
             let len = match self.rx_pending.take() {
                 Some(len) => len,
-                None => match (&*tap).read(&mut self.rx_buf) {
+                None => match (&*tap).read(frame_buf(&mut self.rx_buf)) {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -620,8 +632,8 @@ mod tests {
             epoll: Epoll::new().unwrap(),
             stop: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             rx_pending: None,
-            rx_buf: vec![0u8; MAX_BUFFER],
-            tx_buf: vec![0u8; MAX_BUFFER],
+            rx_buf: Vec::new(),
+            tx_buf: Vec::new(),
         };
         (w, rx, tx)
     }
