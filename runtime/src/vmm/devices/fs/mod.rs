@@ -1055,17 +1055,23 @@ mod tests {
             (METADATA_TIMEOUT.as_secs(), METADATA_TIMEOUT.as_secs())
         );
         // What the guest opens with it is the file.
-        let fh = open(b, &mem, hello.nodeid, libc::O_RDONLY).unwrap();
+        assert_eq!(open_and_read(b, &mem, hello.nodeid), b"hello from the host");
+        // Errors other than ENOENT stay errors; `..` stays in the share.
+        assert_eq!(raw_lookup(b, "a/b").0.error, -libc::EINVAL);
+        assert_eq!(lookup(b, &mem, ROOT_ID, "..").unwrap().nodeid, ROOT_ID);
+    }
+
+    /// Opens `node` read-only and reads its first 64 bytes; both must succeed.
+    fn open_and_read(backend: &Backend, mem: &GuestMemory, node: u64) -> Vec<u8> {
+        let fh = open(backend, mem, node, libc::O_RDONLY).unwrap();
         let read = ReadIn {
             fh,
             size: 64,
             ..Default::default()
         };
-        let (out, data) = call(b, &mem, Opcode::Read, hello.nodeid, read.as_slice());
-        assert_eq!((out.error, &data[..]), (0, &b"hello from the host"[..]));
-        // Errors other than ENOENT stay errors; `..` stays in the share.
-        assert_eq!(raw_lookup(b, "a/b").0.error, -libc::EINVAL);
-        assert_eq!(lookup(b, &mem, ROOT_ID, "..").unwrap().nodeid, ROOT_ID);
+        let (out, data) = call(backend, mem, Opcode::Read, node, read.as_slice());
+        assert_eq!(out.error, 0);
+        data
     }
 
     /// A share directory `share` inside a scratch directory that also
@@ -1211,15 +1217,7 @@ mod tests {
         assert_eq!(clone.saved_state(), Some(saved.clone()));
         let b = backend_of(&clone);
         let hello = lookup(b, &mem, ROOT_ID, "hello").unwrap();
-        let fh = open(b, &mem, hello.nodeid, libc::O_RDONLY).unwrap();
-        let read = ReadIn {
-            fh,
-            size: 64,
-            ..Default::default()
-        };
-        let (out, data) = call(b, &mem, Opcode::Read, hello.nodeid, read.as_slice());
-        assert_eq!(out.error, 0);
-        assert_eq!(data, b"hello from the host");
+        assert_eq!(open_and_read(b, &mem, hello.nodeid), b"hello from the host");
         // Only the clone's own directory is behind it.
         assert_eq!(
             lookup(b, &mem, ROOT_ID, "..").unwrap().nodeid,
