@@ -5,9 +5,13 @@ use containerd_shim::event::Event;
 use containerd_shim_protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
-use containerd_shim_protos::events::task::{TaskExit, TaskOOM};
+use containerd_shim_protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
+};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim_protos::protobuf::MessageDyn;
+use containerd_shim_protos::protobuf::{self, Message};
 use jevm_protocol::ContainerStats;
 
 /// Exit status of a process whose VM went away under it: killed, as by
@@ -19,16 +23,64 @@ pub const LOST_EXIT_STATUS: u32 = 128 + libc::SIGKILL as u32;
 /// reachable again, so the order of times is the order of events).
 pub struct Outgoing {
     pub topic: String,
-    pub message: Box<dyn MessageDyn>,
+    /// The event encoded, or why it could not be (the publisher logs it).
+    pub event: Result<Any, String>,
     pub at: Timestamp,
 }
 
-pub fn outgoing<E: Event + 'static>(e: E) -> Outgoing {
+pub fn outgoing<E: Event + TypeName + Message>(e: E) -> Outgoing {
+    let topic = e.topic();
     Outgoing {
-        topic: e.topic(),
-        message: Box::new(e),
+        event: to_any(&e).map_err(|err| format!("encoding {}: {err}", E::TYPE_NAME)),
+        topic,
         at: now(),
     }
+}
+
+/// The protobuf type name a message is sent under in an `Any`.
+///
+/// Written out, not read from the message's descriptor: the first
+/// descriptor lookup builds the protobuf crate's reflection index of the
+/// message's file and every file it imports (`descriptor.proto` among
+/// them), ~0.4 MiB of heap that then stays in every pod's shim for its
+/// whole life. The test below checks each name against the descriptor.
+pub trait TypeName {
+    const TYPE_NAME: &'static str;
+}
+
+macro_rules! type_names {
+    ($($t:ty => $name:literal),* $(,)?) => {
+        $(impl TypeName for $t {
+            const TYPE_NAME: &'static str = $name;
+        })*
+    };
+}
+
+type_names! {
+    TaskCreate => "containerd.events.TaskCreate",
+    TaskStart => "containerd.events.TaskStart",
+    TaskExecAdded => "containerd.events.TaskExecAdded",
+    TaskExecStarted => "containerd.events.TaskExecStarted",
+    TaskPaused => "containerd.events.TaskPaused",
+    TaskResumed => "containerd.events.TaskResumed",
+    TaskExit => "containerd.events.TaskExit",
+    TaskDelete => "containerd.events.TaskDelete",
+    TaskOOM => "containerd.events.TaskOOM",
+    Metrics => "io.containerd.cgroups.v2.Metrics",
+}
+
+/// `message` in an `Any` (containerd's type URLs for these are the bare
+/// full name, as the shim crate's `convert_to_any` writes them).
+///
+/// Encoded through `Message`, not `MessageDyn`: the dynamic encoder names
+/// the message for its size check through the descriptor, which builds
+/// the reflection index this module avoids.
+pub fn to_any<M: Message + TypeName>(message: &M) -> protobuf::Result<Any> {
+    Ok(Any {
+        type_url: M::TYPE_NAME.to_string(),
+        value: message.write_to_bytes()?,
+        ..Default::default()
+    })
 }
 
 pub fn timestamp_from_ns(ns: u64) -> Timestamp {
@@ -154,9 +206,37 @@ pub fn metrics(s: &ContainerStats) -> Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use containerd_shim_protos::events::task::{
-        TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskPaused, TaskResumed, TaskStart,
-    };
+    use containerd_shim_protos::protobuf::MessageFull;
+
+    fn named<T: TypeName + MessageFull>() -> (&'static str, String) {
+        (T::TYPE_NAME, T::descriptor().full_name().to_string())
+    }
+
+    #[test]
+    fn type_names_are_the_descriptors_full_names() {
+        for (written, descriptor) in [
+            named::<TaskCreate>(),
+            named::<TaskStart>(),
+            named::<TaskExecAdded>(),
+            named::<TaskExecStarted>(),
+            named::<TaskPaused>(),
+            named::<TaskResumed>(),
+            named::<TaskExit>(),
+            named::<TaskDelete>(),
+            named::<TaskOOM>(),
+            named::<Metrics>(),
+        ] {
+            assert_eq!(written, descriptor);
+        }
+    }
+
+    #[test]
+    fn an_event_in_an_any_is_what_the_shim_crate_would_send() {
+        let e = task_exit("c1", Some("e1"), 43, 3, timestamp_from_ns(7));
+        let ours = to_any(&e).unwrap();
+        let theirs = containerd_shim::util::convert_to_any(Box::new(e)).unwrap();
+        assert_eq!(ours, theirs);
+    }
 
     #[test]
     fn topics_are_the_ones_containerd_subscribes_to() {
@@ -177,7 +257,7 @@ mod tests {
         assert_eq!(t(outgoing(TaskDelete::default())), "/tasks/delete");
         assert_eq!(t(outgoing(task_oom("c"))), "/tasks/oom");
         assert_eq!(
-            outgoing(task_oom("c")).message.descriptor_dyn().full_name(),
+            outgoing(task_oom("c")).event.unwrap().type_url,
             "containerd.events.TaskOOM"
         );
     }
@@ -224,7 +304,7 @@ mod tests {
         );
         assert_eq!(m.memory_events.oom_kill, 1);
         assert_eq!(
-            m.descriptor_dyn().full_name(),
+            Metrics::descriptor().full_name(),
             "io.containerd.cgroups.v2.Metrics"
         );
         s.memory_max = None;

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use containerd_shim::util::convert_to_any;
 use containerd_shim_protos::shim::event::Envelope;
 use containerd_shim_protos::shim::events::ForwardRequest;
 use containerd_shim_protos::shim_async::{Client, EventsClient};
@@ -51,10 +50,10 @@ pub async fn run(
 ) {
     let mut client: Option<EventsClient> = None;
     while let Some(o) = rx.recv().await {
-        let any = match convert_to_any(o.message) {
+        let any = match o.event {
             Ok(a) => a,
             Err(e) => {
-                log::error!("event {}: encoding: {e}", o.topic);
+                log::error!("event {}: {e}", o.topic);
                 unpublished.fetch_sub(1, Ordering::SeqCst);
                 continue;
             }

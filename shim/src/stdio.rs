@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use jevm_protocol::{Request, StdioStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -178,24 +178,40 @@ async fn copy_out<R: AsyncRead + Unpin>(mut from: R, mut to: Writer) {
     // Dropping the writer closes the FIFO: the client sees EOF.
 }
 
+/// The most of a client's stdin read and sent on at once.
+const STDIN_CHUNK: usize = 64 * 1024;
+
 async fn pump_stdin<W: AsyncWrite + Unpin>(
     mut fifo: pipe::Receiver,
     mut to: W,
     mut close: oneshot::Receiver<()>,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Made at the first byte: most containers never read their stdin, and
+    // a buffer made up front would be heap every idle pod keeps.
+    let mut buf = Vec::new();
     loop {
         tokio::select! {
-            r = fifo.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if to.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
+            r = fifo.readable() => {
+                if r.is_err() {
+                    break;
                 }
-            },
+                if buf.is_empty() {
+                    buf = vec![0u8; STDIN_CHUNK];
+                }
+                match fifo.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
             // CloseIO, or the process went away (sender dropped).
             _ = &mut close => {
+                buf.resize(STDIN_CHUNK, 0);
                 drain(&mut fifo, &mut to, &mut buf).await;
                 break;
             }
@@ -272,6 +288,7 @@ async fn futures_join(hs: Vec<JoinHandle<()>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn terminal_means_one_output_stream() {
@@ -362,6 +379,38 @@ mod tests {
         guest.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"hello\nworld\n");
         pump.await.unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stdin_is_relayed_while_open_in_chunks_of_any_size() {
+        let d = tempdir("in-open");
+        let path = fifo(&d, "stdin");
+        let r = open_stdin(path.to_str().unwrap()).unwrap();
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let pump = tokio::spawn(pump_stdin(r, host, rx));
+        let mut w = pipe::OpenOptions::new().open_sender(&path).unwrap();
+        // More than one chunk, and the writer stays open: nothing waits
+        // for CloseIO.
+        let data: Vec<u8> = (0..STDIN_CHUNK * 3 + 17).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn(async move {
+            w.write_all(&data).await.unwrap();
+            (w, data)
+        });
+        let mut got = vec![0u8; STDIN_CHUNK * 3 + 17];
+        tokio::time::timeout(Duration::from_secs(10), guest.read_exact(&mut got))
+            .await
+            .expect("stdin not relayed while the client kept it open")
+            .unwrap();
+        let (w, data) = writer.await.unwrap();
+        assert!(got == data, "stdin arrived changed");
+        drop(w);
+        tx.send(()).unwrap();
+        pump.await.unwrap();
+        let mut rest = Vec::new();
+        guest.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

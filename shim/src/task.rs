@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::ExitSignal;
-use containerd_shim::util::convert_to_any;
 use containerd_shim_protos::api::{
     CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
     DeleteRequest, DeleteResponse, Empty, ExecProcessRequest, KillRequest, PauseRequest,
@@ -1337,7 +1336,7 @@ impl Task for TaskService {
                 format!("agent answered Stats with {r:?}"),
             ));
         };
-        let any = convert_to_any(Box::new(events::metrics(&s)))
+        let any = events::to_any(&events::metrics(&s))
             .map_err(|e| status(Code::INTERNAL, format!("encoding metrics: {e}")))?;
         Ok(StatsResponse {
             stats: Some(any).into(),

@@ -139,7 +139,7 @@ impl Muxer {
             rxq: VecDeque::new(),
             ctrl_q: VecDeque::new(),
             tx_stalled: false,
-            scratch: vec![0; MAX_PKT_DATA as usize],
+            scratch: Vec::new(),
             request_timeout: REQUEST_TIMEOUT,
             close_timeout: CLOSE_TIMEOUT,
             guest_errors: GuestErrors::default(),
@@ -239,7 +239,7 @@ impl Muxer {
                 break;
             };
             let head = chain.head_index();
-            match read_tx_chain(mem, &mut chain, &mut self.scratch) {
+            match read_tx_chain(mem, &mut chain, &mut self.scratch, MAX_PKT_DATA as usize) {
                 Ok(hdr) => self.guest_packet(&hdr),
                 Err(e) => guest_warn!(
                     self.guest_errors,
@@ -415,7 +415,8 @@ impl Muxer {
             self.kill(key, true);
             return;
         }
-        // read_tx_chain bounds the payload by the scratch buffer's size.
+        // read_tx_chain bounds the payload by MAX_PKT_DATA and grows the
+        // scratch buffer to hold it.
         if let Err(e) = conn.write_to_unix(&self.scratch[..len], true) {
             debug!("vsock: writing to the host side of {key:?} failed: {e}");
             self.kill(key, true);
@@ -1352,6 +1353,33 @@ mod tests {
             matches!(s.read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock),
             "a truncated packet reached the host"
         );
+    }
+
+    #[test]
+    fn the_payload_buffer_grows_to_the_largest_packet_and_no_further() {
+        let mut t = T::new();
+        let mut s = t.guest_established(1234, ghdr(0, GUEST_PORT, 0));
+        t.g.tx_used(); // the connection request
+        assert_eq!(t.mux.scratch.capacity(), 0, "allocated before a payload");
+        t.g.send(ghdr(OP_RW, GUEST_PORT, 1234), b"hello");
+        t.g.send(ghdr(OP_RW, GUEST_PORT, 1234), b"hi");
+        t.pump(0);
+        assert_eq!(read_n(&mut s, 7), b"hellohi");
+        assert_eq!(t.mux.scratch.len(), 5);
+        // A header announcing more than a packet may carry: dropped, and
+        // the buffer is not grown for it.
+        let mut h = ghdr(OP_RW, GUEST_PORT, 1234);
+        h.len = MAX_PKT_DATA + 1;
+        let a = t.g.alloc(64);
+        t.g.mem
+            .write_slice(&h.to_bytes(), vm_memory::GuestAddress(a))
+            .unwrap();
+        t.g.tx_ring
+            .push(&t.g.mem, &[(a, HEADER_SIZE as u32, false)]);
+        t.pump(0);
+        assert_eq!(t.g.tx_used(), 3);
+        assert_eq!(t.mux.scratch.len(), 5);
+        assert_eq!(t.mux.guest_error_count(), 1);
     }
 
     #[test]

@@ -133,10 +133,15 @@ pub enum TxChainError {
 /// from the first bytes, then `hdr.len` bytes of payload into `payload`,
 /// wherever the descriptor boundaries fall. Returns the header; the payload
 /// is `payload[..hdr.len]`. Bytes past the payload are ignored.
+///
+/// `payload` grows to the largest payload seen, never past `max`: most
+/// packets are headers alone or a few bytes, and a buffer of `max` bytes
+/// made up front would be pages every idle VM owns for nothing.
 pub fn read_tx_chain(
     mem: &GuestMemory,
     descs: impl Iterator<Item = Descriptor>,
-    payload: &mut [u8],
+    payload: &mut Vec<u8>,
+    max: usize,
 ) -> Result<Header, TxChainError> {
     let mut raw = [0u8; HEADER_SIZE];
     let mut hdr_got = 0;
@@ -160,8 +165,11 @@ pub fn read_tx_chain(
                 left -= n;
                 addr = offset(addr, n)?;
                 let h = Header::from_bytes(&raw);
-                if h.len as usize > payload.len() {
-                    return Err(TxChainError::TooLong(h.len, payload.len()));
+                if h.len as usize > max {
+                    return Err(TxChainError::TooLong(h.len, max));
+                }
+                if payload.len() < h.len as usize {
+                    payload.resize(h.len as usize, 0);
                 }
                 hdr = Some(h);
                 h
