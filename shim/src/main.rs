@@ -158,6 +158,10 @@ fn main() {
         // would be dozens of idle threads per pod on a large node.
         let mut b = tokio::runtime::Builder::new_multi_thread();
         b.worker_threads(2);
+        // Blocking threads (the clone, mounts, the VM's stop) are used in
+        // bursts around a pod's requests; kept 10 s (tokio's default) they
+        // are an idle pod's stacks for nothing.
+        b.thread_keep_alive(std::time::Duration::from_secs(1));
         b
     } else {
         tokio::runtime::Builder::new_current_thread()
