@@ -51,6 +51,23 @@ pub const MAX_VCPUS: u8 = 64;
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 pci=off quiet 8250.nr_uarts=1 \
      rdinit=/init page_reporting.page_reporting_order=0";
 
+/// Kernel parameters sizing the dentry and inode hash tables to the guest:
+/// 16 and 8 buckets per MiB of guest memory (4096 and 2048 for 256 MiB),
+/// an eighth of the kernel's default of 128 and 64.
+///
+/// Both tables are allocated at boot, so in a clone they are the template's
+/// pages, and every name the guest adds (or looks up under the bucket's
+/// lock bit) writes a bucket at a hash-random place: a container's create
+/// (its mounts, /proc, /dev, the share's lookups) dirtied most of the
+/// default tables' 96 pages, each then a private copy the pod keeps.
+/// Measured with four idle pods in the KVM test host: 3.36 -> 3.19 MiB of
+/// guest copies per pod. At this size the chains stay short (a few entries
+/// for tens of thousands of cached names in 256 MiB).
+fn name_cache_params(mem_mib: u32) -> String {
+    let mib = mem_mib.max(1);
+    format!(" dhash_entries={} ihash_entries={}", 16 * mib, 8 * mib)
+}
+
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
     pub path: PathBuf,
@@ -404,6 +421,7 @@ impl Vm {
             virtio.push((name, Box::new(dev)));
         }
         let mut cmdline = String::from(BASE_CMDLINE);
+        cmdline.push_str(&name_cache_params(cfg.mem_mib));
         let mut mmio = Vec::new();
         for (i, (name, dev)) in virtio.into_iter().enumerate() {
             let mem = ram.mem.clone();
@@ -794,5 +812,23 @@ impl Drop for Vm {
         self.vm_fd.take();
         self.ram.take();
         self.dax.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_caches_scale_with_guest_memory() {
+        assert_eq!(
+            name_cache_params(256),
+            " dhash_entries=4096 ihash_entries=2048"
+        );
+        assert_eq!(
+            name_cache_params(2048),
+            " dhash_entries=32768 ihash_entries=16384"
+        );
+        assert_eq!(name_cache_params(0), " dhash_entries=16 ihash_entries=8");
     }
 }
