@@ -361,14 +361,27 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// A stdin FIFO in `d` pumped to the guest end of a socket pair: the
+    /// FIFO's path, the guest end, the CloseIO sender and the pump.
+    fn stdin_pump(
+        d: &std::path::Path,
+    ) -> (
+        std::path::PathBuf,
+        tokio::net::UnixStream,
+        oneshot::Sender<()>,
+        JoinHandle<()>,
+    ) {
+        let path = fifo(d, "stdin");
+        let r = open_stdin(path.to_str().unwrap()).unwrap();
+        let (host, guest) = tokio::net::UnixStream::pair().unwrap();
+        let (tx, rx) = oneshot::channel();
+        (path, guest, tx, tokio::spawn(pump_stdin(r, host, rx)))
+    }
+
     #[tokio::test]
     async fn close_io_drains_the_fifo_then_sends_eof() {
         let d = tempdir("in");
-        let path = fifo(&d, "stdin");
-        let r = open_stdin(path.to_str().unwrap()).unwrap();
-        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let pump = tokio::spawn(pump_stdin(r, host, rx));
+        let (path, mut guest, tx, pump) = stdin_pump(&d);
         {
             // The client writes and closes before it sends CloseIO.
             let mut w = pipe::OpenOptions::new().open_sender(&path).unwrap();
@@ -385,11 +398,7 @@ mod tests {
     #[tokio::test]
     async fn stdin_is_relayed_while_open_in_chunks_of_any_size() {
         let d = tempdir("in-open");
-        let path = fifo(&d, "stdin");
-        let r = open_stdin(path.to_str().unwrap()).unwrap();
-        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
-        let (tx, rx) = oneshot::channel();
-        let pump = tokio::spawn(pump_stdin(r, host, rx));
+        let (path, mut guest, tx, pump) = stdin_pump(&d);
         let mut w = pipe::OpenOptions::new().open_sender(&path).unwrap();
         // More than one chunk, and the writer stays open: nothing waits
         // for CloseIO.
