@@ -33,6 +33,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::gate::MemoryGate;
 use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{ActiveQueue, DeviceError, GuestMemory, IrqLine, VirtioDevice, VIRTIO_MMIO_INT_VRING};
@@ -83,6 +84,7 @@ pub struct Block {
     acked_features: u64,
     config: [u8; CONFIG_LEN],
     worker: Option<WorkerThread<()>>,
+    gate: MemoryGate,
 }
 
 impl Block {
@@ -147,6 +149,7 @@ impl Block {
             acked_features: 0,
             config,
             worker: None,
+            gate: MemoryGate::default(),
         })
     }
 
@@ -215,6 +218,10 @@ impl VirtioDevice for Block {
         );
     }
 
+    fn set_memory_gate(&mut self, gate: MemoryGate) {
+        self.gate = gate;
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemory,
@@ -249,6 +256,7 @@ impl VirtioDevice for Block {
                 .map_err(|e| io_err("registering with epoll", e))?;
         }
         let mut worker = BlockWorker::new(self.disk.clone(), mem, irq, queue);
+        worker.gate = self.gate.clone();
         let thread = WorkerThread::spawn("blk", ThreadKind::Block, stop, move || {
             worker.run(epoll, notify, worker_stop)
         })
@@ -386,6 +394,7 @@ struct BlockWorker {
     irq: Arc<IrqLine>,
     queue: Queue,
     buf: Vec<u8>,
+    gate: MemoryGate,
     /// Rings the guest made unusable (a bad address or index).
     guest_errors: GuestErrors,
 }
@@ -398,6 +407,7 @@ impl BlockWorker {
             irq,
             queue,
             buf: Vec::new(),
+            gate: MemoryGate::default(),
             guest_errors: GuestErrors::default(),
         }
     }
@@ -405,7 +415,11 @@ impl BlockWorker {
     fn run(&mut self, epoll: Epoll, notify: EventFd, stop: EventFd) {
         // Requests may already be waiting (e.g. a kick that raced with
         // activation, or a restored clone); do not wait for the next one.
-        self.process_queue();
+        let gate = self.gate.clone();
+        {
+            let _serving = gate.hold();
+            self.process_queue();
+        }
         let mut events = [EpollEvent::default(); 2];
         loop {
             let n = match epoll.wait(-1, &mut events) {
@@ -419,6 +433,7 @@ impl BlockWorker {
                     return;
                 }
             };
+            let _serving = gate.hold();
             for ev in &events[..n] {
                 match ev.data() {
                     EPOLL_STOP => {

@@ -9,6 +9,7 @@
 pub mod balloon;
 pub mod block;
 pub mod fs;
+pub mod gate;
 pub mod guest_errors;
 pub mod mmio;
 pub mod net;
@@ -93,6 +94,10 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device-specific config space; most devices ignore writes.
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The VM's [`gate::MemoryGate`]: a device whose worker writes guest
+    /// memory holds it while serving its queues. Devices that serve on the
+    /// vCPU (paused with it) need none.
+    fn set_memory_gate(&mut self, _gate: gate::MemoryGate) {}
     /// Starts serving the queues.
     fn activate(
         &mut self,

@@ -46,6 +46,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_val;
 use vmm_sys_util::ioctl_iow_nr;
 
+use super::gate::MemoryGate;
 use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{
@@ -107,6 +108,7 @@ pub struct Net {
     acked_features: u64,
     counters: Arc<NetCounters>,
     worker: Option<WorkerThread<Worker>>,
+    gate: MemoryGate,
 }
 
 impl Net {
@@ -117,6 +119,7 @@ impl Net {
             acked_features: 0,
             counters: Arc::default(),
             worker: None,
+            gate: MemoryGate::default(),
         }
     }
 
@@ -128,6 +131,7 @@ impl Net {
             acked_features: 0,
             counters: Arc::default(),
             worker: None,
+            gate: MemoryGate::default(),
         }
     }
 
@@ -207,6 +211,10 @@ impl VirtioDevice for Net {
         );
     }
 
+    fn set_memory_gate(&mut self, gate: MemoryGate) {
+        self.gate = gate;
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemory,
@@ -251,6 +259,7 @@ impl VirtioDevice for Net {
             counters: Arc::clone(&self.counters),
             epoll,
             stop: worker_stop,
+            gate: self.gate.clone(),
             rx_pending: None,
             rx_buf: Vec::new(),
             tx_buf: Vec::new(),
@@ -304,6 +313,7 @@ struct Worker {
     counters: Arc<NetCounters>,
     epoll: Epoll,
     stop: EventFd,
+    gate: MemoryGate,
     /// The length of a frame in `rx_buf` that found no receive buffer
     /// yet: the tap is not read again until it is delivered.
     rx_pending: Option<usize>,
@@ -326,10 +336,14 @@ fn frame_buf(buf: &mut Vec<u8>) -> &mut [u8] {
 
 impl Worker {
     fn run(mut self) -> Worker {
+        let gate = self.gate.clone();
         // Work may already be waiting (a restored clone, a kick that raced
         // with activation).
-        self.transmit();
-        self.receive();
+        {
+            let _serving = gate.hold();
+            self.transmit();
+            self.receive();
+        }
         let mut events = [EpollEvent::default(); 4];
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -340,6 +354,7 @@ impl Worker {
                     return self;
                 }
             };
+            let _serving = gate.hold();
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => {
@@ -631,6 +646,7 @@ mod tests {
             counters: Arc::default(),
             epoll: Epoll::new().unwrap(),
             stop: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            gate: MemoryGate::default(),
             rx_pending: None,
             rx_buf: Vec::new(),
             tx_buf: Vec::new(),

@@ -104,6 +104,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::gate::MemoryGate;
 use super::guest_errors::{guest_warn, GuestErrors};
 use super::worker::{stop_pair, WorkerThread};
 use super::{
@@ -511,6 +512,7 @@ pub struct Fs {
     backend: Arc<Backend>,
     acked_features: u64,
     worker: Option<WorkerThread<Worker>>,
+    gate: MemoryGate,
     /// The DAX window offered as shared memory region 0 (see dax.rs).
     window: Option<Arc<DaxWindow>>,
 }
@@ -572,6 +574,7 @@ impl Fs {
             config,
             acked_features: 0,
             worker: None,
+            gate: MemoryGate::default(),
             window,
         })
     }
@@ -632,6 +635,10 @@ impl VirtioDevice for Fs {
         );
     }
 
+    fn set_memory_gate(&mut self, gate: MemoryGate) {
+        self.gate = gate;
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemory,
@@ -672,6 +679,7 @@ impl VirtioDevice for Fs {
             backend: self.backend.clone(),
             epoll,
             stop: worker_stop,
+            gate: self.gate.clone(),
             guest_errors: GuestErrors::default(),
         };
         self.worker = Some(
@@ -760,16 +768,21 @@ struct Worker {
     backend: Arc<Backend>,
     epoll: Epoll,
     stop: EventFd,
+    gate: MemoryGate,
     /// Rings the guest made unusable (a bad address or index).
     guest_errors: GuestErrors,
 }
 
 impl Worker {
     fn run(mut self) -> Worker {
+        let gate = self.gate.clone();
         // Requests may already be waiting (a kick that raced with
         // activation, or a restored clone); do not wait for the next one.
-        for i in 0..self.queues.len() {
-            self.process_queue(i);
+        {
+            let _serving = gate.hold();
+            for i in 0..self.queues.len() {
+                self.process_queue(i);
+            }
         }
         let mut events = [EpollEvent::default(); 3];
         loop {
@@ -781,6 +794,7 @@ impl Worker {
                     return self;
                 }
             };
+            let _serving = gate.hold();
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => {

@@ -43,6 +43,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::gate::MemoryGate;
 use super::worker::{stop_pair, WorkerThread};
 use super::{
     ActiveQueue, DeviceError, GuestMemory, IrqLine, QueuePosition, VirtioDevice,
@@ -81,6 +82,7 @@ pub struct Vsock {
     listener: Option<UnixListener>,
     acked_features: u64,
     worker: Option<WorkerHandle>,
+    gate: MemoryGate,
 }
 
 struct WorkerHandle {
@@ -113,6 +115,7 @@ impl Vsock {
             listener: Some(listener),
             acked_features: 0,
             worker: None,
+            gate: MemoryGate::default(),
         })
     }
 
@@ -174,6 +177,10 @@ impl VirtioDevice for Vsock {
         );
     }
 
+    fn set_memory_gate(&mut self, gate: MemoryGate) {
+        self.gate = gate;
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemory,
@@ -225,6 +232,7 @@ impl VirtioDevice for Vsock {
             txq,
             evq,
             _stop: worker_stop,
+            gate: self.gate.clone(),
             muxer,
             connections: connections.clone(),
         };
@@ -301,6 +309,7 @@ struct Worker {
     evq: ActiveQueue,
     /// Keeps the registered stop eventfd open for as long as it is watched.
     _stop: EventFd,
+    gate: MemoryGate,
     muxer: Muxer,
     connections: Arc<AtomicUsize>,
 }
@@ -308,6 +317,7 @@ struct Worker {
 impl Worker {
     fn run(mut self) -> Worker {
         let mut events = vec![EpollEvent::default(); 64];
+        let gate = self.gate.clone();
         loop {
             let timeout_ms = match self.muxer.next_deadline() {
                 None => -1,
@@ -325,6 +335,7 @@ impl Worker {
                     return self;
                 }
             };
+            let _serving = gate.hold();
             for ev in &events[..n] {
                 match ev.data() {
                     TOKEN_STOP => return self,
