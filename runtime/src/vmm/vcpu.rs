@@ -209,7 +209,25 @@ pub struct VmControl {
     reason: Mutex<Option<StopReason>>,
     stopped: Condvar,
     threads: Mutex<Vec<libc::pthread_t>>,
+    /// A pause is wanted (the vCPU loop's cheap check; `pause` is the
+    /// truth).
+    pause_wanted: AtomicBool,
+    pause: Mutex<Pause>,
+    /// Signalled when a vCPU parks and when the pause ends or the VM stops.
+    pause_changed: Condvar,
 }
+
+#[derive(Default)]
+struct Pause {
+    wanted: bool,
+    /// vCPU threads parked in [`VmControl::park_while_paused`].
+    parked: usize,
+}
+
+/// How often a pause re-kicks a vCPU that has not parked: a kick sent
+/// between its check and its entry into KVM_RUN is lost, and a guest idle
+/// in HLT would not exit on its own.
+const PAUSE_KICK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> libc::c_int {
@@ -237,7 +255,64 @@ impl VmControl {
             reason: Mutex::new(None),
             stopped: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            pause_wanted: AtomicBool::new(false),
+            pause: Mutex::new(Pause::default()),
+            pause_changed: Condvar::new(),
         })
+    }
+
+    /// Brings every vCPU thread out of the guest and keeps it out until
+    /// [`VmControl::resume`]: true once all are parked, false (and the
+    /// pause undone) if they are not by `deadline` or the VM stops.
+    pub fn pause(&self, deadline: std::time::Instant) -> bool {
+        self.pause.lock().unwrap().wanted = true;
+        self.pause_wanted.store(true, Ordering::SeqCst);
+        loop {
+            let running = self.threads.lock().unwrap().len();
+            self.kick_all();
+            let p = self.pause.lock().unwrap();
+            if self.stop_requested() {
+                drop(p);
+                self.resume();
+                return false;
+            }
+            if p.parked >= running {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                drop(p);
+                self.resume();
+                return false;
+            }
+            let wait = PAUSE_KICK_INTERVAL.min(deadline - now);
+            drop(self.pause_changed.wait_timeout(p, wait).unwrap());
+        }
+    }
+
+    /// Ends a pause: parked vCPUs go back into the guest.
+    pub fn resume(&self) {
+        self.pause.lock().unwrap().wanted = false;
+        self.pause_wanted.store(false, Ordering::SeqCst);
+        self.pause_changed.notify_all();
+    }
+
+    /// Called by a vCPU thread outside KVM_RUN: parks it while a pause is
+    /// wanted and the VM is not stopping.
+    fn park_while_paused(&self) {
+        if !self.pause_wanted.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut p = self.pause.lock().unwrap();
+        if !p.wanted {
+            return;
+        }
+        p.parked += 1;
+        self.pause_changed.notify_all();
+        while p.wanted && !self.stop_requested() {
+            p = self.pause_changed.wait(p).unwrap();
+        }
+        p.parked -= 1;
     }
 
     /// Records why the VM stops (the first reason wins) and kicks every vCPU.
@@ -262,6 +337,10 @@ impl VmControl {
         self.stop.store(true, Ordering::SeqCst);
         self.kick_all();
         self.stopped.notify_all();
+        // Parked vCPUs leave (under the lock: one about to wait sees the
+        // stop first or gets this wake-up).
+        let _p = self.pause.lock().unwrap();
+        self.pause_changed.notify_all();
     }
 
     /// The guest console printed a kernel panic.
@@ -484,6 +563,10 @@ fn set_lapic_reg(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
 pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) -> VcpuFd {
     ctl.register_thread();
     while !ctl.stop_requested() {
+        ctl.park_while_paused();
+        if ctl.stop_requested() {
+            break;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => bus.pio_read(port, data),
             Ok(VcpuExit::IoOut(port, data)) => {
@@ -536,6 +619,7 @@ pub fn run(mut vcpu: VcpuFd, id: u8, bus: Arc<Bus>, ctl: Arc<VmControl>) -> Vcpu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
 
     #[test]
@@ -564,6 +648,90 @@ mod tests {
         ctl.request_stop(StopReason::GuestHalt);
         assert_eq!(waiter.join().unwrap(), Some(StopReason::GuestHalt));
         assert!(t0.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Threads standing in for vCPUs: the run loop's pause check, then a
+    /// sleep where KVM_RUN would be (which the kick interrupts).
+    fn fake_vcpus(
+        ctl: &Arc<VmControl>,
+        n: usize,
+    ) -> (Arc<AtomicUsize>, Vec<std::thread::JoinHandle<()>>) {
+        install_kick_handler();
+        let steps = Arc::new(AtomicUsize::new(0));
+        let threads = (0..n)
+            .map(|_| {
+                let (ctl, steps) = (Arc::clone(ctl), Arc::clone(&steps));
+                std::thread::spawn(move || {
+                    ctl.register_thread();
+                    while !ctl.stop_requested() {
+                        ctl.park_while_paused();
+                        steps.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    ctl.unregister_thread();
+                })
+            })
+            .collect();
+        while ctl.threads.lock().unwrap().len() < n {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (steps, threads)
+    }
+
+    #[test]
+    fn a_pause_parks_every_vcpu_until_resumed_and_a_stop_ends_it() {
+        let ctl = VmControl::new();
+        let (steps, threads) = fake_vcpus(&ctl, 2);
+        assert!(ctl.pause(Instant::now() + Duration::from_secs(5)));
+        let parked_at = steps.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(steps.load(Ordering::SeqCst), parked_at, "a paused vCPU ran");
+        ctl.resume();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            steps.load(Ordering::SeqCst) > parked_at,
+            "no vCPU ran after the resume"
+        );
+        // Stopping a paused VM lets its vCPU threads end.
+        assert!(ctl.pause(Instant::now() + Duration::from_secs(5)));
+        ctl.request_stop(StopReason::HostRequest);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            !ctl.pause(Instant::now() + Duration::from_secs(5)),
+            "a stopped VM paused"
+        );
+    }
+
+    #[test]
+    fn a_pause_gives_up_at_its_deadline_when_a_vcpu_does_not_park() {
+        let ctl = VmControl::new();
+        let (steps, threads) = fake_vcpus(&ctl, 1);
+        // A second registered thread that never looks at the pause.
+        let (stuck_tx, stuck_rx) = std::sync::mpsc::channel::<()>();
+        let c2 = Arc::clone(&ctl);
+        let stuck = std::thread::spawn(move || {
+            c2.register_thread();
+            let _ = stuck_rx.recv();
+            c2.unregister_thread();
+        });
+        while ctl.threads.lock().unwrap().len() < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = Instant::now();
+        assert!(!ctl.pause(Instant::now() + Duration::from_millis(50)));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // The pause was undone: the well-behaved vCPU runs again.
+        let before = steps.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(steps.load(Ordering::SeqCst) > before);
+        drop(stuck_tx);
+        stuck.join().unwrap();
+        ctl.request_stop(StopReason::HostRequest);
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
