@@ -532,6 +532,78 @@ fn clone_with_a_share_reads_and_writes_host_files_but_not_through_ro_binds_or_ab
     );
 }
 
+#[test]
+fn copies_identical_to_the_template_are_given_back_while_the_guest_works_and_nothing_changes() {
+    let _l = lock();
+    let f = fixture();
+    let vm = clone_from(&f.template, f.run_root.path(), &named("copies")).expect("clone");
+    // Rewriting the template's marker with the same bytes leaves copies
+    // identical to the template's pages (the file's page, the inode).
+    assert_eq!(
+        write(&vm, MARKER, b"template-value"),
+        Response::Written { len: 14 }
+    );
+    let first = vm.vm().drop_identical_copies().expect("first pass");
+    assert!(
+        first.dropped > 0 && first.dropped <= first.identical && first.identical < first.private,
+        "first pass: {first:?}"
+    );
+
+    // Passes while the guest writes and the host reads over vsock: the
+    // device workers write guest memory all along, and every byte must
+    // come back as written.
+    let uds = vm.vsock_uds().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        let agent = || {
+            jevm_runtime::agent_client::AgentClient::connect(&uds, Duration::from_secs(30)).unwrap()
+        };
+        for i in 0..12u8 {
+            let data: Vec<u8> = (0..(64 << 10))
+                .map(|j: u32| (j as u8) ^ i.wrapping_mul(37))
+                .collect();
+            let path = format!("/tmp/busy-{i}");
+            let r = agent()
+                .call(&Request::Diag(Diag::WriteFile {
+                    path: path.clone(),
+                    offset: 0,
+                    data: data.clone(),
+                }))
+                .unwrap();
+            assert_eq!(r, Response::Written { len: 64 << 10 });
+            let back = agent()
+                .call(&Request::Diag(Diag::ReadFile {
+                    path,
+                    offset: 0,
+                    len: 64 << 10,
+                }))
+                .unwrap();
+            assert_eq!(back, Response::Bytes(data), "file {i} read back wrong");
+        }
+    });
+    let mut passes = Vec::new();
+    while !writer.is_finished() {
+        passes.push(vm.vm().drop_identical_copies().expect("pass while busy"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writer
+        .join()
+        .expect("the guest's files came back as written");
+    assert!(
+        passes.iter().any(|p| p.dropped > 0),
+        "no pass gave anything back while the guest was busy: {passes:?}"
+    );
+
+    let mut agent = vm.agent().unwrap();
+    agent.ping(7).unwrap();
+    assert_eq!(read(&vm, MARKER, 64), b"template-value");
+    assert_eq!(read(&vm, "/proc/sys/kernel/hostname", 64), b"copies\n");
+    drop(agent);
+    vm.shutdown(Duration::from_secs(30));
+    f.template
+        .verify_memory()
+        .expect("template memory checksum after the passes");
+}
+
 fn named(hostname: &str) -> CloneOptions {
     CloneOptions {
         hostname: hostname.into(),

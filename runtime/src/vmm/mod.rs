@@ -9,6 +9,7 @@ pub mod ahead;
 pub mod boot;
 pub mod bus;
 pub mod check;
+pub mod copies;
 pub mod devices;
 pub mod layout;
 pub mod memory;

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jevm_protocol::SHARE_TAG;
 
@@ -19,9 +19,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::boot::{self, BootError};
 use super::bus::Bus;
+use super::copies::{self, CopiesReport};
 use super::devices::balloon::{Balloon, FreedPages, VIRTIO_ID_BALLOON};
 use super::devices::block::Block;
 use super::devices::fs::{DaxWindow, DeviceNodeGrants, Fs, VIRTIO_ID_FS};
+use super::devices::gate::MemoryGate;
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
 use super::devices::net::{Net, VIRTIO_ID_NET};
 use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleNote, ConsoleSink, COM1_IRQ};
@@ -126,6 +128,8 @@ pub enum VmError {
     Save(String),
     #[error("cannot restore the VM from its saved state: {0}")]
     Restore(String),
+    #[error("giving back guest pages identical to the template's: {0}")]
+    Copies(String),
 }
 
 /// Everything a clone needs besides guest memory: vCPUs, interrupt
@@ -185,7 +189,13 @@ pub struct Vm {
     ram: Option<GuestRam>,
     /// Dropped after `vm_fd`, like `ram`: KVM maps it as guest memory.
     dax: Option<Arc<DaxWindow>>,
+    /// Held by every device worker while it writes guest memory.
+    gate: MemoryGate,
 }
+
+/// How long [`Vm::drop_identical_copies`] waits for the vCPUs to park and
+/// the device workers to leave guest memory before it gives up on a pass.
+pub const COPIES_PAUSE_WAIT: Duration = Duration::from_millis(50);
 
 /// The parts boot and restore build the same way.
 struct Base {
@@ -422,8 +432,10 @@ impl Vm {
         }
         let mut cmdline = String::from(BASE_CMDLINE);
         cmdline.push_str(&name_cache_params(cfg.mem_mib));
+        let gate = MemoryGate::default();
         let mut mmio = Vec::new();
-        for (i, (name, dev)) in virtio.into_iter().enumerate() {
+        for (i, (name, mut dev)) in virtio.into_iter().enumerate() {
+            dev.set_memory_gate(gate.clone());
             let mem = ram.mem.clone();
             mmio.push(attach_mmio(&vm_fd, i, &name, |irq| {
                 MmioTransport::new(dev, mem, irq).map_err(|e| e.to_string())
@@ -460,7 +472,7 @@ impl Vm {
             cfg.vcpus,
             cfg.mem_mib
         );
-        let vm = Self::run(kvm, vm_fd, (ram, dax), bus, console, ctl, vcpus)?;
+        let vm = Self::run(kvm, vm_fd, (ram, dax, gate), bus, console, ctl, vcpus)?;
         ahead.taken();
         Ok(vm)
     }
@@ -537,9 +549,10 @@ impl Vm {
             .set_clock(&clock)
             .map_err(kvm_err("restore the guest clock"))?;
 
+        let gate = MemoryGate::default();
         let mut mmio = Vec::with_capacity(state.devices.len());
         for (i, saved) in state.devices.iter().enumerate() {
-            let (name, dev): (String, Box<dyn VirtioDevice>) = match saved.device_type {
+            let (name, mut dev): (String, Box<dyn VirtioDevice>) = match saved.device_type {
                 VIRTIO_ID_VSOCK => {
                     let name = format!("vsock {}", cfg.vsock_uds.display());
                     let dev = Vsock::new(GUEST_CID, cfg.vsock_uds.clone())
@@ -576,6 +589,7 @@ impl Vm {
                     )))
                 }
             };
+            dev.set_memory_gate(gate.clone());
             let mem = ram.mem.clone();
             mmio.push(attach_mmio(&vm_fd, i, &name, |irq| {
                 MmioTransport::restore(dev, mem, irq, saved).map_err(|e| e.to_string())
@@ -599,7 +613,7 @@ impl Vm {
             vcpu::restore(&fd, s)?;
             vcpus.push(fd);
         }
-        let vm = Self::run(kvm, vm_fd, (ram, dax), bus, console, ctl, vcpus)?;
+        let vm = Self::run(kvm, vm_fd, (ram, dax, gate), bus, console, ctl, vcpus)?;
         ahead.taken();
         Ok(vm)
     }
@@ -607,7 +621,7 @@ impl Vm {
     fn run(
         kvm: Kvm,
         vm_fd: VmFd,
-        (ram, dax): (GuestRam, Arc<DaxWindow>),
+        (ram, dax, gate): (GuestRam, Arc<DaxWindow>, MemoryGate),
         bus: Arc<Bus>,
         console: Arc<Mutex<ConsoleLog>>,
         ctl: Arc<VmControl>,
@@ -623,6 +637,7 @@ impl Vm {
             vm_fd: Some(vm_fd),
             ram: Some(ram),
             dax: Some(dax),
+            gate,
         };
         // The process's jail (jail/), unless its owner set one up with
         // another mode already: vCPUs run guest code from here on.
@@ -638,6 +653,47 @@ impl Vm {
             vm.vcpu_threads.push(handle);
         }
         Ok(vm)
+    }
+
+    /// Gives back the clone's private copies of template pages that hold
+    /// what the template's page holds (`copies.rs`): searched with the VM
+    /// running, then compared again and dropped with the vCPUs paused and
+    /// every device worker out of guest memory, at most [`COPIES_PAUSE_WAIT`]
+    /// after asking for that. If the VM cannot be brought to rest by then
+    /// nothing is dropped: a busy guest is no reason to stall it. A booted
+    /// VM's memory is shared, not copied: it has nothing to give back.
+    pub fn drop_identical_copies(&self) -> Result<CopiesReport, VmError> {
+        let ram = self
+            .ram
+            .as_ref()
+            .ok_or_else(|| VmError::Copies("the VM has no memory left".into()))?;
+        let io = |what: &str| {
+            let what = what.to_owned();
+            move |e: std::io::Error| VmError::Copies(format!("{what}: {e}"))
+        };
+        let (private, identical) = copies::find_identical(ram).map_err(io("searching"))?;
+        let mut report = CopiesReport {
+            private,
+            identical: identical.len(),
+            ..Default::default()
+        };
+        if identical.is_empty() {
+            return Ok(report);
+        }
+        let start = Instant::now();
+        let deadline = start + COPIES_PAUSE_WAIT;
+        if !self.ctl.pause(deadline) {
+            report.paused = start.elapsed();
+            return Ok(report);
+        }
+        let dropped = match self.gate.try_close(deadline) {
+            Some(closed) => copies::drop_unchanged(ram, &identical, &closed),
+            None => Ok(0),
+        };
+        self.ctl.resume();
+        report.paused = start.elapsed();
+        report.dropped = dropped.map_err(io("dropping"))?;
+        Ok(report)
     }
 
     /// Waits for the VM to stop on its own, at most `timeout`.
