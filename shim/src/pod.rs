@@ -2,7 +2,7 @@
 //! initramfs and size, serving the pod's shared directory over virtio-fs.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,6 +145,9 @@ pub struct Pod {
     /// Whether the agent's event stream is subscribed: sent by the task
     /// that subscribes, awaited by [`Pod::ready`].
     subscribed: Mutex<Option<tokio::sync::oneshot::Receiver<Result<(), String>>>>,
+    /// Bumped by every [`Pod::settle_memory_later`]: only the latest one's
+    /// pass runs.
+    settle: AtomicU64,
 }
 
 /// What starting a pod takes.
@@ -194,7 +197,60 @@ pub struct StartTimes {
     pub clone: Duration,
 }
 
+/// How long a pod must go without a start before its guest's copies of
+/// template pages are looked at ([`Pod::settle_memory_later`]): past the
+/// burst of work a start sets off in the guest, and past the guest's own
+/// free page reporting (2 s after pages are freed).
+const SETTLE_DELAY: Duration = Duration::from_secs(3);
+
 impl Pod {
+    /// Once the pod has had no start for [`SETTLE_DELAY`], gives back the
+    /// guest's private copies that hold what the template's page holds
+    /// (`Vm::drop_identical_copies`): they go back to being the template's
+    /// pages, shared by every pod. Another start meanwhile pushes the pass
+    /// back, so a burst of starts costs one pass.
+    pub fn settle_memory_later(self: &Arc<Self>) {
+        let Some(life) = self.life.clone() else {
+            return;
+        };
+        let generation = self.settle.fetch_add(1, Ordering::SeqCst) + 1;
+        let pod = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(SETTLE_DELAY).await;
+            match pod.upgrade() {
+                Some(pod) if pod.settle.load(Ordering::SeqCst) == generation => {}
+                _ => return,
+            }
+            if life.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            let pass = tokio::task::spawn_blocking({
+                let life = Arc::clone(&life);
+                move || {
+                    let vm = life.vm.lock().unwrap_or_else(|p| p.into_inner());
+                    let t = Instant::now();
+                    vm.as_ref()
+                        .map(|vm| (vm.vm().drop_identical_copies(), t.elapsed()))
+                }
+            })
+            .await;
+            match pass {
+                Ok(Some((Ok(r), took))) => log::info!(
+                    "pod {}: guest copies of template pages: {} private, {} identical, {} given \
+                     back ({:.1} ms, the guest paused {:.1} ms)",
+                    life.pod,
+                    r.private,
+                    r.identical,
+                    r.dropped,
+                    took.as_secs_f64() * 1e3,
+                    r.paused.as_secs_f64() * 1e3
+                ),
+                Ok(Some((Err(e), _))) => log::warn!("pod {}: {e}", life.pod),
+                _ => {}
+            }
+        });
+    }
+
     /// Finds or builds the template, clones it with `layout.shared()` as
     /// its virtio-fs share, subscribes to the agent's events and starts
     /// watching the VM (its own stop, and with `liveness_timeout` set, the
@@ -298,6 +354,7 @@ impl Pod {
             vm_dir,
             size,
             life: Some(Arc::clone(&life)),
+            settle: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             sandbox: Mutex::new(None),
             network: Mutex::new(network),
@@ -433,6 +490,7 @@ impl Pod {
             vm_dir: PathBuf::new(),
             size,
             life: None,
+            settle: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
             sandbox: Mutex::new(None),
             network: Mutex::new(None),

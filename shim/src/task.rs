@@ -826,6 +826,7 @@ impl Task for TaskService {
             }
         };
         let running = t.elapsed();
+        pod.settle_memory_later();
 
         let mut held_exit = None;
         let out = vec![if exec.is_empty() {
