@@ -50,8 +50,13 @@ pub const MAX_VCPUS: u8 = 64;
 /// `page_reporting.page_reporting_order=0`: the guest reports free pages
 /// down to single 4 KiB pages, not only whole 2 MiB blocks (its default):
 /// what a clone dirties and frees again is scattered (devices/balloon.rs).
+/// `slub_max_order=0`: slabs of one page where the object fits, not up to
+/// eight: a clone that takes an object from a slab the template left
+/// partly used copies the page it lands in, and a new slab is written
+/// whole (its free list runs through every object). Four idle pods each
+/// way in the KVM test host: 2.86 -> 2.78 MiB of guest copies per pod.
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 pci=off quiet 8250.nr_uarts=1 \
-     rdinit=/init page_reporting.page_reporting_order=0";
+     rdinit=/init page_reporting.page_reporting_order=0 slub_max_order=0";
 
 /// Kernel parameters sizing the dentry and inode hash tables to the guest:
 /// 16 and 8 buckets per MiB of guest memory (4096 and 2048 for 256 MiB),
