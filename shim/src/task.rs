@@ -826,7 +826,11 @@ impl Task for TaskService {
             }
         };
         let running = t.elapsed();
-        pod.settle_memory_later();
+        // An exec is transient (a probe, a shell): a container's start is
+        // what leaves a pod in a new steady state.
+        if exec.is_empty() {
+            pod.settle_memory_later();
+        }
 
         let mut held_exit = None;
         let out = vec![if exec.is_empty() {

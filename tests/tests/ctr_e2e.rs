@@ -796,6 +796,71 @@ fn memory_a_container_freed_goes_back_to_the_host() {
     assert_same("freed memory given back", &(r.0, r.1), &(j.0, j.1));
 }
 
+/// jevm only: runc has no guest. The shim's pass 3 s after a pod's start
+/// gives back guest copies identical to the template's pages (docs/
+/// clones.md); the pod must go on as before, its container and an exec.
+#[test]
+fn an_idle_pods_identical_guest_copies_go_back_and_the_pod_keeps_working() {
+    let env = ctr_env_or_skip!();
+    if runc_only() {
+        jevm_tests::ctr::skipped("JEVM_E2E_RUNC_ONLY=1: a jevm-only test did not run");
+        return;
+    }
+    let id = id("copies", JEVM);
+    env.run_detached(
+        JEVM,
+        &id,
+        &[],
+        &sh("echo kept > /tmp/mark; while true; do sleep 0.1; done"),
+    );
+    let log = env.base.join("containerd.log");
+    let needle = format!("pod {id}: guest copies of template pages: ");
+    let start = std::time::Instant::now();
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(&needle)) {
+            break l.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no pass over the guest's copies logged for {id} in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let counts: Vec<u64> = line
+        .split(&needle)
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .take(3)
+        .map(|w| w.parse().unwrap())
+        .collect();
+    let [private, identical, dropped] = counts[..] else {
+        panic!("cannot read the pass from {line:?}");
+    };
+    assert!(
+        dropped > 0 && dropped <= identical && identical < private,
+        "{id}: {line}"
+    );
+    let exec = env.ctr_out(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        &id,
+        "cat",
+        "/tmp/mark",
+    ]);
+    assert_eq!((exec.code, exec.stdout.as_str()), (0, "kept\n"), "{exec:?}");
+    assert_eq!(env.task_status(&id).as_deref(), Some("RUNNING"));
+    env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
+    env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
+    env.ctr_out(&["task", "delete", &id]);
+    env.ctr_out(&["containers", "delete", &id]);
+    env.assert_gone(&id);
+}
+
 #[test]
 fn jevm_has_its_own_kernel_and_entropy() {
     let env = ctr_env_or_skip!();
