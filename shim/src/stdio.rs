@@ -9,6 +9,7 @@
 //! its end comes from `CloseIO`, after which what is still buffered in the
 //! FIFO is drained and the stream is shut down for writing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jevm_protocol::{Request, StdioStream};
@@ -52,6 +53,24 @@ pub struct Copies {
     close_stdin: Option<oneshot::Sender<()>>,
     stdin: Option<JoinHandle<()>>,
     outputs: Vec<JoinHandle<()>>,
+    order: InputOrder,
+}
+
+/// Keeps a terminal's resizes and its input in the order the shim got
+/// them. They reach the guest over different connections (a request, the
+/// stdin stream), so a size a client sends just before a line of input
+/// could otherwise be applied after the process has read the line: `kubectl
+/// exec -it` sends the size first, and the command run then sees none. A
+/// resize holds the write side until the guest applied it; the stdin pump
+/// holds the read side while it sends a chunk.
+#[derive(Clone, Default)]
+pub struct InputOrder(Arc<tokio::sync::RwLock<()>>);
+
+impl InputOrder {
+    pub async fn resize<T>(&self, apply: impl std::future::Future<Output = T>) -> T {
+        let _held = self.0.write().await;
+        apply.await
+    }
 }
 
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
@@ -165,7 +184,7 @@ pub async fn attach(
     if let Some((r, s)) = stdin {
         let (tx, rx) = oneshot::channel();
         copies.close_stdin = Some(tx);
-        copies.stdin = Some(tokio::spawn(pump_stdin(r, s, rx)));
+        copies.stdin = Some(tokio::spawn(pump_stdin(r, s, rx, copies.order.clone())));
     }
     Ok(copies)
 }
@@ -185,6 +204,7 @@ async fn pump_stdin<W: AsyncWrite + Unpin>(
     mut fifo: pipe::Receiver,
     mut to: W,
     mut close: oneshot::Receiver<()>,
+    order: InputOrder,
 ) {
     // Made at the first byte: most containers never read their stdin, and
     // a buffer made up front would be heap every idle pod keeps.
@@ -201,6 +221,7 @@ async fn pump_stdin<W: AsyncWrite + Unpin>(
                 match fifo.try_read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
+                        let _ordered = order.0.read().await;
                         if to.write_all(&buf[..n]).await.is_err() {
                             return;
                         }
@@ -212,6 +233,7 @@ async fn pump_stdin<W: AsyncWrite + Unpin>(
             // CloseIO, or the process went away (sender dropped).
             _ = &mut close => {
                 buf.resize(STDIN_CHUNK, 0);
+                let _ordered = order.0.read().await;
                 drain(&mut fifo, &mut to, &mut buf).await;
                 break;
             }
@@ -240,6 +262,11 @@ async fn drain<W: AsyncWrite + Unpin>(fifo: &mut pipe::Receiver, to: &mut W, buf
 }
 
 impl Copies {
+    /// What a resize of this process's terminal goes through.
+    pub fn input_order(&self) -> InputOrder {
+        self.order.clone()
+    }
+
     /// EOF for the process's stdin once the FIFO is drained.
     pub fn close_stdin(&mut self) {
         if let Some(tx) = self.close_stdin.take() {
@@ -371,11 +398,64 @@ mod tests {
         oneshot::Sender<()>,
         JoinHandle<()>,
     ) {
+        let (path, guest, tx, pump, _) = ordered_stdin_pump(d);
+        (path, guest, tx, pump)
+    }
+
+    /// [`stdin_pump`] and the input order its resizes go through.
+    fn ordered_stdin_pump(
+        d: &std::path::Path,
+    ) -> (
+        std::path::PathBuf,
+        tokio::net::UnixStream,
+        oneshot::Sender<()>,
+        JoinHandle<()>,
+        InputOrder,
+    ) {
         let path = fifo(d, "stdin");
         let r = open_stdin(path.to_str().unwrap()).unwrap();
         let (host, guest) = tokio::net::UnixStream::pair().unwrap();
         let (tx, rx) = oneshot::channel();
-        (path, guest, tx, tokio::spawn(pump_stdin(r, host, rx)))
+        let order = InputOrder::default();
+        let pump = tokio::spawn(pump_stdin(r, host, rx, order.clone()));
+        (path, guest, tx, pump, order)
+    }
+
+    #[tokio::test]
+    async fn input_that_follows_a_resize_reaches_the_guest_after_it_is_applied() {
+        let d = tempdir("in-resize");
+        let (path, mut guest, tx, pump, order) = ordered_stdin_pump(&d);
+        let applied = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A resize in flight: the guest takes 200 ms to apply it.
+        let resize = tokio::spawn({
+            let (order, applied) = (order.clone(), Arc::clone(&applied));
+            async move {
+                order
+                    .resize(async {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        applied.store(true, std::sync::atomic::Ordering::SeqCst);
+                    })
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut w = pipe::OpenOptions::new().open_sender(&path).unwrap();
+        w.write_all(b"go\n").await.unwrap();
+        let mut got = [0u8; 3];
+        tokio::time::timeout(Duration::from_secs(10), guest.read_exact(&mut got))
+            .await
+            .expect("stdin not relayed after the resize")
+            .unwrap();
+        assert!(
+            applied.load(std::sync::atomic::Ordering::SeqCst),
+            "input reached the guest before the resize sent ahead of it was applied"
+        );
+        assert_eq!(&got, b"go\n");
+        resize.await.unwrap();
+        drop(w);
+        tx.send(()).unwrap();
+        pump.await.unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[tokio::test]

@@ -1078,6 +1078,10 @@ impl Task for TaskService {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
+        // As for a container: the streams connect while the guest creates
+        // the process, and a resize right after the start finds a
+        // connection open instead of waiting for a new one.
+        pod.agent.open_ahead(stdio.streams());
         let created = pod
             .agent
             .pid(
@@ -1238,18 +1242,24 @@ impl Task for TaskService {
             // every process of a session without asking which has a TTY.
             return Ok(Empty::default());
         }
-        pod.agent
-            .done(
-                "ResizePty",
-                Request::ResizePty {
-                    container_id: req.id.clone(),
-                    exec_id: Some(req.exec_id.clone()).filter(|e| !e.is_empty()),
-                    width: req.width,
-                    height: req.height,
-                },
-            )
-            .await
-            .map_err(agent_err)?;
+        let order = self
+            .state()
+            .containers
+            .get(&req.id)
+            .and_then(|c| c.proc(&req.exec_id))
+            .and_then(|p| p.copies.as_ref())
+            .map(|c| c.input_order())
+            .unwrap_or_default();
+        let resize = pod.agent.done(
+            "ResizePty",
+            Request::ResizePty {
+                container_id: req.id.clone(),
+                exec_id: Some(req.exec_id.clone()).filter(|e| !e.is_empty()),
+                width: req.width,
+                height: req.height,
+            },
+        );
+        order.resize(resize).await.map_err(agent_err)?;
         Ok(Empty::default())
     }
 
