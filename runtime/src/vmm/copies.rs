@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::RwLockWriteGuard;
+use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory as _};
 
@@ -77,13 +78,15 @@ pub fn find_identical(ram: &GuestRam) -> io::Result<(usize, Vec<usize>)> {
     Ok((private, identical))
 }
 
-/// Drops those of `pages` that are still identical to the file's page.
-/// The caller has paused every vCPU and closed the memory gate (its write
-/// guard is the proof asked for), so no write can come between the
-/// comparison and the drop.
+/// Drops those of `pages` that are still identical to the file's page,
+/// until `stop_at`: the guest waits meanwhile, and on a host short of CPU
+/// the pages left over are not worth a longer stall. The caller has paused
+/// every vCPU and closed the memory gate (its write guard is the proof
+/// asked for), so no write can come between the comparison and the drop.
 pub fn drop_unchanged(
     ram: &GuestRam,
     pages: &[usize],
+    stop_at: Instant,
     _gate_closed: &RwLockWriteGuard<'_, ()>,
 ) -> io::Result<usize> {
     let host = host_base(ram)?;
@@ -92,6 +95,9 @@ pub fn drop_unchanged(
     // Runs of consecutive pages go in one madvise.
     let mut run: Option<(usize, usize)> = None;
     for &page in pages {
+        if Instant::now() >= stop_at {
+            break;
+        }
         if !same_as_file(ram, page, &mut ours, &mut theirs)? {
             continue;
         }
@@ -183,6 +189,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::sync::{Arc, RwLock};
+    use std::time::Duration;
 
     use crate::vmm::memory;
 
@@ -196,6 +203,27 @@ mod tests {
         f.as_file().set_len(64 * PAGE as u64).unwrap();
         let ram = memory::map_template(f.path(), None, 64 * PAGE as u64).unwrap();
         (f, ram)
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn nothing_is_dropped_past_the_deadline() {
+        let (_f, ram) = clone_of_template();
+        ram.mem
+            .write_slice(&[5u8; PAGE], GuestAddress(5 * PAGE as u64))
+            .unwrap();
+        let (_, identical) = find_identical(&ram).unwrap();
+        assert_eq!(identical, vec![5]);
+        let lock = RwLock::new(());
+        let past = Instant::now() - Duration::from_millis(1);
+        assert_eq!(
+            drop_unchanged(&ram, &identical, past, &lock.write().unwrap()).unwrap(),
+            0
+        );
+        assert!(is_private(&ram, 5));
     }
 
     fn is_private(ram: &GuestRam, page: usize) -> bool {
@@ -236,7 +264,7 @@ mod tests {
         assert_eq!(private, 5);
         assert_eq!(identical, vec![3, 7, 50]);
         let lock = RwLock::new(());
-        let dropped = drop_unchanged(&ram, &identical, &lock.write().unwrap()).unwrap();
+        let dropped = drop_unchanged(&ram, &identical, later(), &lock.write().unwrap()).unwrap();
         assert_eq!(dropped, 3);
         for page in [3, 7, 50] {
             assert!(!is_private(&ram, page), "page {page} is still a copy");
@@ -277,7 +305,7 @@ mod tests {
             .write_slice(&[0xdd], GuestAddress(6 * PAGE as u64))
             .unwrap();
         let lock = Arc::new(RwLock::new(()));
-        let dropped = drop_unchanged(&ram, &identical, &lock.write().unwrap()).unwrap();
+        let dropped = drop_unchanged(&ram, &identical, later(), &lock.write().unwrap()).unwrap();
         assert_eq!(dropped, 1);
         assert!(!is_private(&ram, 5));
         assert!(is_private(&ram, 6));
