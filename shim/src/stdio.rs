@@ -389,21 +389,9 @@ mod tests {
     }
 
     /// A stdin FIFO in `d` pumped to the guest end of a socket pair: the
-    /// FIFO's path, the guest end, the CloseIO sender and the pump.
+    /// FIFO's path, the guest end, the CloseIO sender, the pump and the
+    /// input order its resizes go through.
     fn stdin_pump(
-        d: &std::path::Path,
-    ) -> (
-        std::path::PathBuf,
-        tokio::net::UnixStream,
-        oneshot::Sender<()>,
-        JoinHandle<()>,
-    ) {
-        let (path, guest, tx, pump, _) = ordered_stdin_pump(d);
-        (path, guest, tx, pump)
-    }
-
-    /// [`stdin_pump`] and the input order its resizes go through.
-    fn ordered_stdin_pump(
         d: &std::path::Path,
     ) -> (
         std::path::PathBuf,
@@ -424,7 +412,7 @@ mod tests {
     #[tokio::test]
     async fn input_that_follows_a_resize_reaches_the_guest_after_it_is_applied() {
         let d = tempdir("in-resize");
-        let (path, mut guest, tx, pump, order) = ordered_stdin_pump(&d);
+        let (path, mut guest, tx, pump, order) = stdin_pump(&d);
         let applied = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // A resize in flight: the guest takes 200 ms to apply it.
         let resize = tokio::spawn({
@@ -461,7 +449,7 @@ mod tests {
     #[tokio::test]
     async fn close_io_drains_the_fifo_then_sends_eof() {
         let d = tempdir("in");
-        let (path, mut guest, tx, pump) = stdin_pump(&d);
+        let (path, mut guest, tx, pump, _) = stdin_pump(&d);
         {
             // The client writes and closes before it sends CloseIO.
             let mut w = pipe::OpenOptions::new().open_sender(&path).unwrap();
@@ -478,7 +466,7 @@ mod tests {
     #[tokio::test]
     async fn stdin_is_relayed_while_open_in_chunks_of_any_size() {
         let d = tempdir("in-open");
-        let (path, mut guest, tx, pump) = stdin_pump(&d);
+        let (path, mut guest, tx, pump, _) = stdin_pump(&d);
         let mut w = pipe::OpenOptions::new().open_sender(&path).unwrap();
         // More than one chunk, and the writer stays open: nothing waits
         // for CloseIO.

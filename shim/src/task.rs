@@ -1231,25 +1231,24 @@ impl Task for TaskService {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         let pod = self.pod_of_proc(&req.id, &req.exec_id)?;
-        let terminal = self
-            .state()
-            .containers
-            .get(&req.id)
-            .and_then(|c| c.proc(&req.exec_id))
-            .is_some_and(|p| p.stdio.terminal);
-        if !terminal {
-            // runc's shim answers success and does nothing: clients resize
-            // every process of a session without asking which has a TTY.
-            return Ok(Empty::default());
-        }
+        // The input order of a process with a terminal; None without one.
         let order = self
             .state()
             .containers
             .get(&req.id)
             .and_then(|c| c.proc(&req.exec_id))
-            .and_then(|p| p.copies.as_ref())
-            .map(|c| c.input_order())
-            .unwrap_or_default();
+            .filter(|p| p.stdio.terminal)
+            .map(|p| {
+                p.copies
+                    .as_ref()
+                    .map(|c| c.input_order())
+                    .unwrap_or_default()
+            });
+        let Some(order) = order else {
+            // runc's shim answers success and does nothing: clients resize
+            // every process of a session without asking which has a TTY.
+            return Ok(Empty::default());
+        };
         let resize = pod.agent.done(
             "ResizePty",
             Request::ResizePty {

@@ -205,6 +205,13 @@ mod tests {
         (f, ram)
     }
 
+    /// Writes `data` at the start of guest page `page`.
+    fn write(ram: &GuestRam, page: usize, data: &[u8]) {
+        ram.mem
+            .write_slice(data, GuestAddress((page * PAGE) as u64))
+            .unwrap();
+    }
+
     fn later() -> Instant {
         Instant::now() + Duration::from_secs(60)
     }
@@ -212,9 +219,7 @@ mod tests {
     #[test]
     fn nothing_is_dropped_past_the_deadline() {
         let (_f, ram) = clone_of_template();
-        ram.mem
-            .write_slice(&[5u8; PAGE], GuestAddress(5 * PAGE as u64))
-            .unwrap();
+        write(&ram, 5, &[5u8; PAGE]);
         let (_, identical) = find_identical(&ram).unwrap();
         assert_eq!(identical, vec![5]);
         let lock = RwLock::new(());
@@ -240,20 +245,15 @@ mod tests {
     #[test]
     fn identical_copies_are_dropped_and_changed_ones_kept_with_their_contents() {
         let (_f, ram) = clone_of_template();
-        let write = |page: usize, data: &[u8]| {
-            ram.mem
-                .write_slice(data, GuestAddress((page * PAGE) as u64))
-                .unwrap()
-        };
         // Copies that end up as they were: the same bytes written back, a
         // byte changed and restored, a hole page written with zeros.
-        write(3, &[3u8; PAGE]);
-        write(7, &[0xaa]);
-        write(7, &[7]);
-        write(50, &[0u8; 16]);
+        write(&ram, 3, &[3u8; PAGE]);
+        write(&ram, 7, &[0xaa]);
+        write(&ram, 7, &[7]);
+        write(&ram, 50, &[0u8; 16]);
         // Copies that differ: from a data page and from a hole.
-        write(10, &[0xbb; 8]);
-        write(60, &[0xcc]);
+        write(&ram, 10, &[0xbb; 8]);
+        write(&ram, 60, &[0xcc]);
         // Pages only read stay the file's.
         let mut buf = [0u8; 8];
         ram.mem
@@ -292,18 +292,12 @@ mod tests {
     #[test]
     fn a_page_changed_after_the_search_is_not_dropped() {
         let (_f, ram) = clone_of_template();
-        ram.mem
-            .write_slice(&[5u8; PAGE], GuestAddress(5 * PAGE as u64))
-            .unwrap();
-        ram.mem
-            .write_slice(&[6u8; PAGE], GuestAddress(6 * PAGE as u64))
-            .unwrap();
+        write(&ram, 5, &[5u8; PAGE]);
+        write(&ram, 6, &[6u8; PAGE]);
         let (_, identical) = find_identical(&ram).unwrap();
         assert_eq!(identical, vec![5, 6]);
         // The guest writes page 6 between the search and the pause.
-        ram.mem
-            .write_slice(&[0xdd], GuestAddress(6 * PAGE as u64))
-            .unwrap();
+        write(&ram, 6, &[0xdd]);
         let lock = Arc::new(RwLock::new(()));
         let dropped = drop_unchanged(&ram, &identical, later(), &lock.write().unwrap()).unwrap();
         assert_eq!(dropped, 1);
