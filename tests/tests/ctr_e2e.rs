@@ -1397,7 +1397,8 @@ fn jevm_refuses_a_network_namespace_it_cannot_join() {
 
 /// What a process looks like from inside, with what differs between any
 /// two processes (PIDs in the root namespace, memory and scheduling
-/// counters, mount and pipe ids, the fds' timestamps) taken out.
+/// counters, mount ids and devices, pipe ids, the fds' timestamps) taken
+/// out.
 const SELF_PORTRAIT: &str = "cat /proc/1/status /proc/1/limits /proc/1/cgroup; \
     tr '\\0' '\\n' </proc/1/environ; echo --; cat /proc/1/mountinfo; echo --; \
     ls -l /proc/1/fd; echo --; cat /proc/self/status";
@@ -1434,10 +1435,15 @@ fn portrait(out: &str, cid: &str) -> String {
             } else {
                 l
             };
+            // A mountinfo line's ids and device number: anonymous devices
+            // are numbered in the order superblocks were made, which a
+            // namespace made ahead (the IPC one's mqueue) changes.
             let l = if l.len() > 6 && l[0].parse::<u32>().is_ok() && l[1].parse::<u32>().is_ok() {
-                &l[2..]
+                let mut l = l[2..].to_vec();
+                l[0] = "DEV";
+                l
             } else {
-                &l[..]
+                l
             };
             l.join(" ")
                 .split(':')

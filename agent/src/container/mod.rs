@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use zygote::Zygote;
+use zygote::{Next, Zygote};
 
 /// Microseconds, for [`CreateTimes`].
 fn micros(d: Duration) -> u64 {
@@ -139,6 +139,10 @@ fn invalid(message: String) -> Failure {
 /// rather than from the zygote. For comparing the two, and a way around a
 /// zygote suspected of a fault.
 pub const STAGE_ANNOTATION: &str = "io.jevm.container-init";
+
+/// The annotation containerd's CRI plugin puts on every container of a
+/// Kubernetes pod (`sandbox` or `container`).
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 
 impl Service {
     /// The guest's service: the agent binary as stage (through its
@@ -390,20 +394,27 @@ impl Service {
     }
 
     /// The zygote to start `plan`'s stage from, unless the container's
-    /// [`STAGE_ANNOTATION`] asks for exec.
-    fn zygote_for(&self, plan: &InitPlan) -> Option<&Zygote> {
+    /// [`STAGE_ANNOTATION`] asks for exec, and whether it should keep a
+    /// spare afterwards: only in a Kubernetes pod, where the sandbox's
+    /// containers follow it and exec probes come again and again. A plain
+    /// containerd pod runs one container; its later execs pay for a fork
+    /// rather than every such pod keeping a process it may never use.
+    fn zygote_for(&self, plan: &InitPlan) -> Option<(&Zygote, Next)> {
         let spec = match &plan.kind {
             PlanKind::Create { spec } | PlanKind::Exec { spec, .. } => spec,
         };
-        let exec = spec
-            .annotations()
-            .as_ref()
+        let annotations = spec.annotations().as_ref();
+        let exec = annotations
             .and_then(|a| a.get(STAGE_ANNOTATION))
             .is_some_and(|v| v == "exec");
-        if exec {
-            None
+        let next = if annotations.is_some_and(|a| a.contains_key(CRI_CONTAINER_TYPE)) {
+            Next::Spare
         } else {
-            self.zygote.as_ref()
+            Next::Wait
+        };
+        match exec {
+            true => None,
+            false => self.zygote.as_ref().map(|z| (z, next)),
         }
     }
 

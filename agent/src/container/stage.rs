@@ -9,7 +9,7 @@
 use super::exits::{self, Since};
 use super::plan::{self, AgentMsg, InitPlan, StageMsg, INIT_ARG, SYNC_FD};
 use super::stdio::Terminal;
-use super::zygote::Zygote;
+use super::zygote::{Next, Zygote};
 use jevm_protocol::{read_frame, write_frame, FrameError};
 use std::ffi::{CString, OsString};
 use std::io::{self, ErrorKind};
@@ -122,7 +122,7 @@ impl Stage {
     /// `fork` and `execve` of `command`.
     pub fn spawn(
         command: &StageCommand,
-        zygote: Option<&Zygote>,
+        zygote: Option<(&Zygote, Next)>,
         stdio: [RawFd; 3],
     ) -> io::Result<Stage> {
         let (sync, child_sync) = UnixStream::pair()?;
@@ -130,7 +130,7 @@ impl Stage {
         // Held until the stage is registered: the reaper cannot handle the
         // stage's exit before it is known as a stage.
         let mut table = exits::lock();
-        let forked = match zygote.map(|z| (z, z.spawn(&fds))) {
+        let forked = match zygote.map(|(z, next)| (z, z.spawn(&fds, next))) {
             Some((_, Ok(pid))) => Ok(pid),
             Some((z, Err(e))) => {
                 log::warn!(

@@ -326,21 +326,46 @@ fn stages_come_from_the_zygote_as_children_of_the_agent_unless_the_spec_asks_for
     assert_eq!(h.delete("z2"), Response::Done);
 }
 
+/// The name a stage has until it `execve`s: `spare-<zygote>` if it was
+/// the zygote's spare.
+fn from_spare(h: &Harness, pid: u32) -> bool {
+    let zygote = h.service.zygote().expect("the zygote started").pid();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    comm.trim() == format!("spare-{zygote}")
+}
+
 #[test]
-fn stages_one_after_another_come_from_the_zygote_s_spares() {
+fn stages_one_after_another_come_from_the_zygote_and_its_spares_in_a_kubernetes_pod() {
     let mut h = harness();
     let served = |h: &Harness| h.service.zygote().expect("the zygote started").served();
     let before = served(&h);
-    // The first takes the spare forked when the zygote started, each next
-    // one the spare forked after the answer before it.
-    for (i, code) in [3, 4, 5].into_iter().enumerate() {
+    // s0 takes the spare forked when the zygote started. A plain pod's
+    // stage is not followed by a spare, so s1 is forked on request, and so
+    // is s2; but s2 is a Kubernetes pod's, and s3 takes the spare forked
+    // after it, and s4 the one after s3.
+    for (i, code) in [3, 4, 5, 6, 7].into_iter().enumerate() {
         let id = format!("s{i}");
-        let pid = h.created(
-            &id,
-            &["sh", "-c", &format!("exit {code}")],
-            Stdio::default(),
+        let mut spec = spec(&["sh", "-c", &format!("exit {code}")]);
+        if i >= 2 {
+            spec["annotations"] = json!({ CRI_CONTAINER_TYPE: "container" });
+        }
+        let created = reply(
+            &h.service,
+            Request::CreateContainer(CreateContainer {
+                container_id: id.clone(),
+                spec,
+                stdio: Stdio::default(),
+            }),
         );
+        let Response::Created { pid, .. } = created else {
+            panic!("create {id}: {created:?}")
+        };
         assert_eq!(served(&h), before + i + 1);
+        assert_eq!(
+            from_spare(&h, pid),
+            [true, false, false, true, true][i],
+            "{id}: from a spare"
+        );
         assert_eq!(parent_of(pid), Some(std::process::id()), "{id}");
         assert_eq!(h.start(&id), Response::Started { pid });
         let event = h.next_event();

@@ -17,15 +17,19 @@
 //!
 //! The forks are done ahead when they can be: the zygote keeps one stage
 //! forked and waiting for its fds (a [`Spare`], made when the zygote starts
-//! and again after each answer), and a request hands the spare its fds
-//! instead of forking. A template's zygote holds one at the snapshot, so
-//! the first container of every clone starts without a fork.
+//! and again after an answer when the request asks for it, see [`Next`]),
+//! and a request hands the spare its fds instead of forking. A template's zygote holds one at the snapshot, so
+//! the first container of every clone starts without a fork, and in a
+//! network and an IPC namespace made ahead (`init::premade`). The agent
+//! waits for the zygote's first answer (0, started) before it goes on, so
+//! a template is never saved with the zygote half started.
 //!
 //! The zygote never changes its signal dispositions or mask, and holds no
 //! fd but its control socket and stdio, so the stage starts from what an
 //! `execve`d stage starts from. A zygote that fails or goes away is left
 //! behind: the agent starts stages with `fork`+`execve` again.
 
+use super::init::premade::Premade;
 use super::stage::StageCommand;
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -77,6 +81,10 @@ impl Zygote {
         let pid = command.with_arg(ZYGOTE_ARG).fork_exec(&fds)?;
         let timeout = nix::sys::time::TimeVal::new(ANSWER_TIMEOUT.as_secs() as i64, 0);
         nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::ReceiveTimeout, &timeout)?;
+        // Waited for, so that a template is saved with the zygote's spare
+        // (and the namespaces made ahead) in place, never half made.
+        read_answer(ours.as_raw_fd())
+            .map_err(|e| io::Error::new(e.kind(), format!("the zygote did not start: {e}")))?;
         Ok(Zygote {
             ctl: Mutex::new(Some(ours)),
             pid,
@@ -95,14 +103,15 @@ impl Zygote {
     }
 
     /// Has the zygote start a stage with `fds` (stdio 0-2 and the sync
-    /// socket) as its fds 0-3; returns the stage's PID. An error means the
-    /// zygote is no longer used.
-    pub fn spawn(&self, fds: &[RawFd; 4]) -> io::Result<i32> {
+    /// socket) as its fds 0-3; returns the stage's PID. With `then`
+    /// [`Next::Spare`] the zygote forks a spare for the next request once it
+    /// answered. An error means the zygote is no longer used.
+    pub fn spawn(&self, fds: &[RawFd; 4], then: Next) -> io::Result<i32> {
         let mut ctl = self.ctl.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sock) = ctl.as_ref() else {
             return Err(io::Error::other("the zygote failed before"));
         };
-        let result = ask(sock.as_raw_fd(), fds);
+        let result = ask(sock.as_raw_fd(), fds, then);
         match result {
             Ok(_) => {
                 self.served.fetch_add(1, Ordering::Relaxed);
@@ -114,13 +123,33 @@ impl Zygote {
     }
 }
 
-/// One byte with `fds` as SCM_RIGHTS: a request to the zygote, or the
-/// zygote's handover to a spare.
-fn send_fds(sock: RawFd, fds: &[RawFd; 4]) -> nix::Result<()> {
+/// What the zygote does once it answered a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Forks a spare (unless it has one), so the next request is answered
+    /// without a fork: for pods where more containers or execs are expected.
+    Spare,
+    /// Nothing: a spare would be a process's worth of the pod's own guest
+    /// memory, kept for a request that may never come.
+    Wait,
+}
+
+impl Next {
+    fn byte(self) -> u8 {
+        match self {
+            Next::Spare => b's',
+            Next::Wait => b'w',
+        }
+    }
+}
+
+/// One byte with `fds` as SCM_RIGHTS: a request to the zygote (the byte
+/// says [`Next`]), or the zygote's handover to a spare.
+fn send_fds(sock: RawFd, fds: &[RawFd; 4], byte: u8) -> nix::Result<()> {
     let rights = [ControlMessage::ScmRights(fds)];
     sendmsg::<()>(
         sock,
-        &[IoSlice::new(b"s")],
+        &[IoSlice::new(&[byte])],
         &rights,
         MsgFlags::MSG_NOSIGNAL,
         None,
@@ -132,8 +161,16 @@ fn raw(fds: &[OwnedFd; 4]) -> [RawFd; 4] {
     fds.each_ref().map(AsRawFd::as_raw_fd)
 }
 
-fn ask(sock: RawFd, fds: &[RawFd; 4]) -> io::Result<i32> {
-    send_fds(sock, fds)?;
+fn ask(sock: RawFd, fds: &[RawFd; 4], then: Next) -> io::Result<i32> {
+    send_fds(sock, fds, then.byte())?;
+    match read_answer(sock)? {
+        pid if pid > 0 => Ok(pid),
+        errno => Err(io::Error::from_raw_os_error(-errno)),
+    }
+}
+
+/// The zygote's 4-byte answer: a PID, a negative errno, or 0 (started).
+fn read_answer(sock: RawFd) -> io::Result<i32> {
     let mut answer = [0u8; 4];
     let n = loop {
         match nix::sys::socket::recv(sock, &mut answer, MsgFlags::empty()) {
@@ -146,18 +183,21 @@ fn ask(sock: RawFd, fds: &[RawFd; 4]) -> io::Result<i32> {
             "the zygote answered {n} bytes (it is gone)"
         )));
     }
-    match i32::from_le_bytes(answer) {
-        pid if pid > 0 => Ok(pid),
-        errno => Err(io::Error::from_raw_os_error(-errno)),
-    }
+    Ok(i32::from_le_bytes(answer))
 }
 
 /// The zygote process: answers requests until the agent closes the
 /// control socket, running `stage_main` in each stage it starts.
 pub fn serve(stage_main: fn() -> !) -> ! {
-    let mut spare = Spare::fork(stage_main);
+    // Held for the zygote's life (see `premade`); only the first spare sits
+    // in them.
+    let premade = make_premade();
+    let mut spare = Spare::fork(stage_main, premade.as_ref());
+    if !answer(0) {
+        std::process::exit(1);
+    }
     loop {
-        let (n, fds) = match receive(CTL_FD) {
+        let (n, byte, fds) = match receive(CTL_FD) {
             Ok(msg) => msg,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => std::process::exit(1),
@@ -166,7 +206,7 @@ pub fn serve(stage_main: fn() -> !) -> ! {
             // The agent is gone, or gave up on this zygote.
             std::process::exit(0);
         }
-        let answer = match <&[OwnedFd; 4]>::try_from(fds.as_slice()) {
+        let reply = match <&[OwnedFd; 4]>::try_from(fds.as_slice()) {
             Ok(fds) => match spare.take().and_then(|s| s.hand(fds)) {
                 Some(pid) => pid,
                 None => start_stage(fds, stage_main),
@@ -174,26 +214,52 @@ pub fn serve(stage_main: fn() -> !) -> ! {
             Err(_) => -libc::EINVAL,
         };
         drop(fds);
-        // SAFETY: a 4-byte buffer on the stack; the fd is the control socket.
-        let sent = unsafe {
-            libc::send(
-                CTL_FD,
-                answer.to_le_bytes().as_ptr().cast(),
-                4,
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if sent != 4 {
+        if !answer(reply) {
             std::process::exit(1);
         }
-        if spare.is_none() {
-            spare = Spare::fork(stage_main);
+        if spare.is_none() && byte == Next::Spare.byte() {
+            spare = Spare::fork(stage_main, None);
         }
     }
 }
 
-/// One message with up to four fds on `sock`: its length and the fds.
-fn receive(sock: RawFd) -> nix::Result<(usize, Vec<OwnedFd>)> {
+/// Sends the agent a 4-byte answer on the control socket; false if it is
+/// gone.
+fn answer(value: i32) -> bool {
+    // SAFETY: a 4-byte buffer on the stack; the fd is the control socket.
+    let sent = unsafe {
+        libc::send(
+            CTL_FD,
+            value.to_le_bytes().as_ptr().cast(),
+            4,
+            libc::MSG_NOSIGNAL,
+        )
+    };
+    sent == 4
+}
+
+/// The namespaces made ahead, where the agent is PID 1 (the guest). A
+/// failure leaves them out, unless the zygote could not go back to its own
+/// namespaces: then it exits, and the agent starts stages with exec.
+fn make_premade() -> Option<Premade> {
+    if std::os::unix::process::parent_id() != 1 {
+        return None;
+    }
+    match Premade::make() {
+        Ok(premade) => Some(premade),
+        Err((e, fatal)) => {
+            eprintln!("container-init zygote: namespaces made ahead: {e}");
+            if fatal {
+                std::process::exit(1);
+            }
+            None
+        }
+    }
+}
+
+/// One message with up to four fds on `sock`: its length, its byte and
+/// the fds.
+fn receive(sock: RawFd) -> nix::Result<(usize, u8, Vec<OwnedFd>)> {
     let mut byte = [0u8; 1];
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(&mut byte)];
@@ -208,14 +274,14 @@ fn receive(sock: RawFd) -> nix::Result<(usize, Vec<OwnedFd>)> {
             }
         }
     }
-    Ok((msg.bytes, fds))
+    Ok((msg.bytes, byte[0], fds))
 }
 
 /// A stage forked ahead of the request that will use it, waiting on a
 /// socket for its four fds: that request is answered without a fork. The
 /// zygote forks one when it starts (so a template holds one, and the first
-/// container of every clone takes it) and another after each request it
-/// answered.
+/// container of every clone takes it) and another after each request that
+/// asked for one ([`Next::Spare`]).
 struct Spare {
     pid: i32,
     /// The zygote's end; the spare exits when it closes.
@@ -223,7 +289,7 @@ struct Spare {
 }
 
 impl Spare {
-    fn fork(stage_main: fn() -> !) -> Option<Spare> {
+    fn fork(stage_main: fn() -> !, premade: Option<&Premade>) -> Option<Spare> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -232,6 +298,7 @@ impl Spare {
         )
         .ok()?;
         let (ours_fd, theirs_fd) = (ours.as_raw_fd(), theirs.as_raw_fd());
+        let zygote = std::process::id();
         let pid = fork_stage(move || {
             // The agent must see EOF on the control socket once the zygote
             // is gone, and the spare must see it on its own when the
@@ -242,9 +309,15 @@ impl Spare {
                 libc::close(CTL_FD);
                 libc::close(ours_fd);
             }
+            if let Some(premade) = premade {
+                premade.enter();
+            }
+            name_spare(zygote);
+            // SAFETY: one byte from a static buffer on our own socket.
+            unsafe { libc::send(theirs_fd, b"e".as_ptr().cast(), 1, libc::MSG_NOSIGNAL) };
             let fds = loop {
                 match receive(theirs_fd) {
-                    Ok((n, fds)) if n > 0 => match <[OwnedFd; 4]>::try_from(fds) {
+                    Ok((n, _, fds)) if n > 0 => match <[OwnedFd; 4]>::try_from(fds) {
                         Ok(fds) => break fds,
                         // SAFETY: ends the spare: the zygote spoke out of turn.
                         Err(_) => unsafe { libc::_exit(0) },
@@ -259,16 +332,37 @@ impl Spare {
             unsafe { super::stage::place_stage_fds(&raw(&fds)) };
             stage_main()
         });
+        // The spare's end: a spare that dies is then seen as EOF.
+        drop(theirs);
+        if pid > 0 {
+            // The spare is set up (in the namespaces made ahead) before the
+            // zygote answers again (and so before a template is saved).
+            let mut byte = [0u8; 1];
+            let _ = nix::sys::socket::recv(ours_fd, &mut byte, MsgFlags::empty());
+        }
         (pid > 0).then_some(Spare { pid, sock: ours })
     }
 
     /// Gives the spare its fds; its PID, or None if it is gone (it was
     /// killed while it waited).
     fn hand(self, fds: &[OwnedFd; 4]) -> Option<i32> {
-        send_fds(self.sock.as_raw_fd(), &raw(fds))
+        send_fds(self.sock.as_raw_fd(), &raw(fds), b'h')
             .ok()
             .map(|()| self.pid)
     }
+}
+
+/// Names a spare `spare-<zygote's PID>` (its stage keeps the name until it
+/// `execve`s): in the guest's process list, and for tests to tell a stage
+/// that was a spare from one forked on request.
+fn name_spare(zygote: u32) {
+    let mut name = [0u8; 16];
+    let text = format!("spare-{zygote}");
+    let len = text.len().min(15);
+    name[..len].copy_from_slice(&text.as_bytes()[..len]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes from `name`, which lives for the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
 }
 
 /// Forks the intermediate, which forks the stage (running `stage`, which

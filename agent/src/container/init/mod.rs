@@ -11,6 +11,7 @@ mod devices;
 mod errors;
 mod mounts;
 mod namespaces;
+pub mod premade;
 mod process;
 mod seccomp;
 mod sync;

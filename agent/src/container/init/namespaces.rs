@@ -11,6 +11,7 @@
 //! are owned by the user namespace.
 
 use super::errors::{errno_desc, io_err, os_err};
+use super::premade;
 use super::sync::Sync;
 use crate::container::plan::StageMsg;
 use anyhow::{anyhow, bail, Result};
@@ -174,17 +175,28 @@ impl Plan {
     }
 
     pub fn enter(&self) -> Result<()> {
+        // Namespaces made ahead serve as new ones only outside a user
+        // namespace, which must own the namespaces created in it.
+        let premade = premade::entered();
+        let kept = if self.user_namespace() {
+            CloneFlags::empty()
+        } else {
+            premade & self.create
+        };
+        premade::leave(premade - kept)?;
         let joined_user = join_all(&self.join)?;
         if let Some(maps) = &self.maps {
             new_user_namespace(maps)?;
             become_root_uid()?;
         }
-        unshare(self.create - CloneFlags::CLONE_NEWUSER)
+        unshare(self.create - CloneFlags::CLONE_NEWUSER - kept)
             .map_err(|e| os_err("create namespaces", e))?;
         if joined_user || self.maps.is_some() {
             become_root_gid()?;
         }
-        if self.create.contains(CloneFlags::CLONE_NEWNET) {
+        if self.create.contains(CloneFlags::CLONE_NEWNET)
+            && !kept.contains(CloneFlags::CLONE_NEWNET)
+        {
             // runc brings the loopback interface of a new network namespace
             // up, so a container can reach 127.0.0.1 without CNI.
             loopback_up().map_err(|e| io_err("bring up the loopback interface lo", &e))?;
@@ -364,7 +376,7 @@ fn not_root(what: &str, e: Errno) -> anyhow::Error {
 }
 
 /// `ip link set lo up` in the current network namespace.
-fn loopback_up() -> std::io::Result<()> {
+pub(super) fn loopback_up() -> std::io::Result<()> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
