@@ -237,11 +237,14 @@ impl Pod {
             match pass {
                 Ok(Some((Ok(r), took))) => log::info!(
                     "pod {}: guest copies of template pages: {} private, {} identical, {} given \
-                     back ({:.1} ms, the guest paused {:.1} ms)",
+                     back, {} zeros over data, {} put on the zero page ({:.1} ms, the guest paused \
+                     {:.1} ms)",
                     life.pod,
                     r.private,
                     r.identical,
                     r.dropped,
+                    r.zero,
+                    r.zero_mapped,
                     took.as_secs_f64() * 1e3,
                     r.paused.as_secs_f64() * 1e3
                 ),

@@ -15,6 +15,13 @@
 //! on; [`drop_unchanged`] compares again and drops with the vCPUs paused
 //! and the devices' memory gate closed (`Vm::drop_identical_copies`), and
 //! only over the pages the search found, to keep that pause short.
+//!
+//! A copy that holds only zeros where the template's page holds data (a
+//! zeroed allocation in the guest: a kernel stack's unused part, a page
+//! table) cannot go back to the file's page; it goes to the kernel's zero
+//! page instead, through an anonymous mapping over it
+//! ([`map_zero_unchanged`]), under the same pause. The VM remembers those
+//! pages, since dropping them again would make them zeros, not the file's.
 
 use std::fs::File;
 use std::io;
@@ -43,21 +50,40 @@ pub struct CopiesReport {
     pub identical: usize,
     /// Dropped: still identical with everything paused.
     pub dropped: usize,
+    /// Copies holding only zeros where the template's page does not.
+    pub zero: usize,
+    /// Of those, put on the zero page: still zeros with everything paused.
+    pub zero_mapped: usize,
     /// How long the guest was held: from asking the vCPUs to park to
     /// letting them go.
     pub paused: std::time::Duration,
 }
 
-/// Guest pages (indices from guest-physical 0) that are private copies
-/// identical to the file's page; and how many private copies there are.
-pub fn find_identical(ram: &GuestRam) -> io::Result<(usize, Vec<usize>)> {
+/// What a search over guest memory found, in guest pages (indices from
+/// guest-physical 0).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Found {
+    /// How many private copies there are (pages already on the zero page
+    /// counted only once the guest wrote something else there).
+    pub private: usize,
+    /// Copies identical to the file's page.
+    pub identical: Vec<usize>,
+    /// Copies that hold only zeros where the file's page does not: those
+    /// can go to the kernel's zero page instead ([`map_zero_unchanged`]).
+    pub zero: Vec<usize>,
+}
+
+/// Searches the private copies. `on_zero_page` (sorted) are the pages an
+/// earlier pass put on the zero page: they are no longer the file's at all,
+/// and `MADV_DONTNEED` would make them zeros, not the file's page, so they
+/// are never offered again.
+pub fn find(ram: &GuestRam, on_zero_page: &[usize]) -> io::Result<Found> {
     let host = host_base(ram)?;
     let pages = ram.size as usize / PAGE;
     let pagemap = File::open("/proc/self/pagemap")?;
     let mut entries = vec![0u8; PAGEMAP_CHUNK * 8];
     let (mut ours, mut theirs) = (vec![0u8; PAGE], vec![0u8; PAGE]);
-    let mut private = 0;
-    let mut identical = Vec::new();
+    let mut found = Found::default();
     let mut first = 0;
     while first < pages {
         let n = PAGEMAP_CHUNK.min(pages - first);
@@ -68,14 +94,22 @@ pub fn find_identical(ram: &GuestRam) -> io::Result<(usize, Vec<usize>)> {
             if e & PM_PRESENT == 0 || e & PM_FILE != 0 {
                 continue;
             }
-            private += 1;
-            if same_as_file(ram, first + i, &mut ours, &mut theirs)? {
-                identical.push(first + i);
+            let page = first + i;
+            if on_zero_page.binary_search(&page).is_ok() {
+                read_guest_page(ram, page, &mut ours)?;
+                found.private += usize::from(!is_zero(&ours));
+                continue;
+            }
+            found.private += 1;
+            match compare_with_file(ram, page, &mut ours, &mut theirs)? {
+                Compared::Same => found.identical.push(page),
+                Compared::ZeroOverData => found.zero.push(page),
+                Compared::Different => {}
             }
         }
         first += n;
     }
-    Ok((private, identical))
+    Ok(found)
 }
 
 /// Drops those of `pages` that are still identical to the file's page,
@@ -91,31 +125,72 @@ pub fn drop_unchanged(
 ) -> io::Result<usize> {
     let host = host_base(ram)?;
     let (mut ours, mut theirs) = (vec![0u8; PAGE], vec![0u8; PAGE]);
-    let mut dropped = 0;
-    // Runs of consecutive pages go in one madvise.
-    let mut run: Option<(usize, usize)> = None;
+    let mut still = Vec::new();
     for &page in pages {
         if Instant::now() >= stop_at {
             break;
         }
-        if !same_as_file(ram, page, &mut ours, &mut theirs)? {
-            continue;
+        if let Compared::Same = compare_with_file(ram, page, &mut ours, &mut theirs)? {
+            still.push(page);
         }
-        dropped += 1;
+    }
+    // Runs of consecutive pages go in one madvise.
+    for_runs(&still, |start, len| dont_need(host, start, len))?;
+    Ok(still.len())
+}
+
+/// Puts those of `pages` that still hold only zeros on the kernel's zero
+/// page, until `stop_at`, under the same conditions as [`drop_unchanged`];
+/// returns how many. A `MAP_PRIVATE` file mapping has no way back to zeros
+/// but the file's, so each run of pages becomes an anonymous mapping of its
+/// own, which reads as zeros and takes a page of memory again only when the
+/// guest writes it. Each page is added to `on_zero_page` before it is
+/// mapped, so one that may have been is never offered again, even after
+/// an error.
+pub fn map_zero_unchanged(
+    ram: &GuestRam,
+    pages: &[usize],
+    stop_at: Instant,
+    on_zero_page: &mut Vec<usize>,
+    _gate_closed: &RwLockWriteGuard<'_, ()>,
+) -> io::Result<usize> {
+    let host = host_base(ram)?;
+    let mut ours = vec![0u8; PAGE];
+    let mut still = Vec::new();
+    for &page in pages {
+        if Instant::now() >= stop_at {
+            break;
+        }
+        read_guest_page(ram, page, &mut ours)?;
+        if is_zero(&ours) {
+            still.push(page);
+        }
+    }
+    on_zero_page.extend(&still);
+    on_zero_page.sort_unstable();
+    for_runs(&still, |start, len| zero_map(host, start, len))?;
+    Ok(still.len())
+}
+
+/// Calls `f(start, len)` for each run of consecutive pages in `pages`
+/// (sorted).
+fn for_runs(pages: &[usize], mut f: impl FnMut(usize, usize) -> io::Result<()>) -> io::Result<()> {
+    let mut run: Option<(usize, usize)> = None;
+    for &page in pages {
         run = match run {
             Some((start, len)) if start + len == page => Some((start, len + 1)),
             other => {
                 if let Some((start, len)) = other {
-                    dont_need(host, start, len)?;
+                    f(start, len)?;
                 }
                 Some((page, 1))
             }
         };
     }
-    if let Some((start, len)) = run {
-        dont_need(host, start, len)?;
+    match run {
+        Some((start, len)) => f(start, len),
+        None => Ok(()),
     }
-    Ok(dropped)
 }
 
 fn host_base(ram: &GuestRam) -> io::Result<usize> {
@@ -131,21 +206,40 @@ fn host_base(ram: &GuestRam) -> io::Result<usize> {
     Ok(host)
 }
 
-/// Whether guest page `page` holds what the file holds at the same offset
-/// (guest memory is read through `vm-memory`'s volatile copies: the guest
-/// may be writing it).
-fn same_as_file(
+enum Compared {
+    Same,
+    /// All zeros in guest memory, not in the file.
+    ZeroOverData,
+    Different,
+}
+
+/// Guest page `page` against what the file holds at the same offset.
+fn compare_with_file(
     ram: &GuestRam,
     page: usize,
     ours: &mut [u8],
     theirs: &mut [u8],
-) -> io::Result<bool> {
-    let addr = page * PAGE;
+) -> io::Result<Compared> {
+    read_guest_page(ram, page, ours)?;
+    read_file_page(&ram.file, (page * PAGE) as u64, theirs)?;
+    Ok(if ours == theirs {
+        Compared::Same
+    } else if is_zero(ours) {
+        Compared::ZeroOverData
+    } else {
+        Compared::Different
+    })
+}
+
+/// Through `vm-memory`'s volatile copies: the guest may be writing it.
+fn read_guest_page(ram: &GuestRam, page: usize, buf: &mut [u8]) -> io::Result<()> {
     ram.mem
-        .read_slice(ours, GuestAddress(addr as u64))
-        .map_err(io::Error::other)?;
-    read_file_page(&ram.file, addr as u64, theirs)?;
-    Ok(ours == theirs)
+        .read_slice(buf, GuestAddress((page * PAGE) as u64))
+        .map_err(io::Error::other)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.iter().all(|&b| b == 0)
 }
 
 /// A hole, or the part past the end of the file, reads as zeros, as it
@@ -161,6 +255,30 @@ fn read_file_page(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         }
     }
     buf[done..].fill(0);
+    Ok(())
+}
+
+fn zero_map(host: usize, page: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the range is whole pages inside the guest memory mapping
+    // (pages from a pagemap walk bounded by its size), which `ram` keeps
+    // mapped; MAP_FIXED replaces just those pages, whose bytes are all
+    // zeros (checked with every writer paused), with anonymous memory that
+    // reads as zeros and is as readable and writable: nothing reading guest
+    // memory sees a change. The region's unmapping at the end covers the
+    // new mapping with the rest.
+    let p = unsafe {
+        libc::mmap(
+            (host + page * PAGE) as *mut libc::c_void,
+            len * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
 
@@ -220,7 +338,7 @@ mod tests {
     fn nothing_is_dropped_past_the_deadline() {
         let (_f, ram) = clone_of_template();
         write(&ram, 5, &[5u8; PAGE]);
-        let (_, identical) = find_identical(&ram).unwrap();
+        let identical = find(&ram, &[]).unwrap().identical;
         assert_eq!(identical, vec![5]);
         let lock = RwLock::new(());
         let past = Instant::now() - Duration::from_millis(1);
@@ -260,9 +378,14 @@ mod tests {
             .read_slice(&mut buf, GuestAddress(20 * PAGE as u64))
             .unwrap();
 
-        let (private, identical) = find_identical(&ram).unwrap();
+        let Found {
+            private,
+            identical,
+            zero,
+        } = find(&ram, &[]).unwrap();
         assert_eq!(private, 5);
         assert_eq!(identical, vec![3, 7, 50]);
+        assert_eq!(zero, Vec::<usize>::new(), "page 50 is zeros over a hole");
         let lock = RwLock::new(());
         let dropped = drop_unchanged(&ram, &identical, later(), &lock.write().unwrap()).unwrap();
         assert_eq!(dropped, 3);
@@ -294,7 +417,7 @@ mod tests {
         let (_f, ram) = clone_of_template();
         write(&ram, 5, &[5u8; PAGE]);
         write(&ram, 6, &[6u8; PAGE]);
-        let (_, identical) = find_identical(&ram).unwrap();
+        let identical = find(&ram, &[]).unwrap().identical;
         assert_eq!(identical, vec![5, 6]);
         // The guest writes page 6 between the search and the pause.
         write(&ram, 6, &[0xdd]);
@@ -308,5 +431,75 @@ mod tests {
             .read_slice(&mut b, GuestAddress(6 * PAGE as u64))
             .unwrap();
         assert_eq!(b, [0xdd, 6]);
+    }
+
+    fn read(ram: &GuestRam, page: usize) -> Vec<u8> {
+        let mut got = vec![0u8; PAGE];
+        read_guest_page(ram, page, &mut got).unwrap();
+        got
+    }
+
+    /// [`map_zero_unchanged`] over `pages` as a pass calls it; checks it
+    /// mapped `count` and returns the pages it recorded.
+    fn zero_map_paused(ram: &GuestRam, pages: &[usize], count: usize) -> Vec<usize> {
+        let lock = RwLock::new(());
+        let mut on_zero_page = Vec::new();
+        let mapped = map_zero_unchanged(
+            ram,
+            pages,
+            later(),
+            &mut on_zero_page,
+            &lock.write().unwrap(),
+        );
+        assert_eq!(mapped.unwrap(), count);
+        on_zero_page
+    }
+
+    #[test]
+    fn zero_copies_go_to_the_zero_page_and_are_never_offered_again() {
+        let (_f, ram) = clone_of_template();
+        // Zeroed over the template's data: 8, 9 (one run) and 12; page 13
+        // zeroed but for one byte.
+        for page in [8, 9, 12, 13] {
+            write(&ram, page, &[0u8; PAGE]);
+        }
+        write(&ram, 13, &[1]);
+        let found = find(&ram, &[]).unwrap();
+        assert_eq!(found.zero, vec![8, 9, 12]);
+        assert_eq!(found.private, 4);
+
+        let on_zero_page = zero_map_paused(&ram, &found.zero, 3);
+        assert_eq!(on_zero_page, vec![8, 9, 12]);
+        for page in [8, 9, 12] {
+            assert!(!is_private(&ram, page), "page {page} still holds a copy");
+            assert_eq!(read(&ram, page), vec![0u8; PAGE], "page {page}");
+        }
+        // Their neighbours are the file's as before.
+        assert_eq!(read(&ram, 10), vec![10u8; PAGE]);
+        assert_eq!(read(&ram, 11), vec![11u8; PAGE]);
+
+        // The guest writes one back with the template's bytes: a private
+        // page identical to the file's, which MADV_DONTNEED would turn into
+        // zeros here. It is counted but not offered.
+        write(&ram, 9, &[9u8; PAGE]);
+        assert!(is_private(&ram, 9));
+        let again = find(&ram, &on_zero_page).unwrap();
+        assert_eq!(again.identical, Vec::<usize>::new());
+        assert_eq!(again.zero, Vec::<usize>::new());
+        assert_eq!(again.private, 2, "pages 9 and 13");
+        assert_eq!(read(&ram, 9), vec![9u8; PAGE]);
+    }
+
+    #[test]
+    fn a_zero_page_written_after_the_search_keeps_its_copy() {
+        let (_f, ram) = clone_of_template();
+        write(&ram, 4, &[0u8; PAGE]);
+        write(&ram, 5, &[0u8; PAGE]);
+        let found = find(&ram, &[]).unwrap();
+        assert_eq!(found.zero, vec![4, 5]);
+        write(&ram, 5, &[0xee]);
+        assert_eq!(zero_map_paused(&ram, &found.zero, 1), vec![4]);
+        assert!(is_private(&ram, 5));
+        assert_eq!(read(&ram, 5)[..2], [0xee, 0]);
     }
 }

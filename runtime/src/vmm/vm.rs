@@ -196,6 +196,9 @@ pub struct Vm {
     dax: Option<Arc<DaxWindow>>,
     /// Held by every device worker while it writes guest memory.
     gate: MemoryGate,
+    /// Guest pages the copies pass put on the zero page (sorted; see
+    /// `copies`). Also the pass's lock: one pass at a time.
+    on_zero_page: Mutex<Vec<usize>>,
 }
 
 /// How long [`Vm::drop_identical_copies`] waits for the vCPUs to park and
@@ -650,6 +653,7 @@ impl Vm {
             ram: Some(ram),
             dax: Some(dax),
             gate,
+            on_zero_page: Mutex::new(Vec::new()),
         };
         // The process's jail (jail/), unless its owner set one up with
         // another mode already: vCPUs run guest code from here on.
@@ -683,13 +687,15 @@ impl Vm {
             let what = what.to_owned();
             move |e: std::io::Error| VmError::Copies(format!("{what}: {e}"))
         };
-        let (private, identical) = copies::find_identical(ram).map_err(io("searching"))?;
+        let mut on_zero_page = self.on_zero_page.lock().unwrap_or_else(|p| p.into_inner());
+        let found = copies::find(ram, &on_zero_page).map_err(io("searching"))?;
         let mut report = CopiesReport {
-            private,
-            identical: identical.len(),
+            private: found.private,
+            identical: found.identical.len(),
+            zero: found.zero.len(),
             ..Default::default()
         };
-        if identical.is_empty() {
+        if found.identical.is_empty() && found.zero.is_empty() {
             return Ok(report);
         }
         let start = Instant::now();
@@ -698,16 +704,22 @@ impl Vm {
             report.paused = start.elapsed();
             return Ok(report);
         }
-        let dropped = match self.gate.try_close(deadline) {
+        let done = match self.gate.try_close(deadline) {
             Some(closed) => {
                 let stop_at = Instant::now() + COPIES_DROP_BUDGET;
-                copies::drop_unchanged(ram, &identical, stop_at, &closed)
+                copies::drop_unchanged(ram, &found.identical, stop_at, &closed).and_then(
+                    |dropped| {
+                        let zero = &found.zero;
+                        copies::map_zero_unchanged(ram, zero, stop_at, &mut on_zero_page, &closed)
+                            .map(|zeroed| (dropped, zeroed))
+                    },
+                )
             }
-            None => Ok(0),
+            None => Ok((0, 0)),
         };
         self.ctl.resume();
         report.paused = start.elapsed();
-        report.dropped = dropped.map_err(io("dropping"))?;
+        (report.dropped, report.zero_mapped) = done.map_err(io("dropping"))?;
         Ok(report)
     }
 
