@@ -238,7 +238,7 @@ impl Pod {
                 Ok(Some((Ok(r), took))) => log::info!(
                     "pod {}: guest copies of template pages: {} private, {} identical, {} given \
                      back, {} zeros over data, {} put on the zero page ({:.1} ms, the guest paused \
-                     {:.1} ms)",
+                     {:.1} ms{})",
                     life.pod,
                     r.private,
                     r.identical,
@@ -246,7 +246,12 @@ impl Pod {
                     r.zero,
                     r.zero_mapped,
                     took.as_secs_f64() * 1e3,
-                    r.paused.as_secs_f64() * 1e3
+                    r.paused.as_secs_f64() * 1e3,
+                    if r.budget_used_up {
+                        ", its budget for the pause used up"
+                    } else {
+                        ""
+                    }
                 ),
                 Ok(Some((Err(e), _))) => log::warn!("pod {}: {e}", life.pod),
                 _ => {}

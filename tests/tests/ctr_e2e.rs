@@ -819,14 +819,32 @@ fn an_idle_pods_identical_and_zero_guest_copies_go_back_and_the_pod_keeps_workin
     let line = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if let Some(l) = text.lines().find(|l| l.contains(&needle)) {
-            break l.to_string();
+            break Some(l.to_string());
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no pass over the guest's copies logged for {id} in 60 s"
-        );
+        if start.elapsed() > Duration::from_secs(60) {
+            break None;
+        }
         std::thread::sleep(Duration::from_millis(500));
     };
+    let exec = env.ctr_out(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "after",
+        &id,
+        "cat",
+        "/tmp/mark",
+    ]);
+    let status = env.task_status(&id);
+    // Removed before anything is asserted, so a failure leaves nothing.
+    env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
+    env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
+    env.ctr_out(&["task", "delete", &id]);
+    env.ctr_out(&["containers", "delete", &id]);
+    env.assert_gone(&id);
+
+    let line =
+        line.unwrap_or_else(|| panic!("no pass over the guest's copies logged for {id} in 60 s"));
     let counts: Vec<u64> = line
         .split(&needle)
         .nth(1)
@@ -843,24 +861,15 @@ fn an_idle_pods_identical_and_zero_guest_copies_go_back_and_the_pod_keeps_workin
         dropped > 0 && dropped <= identical && identical + zero < private,
         "{id}: {line}"
     );
-    // An idle pod's guest always has some: kernel stacks of new threads.
-    assert!(zero_mapped > 0 && zero_mapped <= zero, "{id}: {line}");
-    let exec = env.ctr_out(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "after",
-        &id,
-        "cat",
-        "/tmp/mark",
-    ]);
+    // An idle pod's guest always has some (kernel stacks of new threads);
+    // they are all mapped unless the pause's budget ran out first (on a
+    // loaded host: then the pages are left as they are).
+    assert!(zero > 0 && zero_mapped <= zero, "{id}: {line}");
+    if !line.contains("budget for the pause used up") {
+        assert!(zero_mapped > 0, "{id}: {line}");
+    }
     assert_eq!((exec.code, exec.stdout.as_str()), (0, "kept\n"), "{exec:?}");
-    assert_eq!(env.task_status(&id).as_deref(), Some("RUNNING"));
-    env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-    env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
-    env.ctr_out(&["task", "delete", &id]);
-    env.ctr_out(&["containers", "delete", &id]);
-    env.assert_gone(&id);
+    assert_eq!(status.as_deref(), Some("RUNNING"));
 }
 
 #[test]

@@ -54,6 +54,9 @@ pub struct CopiesReport {
     pub zero: usize,
     /// Of those, put on the zero page: still zeros with everything paused.
     pub zero_mapped: usize,
+    /// The comparing under the pause ran into its time budget: pages may
+    /// have been left that were still identical or zeros.
+    pub budget_used_up: bool,
     /// How long the guest was held: from asking the vCPUs to park to
     /// letting them go.
     pub paused: std::time::Duration,

@@ -707,13 +707,14 @@ impl Vm {
         let done = match self.gate.try_close(deadline) {
             Some(closed) => {
                 let stop_at = Instant::now() + COPIES_DROP_BUDGET;
-                copies::drop_unchanged(ram, &found.identical, stop_at, &closed).and_then(
-                    |dropped| {
+                let done = copies::drop_unchanged(ram, &found.identical, stop_at, &closed)
+                    .and_then(|dropped| {
                         let zero = &found.zero;
                         copies::map_zero_unchanged(ram, zero, stop_at, &mut on_zero_page, &closed)
                             .map(|zeroed| (dropped, zeroed))
-                    },
-                )
+                    });
+                report.budget_used_up = Instant::now() >= stop_at;
+                done
             }
             None => Ok((0, 0)),
         };
