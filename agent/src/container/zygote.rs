@@ -18,9 +18,10 @@
 //! The forks are done ahead when they can be: the zygote keeps one stage
 //! forked and waiting for its fds (a [`Spare`], made when the zygote starts
 //! and again after an answer when the request asks for it, see [`Next`]),
-//! and a request hands the spare its fds instead of forking. A template's zygote holds one at the snapshot, so
-//! the first container of every clone starts without a fork, and in a
-//! network and an IPC namespace made ahead (`init::premade`). The agent
+//! and a request hands the spare its fds instead of forking. A template's
+//! zygote holds one at the snapshot, so the first container of every clone
+//! starts without a fork, and in a network and an IPC namespace made ahead
+//! (`init::premade`). The agent
 //! waits for the zygote's first answer (0, started) before it goes on, so
 //! a template is never saved with the zygote half started.
 //!
