@@ -101,6 +101,10 @@ const SHIM_CAPABILITIES: &[caps::Capability] = &[
 /// points stderr at containerd's shim log (the `log` FIFO in the bundle,
 /// the working directory), so a panic or a jailed thread's last words
 /// reach containerd's log instead of /dev/null.
+/// `PR_SET_THP_DISABLE`'s flag (Linux 6.18) that leaves THP on in
+/// mappings advised `MADV_HUGEPAGE`; older kernels refuse it (EINVAL).
+const PR_THP_DISABLE_EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
+
 fn prepare_serving_process() {
     // One malloc arena for the whole shim: glibc otherwise gives each of
     // the VMM's and tokio's threads that allocates an arena of its own,
@@ -111,11 +115,25 @@ fn prepare_serving_process() {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     // No transparent huge pages in the shim: with THP `always` a thread's
     // stack or a heap arena that crosses a 2 MiB boundary became one huge
-    // page (+2 MiB for some pods, measured); nothing here gains from
-    // them. Guest memory is unaffected: a clone's copies live in a
-    // private file mapping, which never gets anonymous huge pages.
+    // page (+2 MiB for some pods, measured). The one mapping that gains
+    // from them is the guest's: the template's huge pages (a template
+    // store on a tmpfs with huge pages) mapped 2 MiB at a time. Linux
+    // 6.1 maps those whatever this says; from 6.12 a process without THP
+    // gets them only in mappings advised MADV_HUGEPAGE (as guest memory
+    // is, `vmm::memory::map_template`) and only with "except advised"
+    // (6.18), so that is asked for first.
     // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+    let except_advised = unsafe {
+        libc::prctl(
+            libc::PR_SET_THP_DISABLE,
+            1,
+            PR_THP_DISABLE_EXCEPT_ADVISED,
+            0,
+            0,
+        )
+    };
+    // SAFETY: as above.
+    if except_advised != 0 && unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
         eprintln!(
             "containerd-shim-jevm-v2: cannot turn transparent huge pages off: {}",
             std::io::Error::last_os_error()

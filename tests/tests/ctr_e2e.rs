@@ -9,6 +9,7 @@ use jevm_tests::ctr::{
     JEVM, RUNC, RUNTIMES,
 };
 use jevm_tests::ctr_env_or_skip;
+use std::path::Path;
 use std::time::Duration;
 
 /// `ctr run --rm` of `cmd` under both runtimes with `flags`; asserts that
@@ -870,6 +871,90 @@ fn an_idle_pods_identical_and_zero_guest_copies_go_back_and_the_pod_keeps_workin
     }
     assert_eq!((exec.code, exec.stdout.as_str()), (0, "kept\n"), "{exec:?}");
     assert_eq!(status.as_deref(), Some("RUNNING"));
+}
+
+/// jevm only. With the template store on a tmpfs with huge pages (as
+/// hack/install and hack/containerd-env mount it), a clone maps the
+/// template's guest kernel text 2 MiB at a time: the host's page tables,
+/// and so KVM's, take one fault per 2 MiB where 4 KiB pages took hundreds
+/// (docs/clones.md). The clone's own copies stay 4 KiB pages.
+#[test]
+fn a_clone_maps_the_template_kernel_in_huge_pages() {
+    let env = ctr_env_or_skip!();
+    if runc_only() {
+        jevm_tests::ctr::skipped("JEVM_E2E_RUNC_ONLY=1: a jevm-only test did not run");
+        return;
+    }
+    let store = env.base.join("jevm/templates");
+    let huge_store = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.len() > 3
+                && Path::new(f[1]) == store
+                && f[2] == "tmpfs"
+                && f[3]
+                    .split(',')
+                    .any(|o| o.starts_with("huge=") && o != "huge=never")
+        });
+    if !huge_store {
+        jevm_tests::ctr::skipped(&format!(
+            "{} is not a tmpfs with huge pages (hack/containerd-env could not mount one)",
+            store.display()
+        ));
+        return;
+    }
+    let id = id("hugepages", JEVM);
+    env.run_detached(JEVM, &id, &[], &["sleep", "1000"]);
+    let shims = env.shims(Some(&id));
+    // The guest memory mapping: the template's memory file, in the store.
+    let mut pmd_kib = None;
+    let mut anon_huge_kib = 0;
+    if let Some(pid) = shims.first() {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let mut in_guest = false;
+        for l in smaps.lines() {
+            let mut f = l.split_whitespace();
+            let first = f.next().unwrap_or("");
+            if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                in_guest = l.ends_with("/memory") && l.contains(&store.display().to_string());
+                continue;
+            }
+            let kib = || f.clone().next().and_then(|v| v.parse::<u64>().ok());
+            match first {
+                // Summed: a pass over the guest's copies splits the mapping.
+                // Shmem (a tmpfs store) or file pages, mapped 2 MiB at once.
+                "ShmemPmdMapped:" | "FilePmdMapped:" if in_guest => {
+                    pmd_kib = Some(pmd_kib.unwrap_or(0) + kib().unwrap_or(0))
+                }
+                "AnonHugePages:" if in_guest => anon_huge_kib += kib().unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    let exec = env.ctr_out(&["task", "exec", "--exec-id", "after", &id, "true"]);
+    env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
+    env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
+    env.ctr_out(&["task", "delete", &id]);
+    env.ctr_out(&["containers", "delete", &id]);
+    env.assert_gone(&id);
+
+    assert_eq!(shims.len(), 1, "{id}: shims {shims:?}");
+    let pmd_kib =
+        pmd_kib.unwrap_or_else(|| panic!("{id}: no guest memory mapping in the shim's smaps"));
+    // The guest kernel's text is 8 MiB: at least one of its 2 MiB pages is
+    // mapped whole (a page the guest patches, as static keys do, falls
+    // back to 4 KiB).
+    assert!(
+        pmd_kib >= 2048,
+        "{id}: guest memory mapped 2 MiB at a time: {pmd_kib} kB"
+    );
+    assert_eq!(
+        anon_huge_kib, 0,
+        "{id}: anonymous huge pages in guest memory"
+    );
+    assert_eq!(exec.code, 0, "{exec:?}");
 }
 
 #[test]

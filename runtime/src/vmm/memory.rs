@@ -143,6 +143,7 @@ pub fn map_template(
         libc::MAP_PRIVATE | libc::MAP_NORESERVE,
     )
     .map_err(|e| map_err(vm_memory::mmap::FromRangesError::MmapRegion(e)))?;
+    advise_huge_pages(&region);
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| map_err(vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;
     let mem = GuestMemory::from_regions(vec![region]).map_err(|e| map_err(e.into()))?;
@@ -151,6 +152,18 @@ pub fn map_template(
         file,
         size: expected,
     })
+}
+
+/// Lets the kernel map the template's huge pages (a template store on a
+/// tmpfs with huge pages) 2 MiB at a time in this mapping even where the
+/// process has THP off (Linux 6.12 and later ask for the advice). A region
+/// the clone writes still gets 4 KiB copies: no anonymous huge page is
+/// ever made in a private file mapping. Best effort: without it the guest
+/// runs the same, with more faults.
+fn advise_huge_pages(region: &MmapRegion) {
+    // SAFETY: madvise over a live mapping this region owns; the advice
+    // changes no data.
+    let _ = unsafe { libc::madvise(region.as_ptr().cast(), region.size(), libc::MADV_HUGEPAGE) };
 }
 
 /// Writes guest RAM to `path` as a sparse file: only the pages the guest
