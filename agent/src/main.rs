@@ -19,6 +19,7 @@ mod reaper;
 mod server;
 mod system;
 mod vsock;
+mod workers;
 
 use jevm_protocol::AGENT_PORT;
 use log::error;

@@ -5,6 +5,7 @@ use crate::container::{self, Outcome, Service};
 use crate::handler::{agent_version, handle};
 use crate::system::{uptime_ms, System};
 use crate::vsock::{VsockListener, VsockStream, HOST_CID};
+use crate::workers::Workers;
 use jevm_protocol::{
     read_frame, write_frame, FrameError, Ready, Request, Response, AGENT_PORT, PROTOCOL_VERSION,
     READY_PORT,
@@ -65,8 +66,24 @@ fn send_ready(ready: &Ready) -> io::Result<()> {
     write_frame(&mut stream, ready).map_err(io::Error::other)
 }
 
-/// Accepts connections forever, one thread each.
+/// Threads parked for host connections when the agent starts
+/// (crate::workers). The template's own connection (the share's mount)
+/// takes one and, done, exits; the other five are parked at the snapshot,
+/// one for each of a clone's first connections: identity, events, stdout
+/// and stderr opened ahead, and one the shim holds ready.
+const PRESTARTED_WORKERS: usize = 6;
+/// Parked threads kept once connections close; more exit.
+const KEPT_WORKERS: usize = 2;
+
+/// Accepts connections forever, each on a thread of its own while it lasts.
 pub fn serve(listener: VsockListener, system: Arc<System>, containers: Arc<Service>) -> ! {
+    let workers = Workers::new("conn", KEPT_WORKERS, move |stream: VsockStream| {
+        serve_connection(stream, &system, &containers)
+    });
+    if let Err(e) = workers.prestart(PRESTARTED_WORKERS) {
+        // Not fatal: connections then get threads as they come.
+        warn!("starting threads for host connections ahead: {e}");
+    }
     loop {
         let stream = match listener.accept() {
             Ok(stream) => stream,
@@ -79,12 +96,7 @@ pub fn serve(listener: VsockListener, system: Arc<System>, containers: Arc<Servi
                 continue;
             }
         };
-        let system = Arc::clone(&system);
-        let containers = Arc::clone(&containers);
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .spawn(move || serve_connection(stream, &system, &containers));
-        if let Err(e) = spawned {
+        if let Err(e) = workers.run(stream) {
             error!("starting a thread for a host connection: {e}");
         }
     }
