@@ -96,15 +96,15 @@ const SHIM_CAPABILITIES: &[caps::Capability] = &[
     caps::Capability::CAP_MKNOD,
 ];
 
+/// `PR_SET_THP_DISABLE`'s flag (Linux 6.18) that leaves THP on in
+/// mappings advised `MADV_HUGEPAGE`; older kernels refuse it (EINVAL).
+const PR_THP_DISABLE_EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
+
 /// The serving shim (neither `start` nor `delete`, which containerd runs
 /// as short-lived commands): drops the capabilities it never needs and
 /// points stderr at containerd's shim log (the `log` FIFO in the bundle,
 /// the working directory), so a panic or a jailed thread's last words
 /// reach containerd's log instead of /dev/null.
-/// `PR_SET_THP_DISABLE`'s flag (Linux 6.18) that leaves THP on in
-/// mappings advised `MADV_HUGEPAGE`; older kernels refuse it (EINVAL).
-const PR_THP_DISABLE_EXCEPT_ADVISED: libc::c_ulong = 1 << 1;
-
 fn prepare_serving_process() {
     // One malloc arena for the whole shim: glibc otherwise gives each of
     // the VMM's and tokio's threads that allocates an arena of its own,
