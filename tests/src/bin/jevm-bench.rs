@@ -339,9 +339,55 @@ fn run_jevm(a: &Args, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
+/// The bench's template store, mounted as hack/install mounts the real one:
+/// a tmpfs with huge pages (docs/clones.md); unmounted when dropped.
+struct HugeStore(std::path::PathBuf);
+
+impl HugeStore {
+    fn mount(dir: &std::path::Path) -> Option<HugeStore> {
+        std::fs::create_dir_all(dir).ok()?;
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let target = c(dir.to_str()?);
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                c("jevm-bench-templates").as_ptr(),
+                target.as_ptr(),
+                c("tmpfs").as_ptr(),
+                0,
+                c("mode=0700,huge=within_size").as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            println!(
+                "template store {}: 4 KiB pages (no tmpfs with huge pages: {})",
+                dir.display(),
+                std::io::Error::last_os_error()
+            );
+            return None;
+        }
+        println!(
+            "template store {}: a tmpfs with huge pages, as hack/install mounts it",
+            dir.display()
+        );
+        Some(HugeStore(dir.to_path_buf()))
+    }
+}
+
+impl Drop for HugeStore {
+    fn drop(&mut self) {
+        // Template files are immutable; a tmpfs goes with its contents.
+        if let Ok(p) = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2(2) with a NUL-terminated path.
+            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
 fn bench_clone(a: &Args) -> Result<()> {
     let state_dir = std::env::temp_dir().join("jevm-bench-templates");
     let run_dir = std::env::temp_dir().join("jevm-bench-run");
+    let _store = HugeStore::mount(&state_dir);
     let sd = state_dir.to_str().unwrap();
     let rd = run_dir.to_str().unwrap();
     let (k, i, m) = (
