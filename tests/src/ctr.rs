@@ -295,6 +295,16 @@ impl Env {
         names
     }
 
+    /// Kills a detached container's task, waits for it to stop, deletes
+    /// task and container, and asserts nothing of it is left.
+    pub fn remove(&self, id: &str) {
+        self.ctr_out(&["task", "kill", "-s", "SIGKILL", id]);
+        self.wait_status(id, "STOPPED", *CTR_TIMEOUT);
+        self.ctr_out(&["task", "delete", id]);
+        self.ctr_out(&["containers", "delete", id]);
+        self.assert_gone(id);
+    }
+
     pub fn assert_gone(&self, id: &str) {
         let left = self.leftovers(id);
         if !left.is_empty() {

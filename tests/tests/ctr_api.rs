@@ -7,7 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use jevm_tests::api::{process, Api, CallError, Stdio, CALL_TIMEOUT};
-use jevm_tests::ctr::{assert_same, both, id, Env, CTR_TIMEOUT};
+use jevm_tests::ctr::{assert_same, both, id, Env};
 use jevm_tests::ctr_env_or_skip;
 
 fn sh(script: &str) -> Vec<&str> {
@@ -24,14 +24,6 @@ fn sleeper(env: &Env, rt: &str, name: &str) -> String {
         &sh("trap 'exit 0' TERM; while true; do sleep 0.2; done"),
     );
     id
-}
-
-fn remove(env: &Env, id: &str) {
-    env.ctr_out(&["task", "kill", "-s", "SIGKILL", id]);
-    env.wait_status(id, "STOPPED", *CTR_TIMEOUT);
-    env.ctr_out(&["task", "delete", id]);
-    env.ctr_out(&["containers", "delete", id]);
-    env.assert_gone(id);
 }
 
 /// What `seq -s " " 1 N` writes on a terminal: the numbers, then CR LF.
@@ -94,7 +86,7 @@ fn tty_exec_with_large_output_finishes_100_times() {
             seq_bytes(N),
             t0.elapsed()
         );
-        remove(&env, &id);
+        env.remove(&id);
         (done, failure)
     });
     assert_eq!(r, (iterations as usize, None), "runc");
@@ -118,7 +110,7 @@ fn resize_pty_without_a_terminal_is_accepted() {
             other => format!("{other:?}"),
         });
         let _ = api.delete_process(&id, "x");
-        remove(&env, &id);
+        env.remove(&id);
         (init, exec, exec_resize, unknown)
     });
     assert_eq!(
@@ -179,7 +171,7 @@ fn exit_times_follow_the_start() {
             // Subscribed after the start: the task's start is before now.
             started.is_none_or(|s| at > s),
         ));
-        remove(&env, &id);
+        env.remove(&id);
         checks
     });
     for c in &r {

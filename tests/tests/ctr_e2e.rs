@@ -282,11 +282,7 @@ fn exec_with_and_without_tty() {
             "tty; exit 6",
         ]);
         let missing = env.ctr_out(&["task", "exec", "--exec-id", "x3", &id, "/no/such/binary"]);
-        env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-        env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
-        env.ctr_out(&["task", "delete", &id]);
-        env.ctr_out(&["containers", "delete", &id]);
-        env.assert_gone(&id);
+        env.remove(&id);
         let topics: Vec<String> = events.topics_for(&id);
         (
             (plain.code, plain.stdout, plain.stderr),
@@ -342,11 +338,7 @@ fn pause_resume_ps_metrics() {
         let paused = env.task_status(&id);
         let resume = env.ctr_out(&["task", "resume", &id]);
         let resumed = env.task_status(&id);
-        env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-        env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
-        env.ctr_out(&["task", "delete", &id]);
-        env.ctr_out(&["containers", "delete", &id]);
-        env.assert_gone(&id);
+        env.remove(&id);
         (
             ps_shape,
             (metrics.code, names),
@@ -838,11 +830,7 @@ fn an_idle_pods_identical_and_zero_guest_copies_go_back_and_the_pod_keeps_workin
     ]);
     let status = env.task_status(&id);
     // Removed before anything is asserted, so a failure leaves nothing.
-    env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-    env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
-    env.ctr_out(&["task", "delete", &id]);
-    env.ctr_out(&["containers", "delete", &id]);
-    env.assert_gone(&id);
+    env.remove(&id);
 
     let line =
         line.unwrap_or_else(|| panic!("no pass over the guest's copies logged for {id} in 60 s"));
@@ -934,11 +922,7 @@ fn a_clone_maps_the_template_kernel_in_huge_pages() {
         }
     }
     let exec = env.ctr_out(&["task", "exec", "--exec-id", "after", &id, "true"]);
-    env.ctr_out(&["task", "kill", "-s", "SIGKILL", &id]);
-    env.wait_status(&id, "STOPPED", *CTR_TIMEOUT);
-    env.ctr_out(&["task", "delete", &id]);
-    env.ctr_out(&["containers", "delete", &id]);
-    env.assert_gone(&id);
+    env.remove(&id);
 
     assert_eq!(shims.len(), 1, "{id}: shims {shims:?}");
     let pmd_kib =
