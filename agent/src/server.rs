@@ -154,6 +154,11 @@ fn serve_connection(mut stream: impl Connection, system: &System, containers: &S
                 return;
             }
         };
+        // A host may send its first container request behind the identity
+        // without waiting for the answer: after a failed identity nothing
+        // queued on this connection may run, since it would run with the
+        // template's RNG, clock and share.
+        let identity = matches!(request, Request::Identity(_));
         let response = if container::is_container_request(&request) {
             match containers.handle(request) {
                 Outcome::Reply(response) => response,
@@ -177,6 +182,9 @@ fn serve_connection(mut stream: impl Connection, system: &System, containers: &S
         }
         if let Err(e) = write_frame(&mut stream, &response) {
             debug!("answering the host: {e}");
+            return;
+        }
+        if identity && matches!(response, Response::Error { .. }) {
             return;
         }
         if response == Response::ShuttingDown {
@@ -385,6 +393,32 @@ mod tests {
             container_id: "srv".into(),
         };
         assert_eq!(ask(&mut control, delete), Response::Done);
+    }
+
+    #[test]
+    fn a_failed_identity_closes_its_connection_before_what_was_sent_behind_it() {
+        let (mut host, thread) = agent_connection();
+        // Refused before it changes anything: this is the test's host.
+        let identity = Request::Identity(jevm_protocol::Identity {
+            entropy: vec![7; crate::identity::MIN_ENTROPY - 1],
+            realtime_ns: 0,
+            hostname: "clone".into(),
+            mount_share: false,
+            network: None,
+        });
+        write_frame(&mut host, &identity).unwrap();
+        write_frame(&mut host, &Request::Ping { nonce: 3 }).unwrap();
+        match read_frame::<_, Response>(&mut host).unwrap() {
+            Response::Error { message, .. } => assert!(message.contains("entropy"), "{message}"),
+            other => panic!("expected the identity refused, got {other:?}"),
+        }
+        // Closed with the ping unread, which a socket reports as a reset.
+        let mut rest = Vec::new();
+        match host.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "the ping was answered"),
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        thread.join().unwrap();
     }
 
     #[test]

@@ -123,13 +123,28 @@ impl AgentClient {
     /// error, naming that request).
     pub fn call(&mut self, req: &Request) -> Result<Response, AgentError> {
         self.settle()?;
-        let name = request_name(req);
-        let frame = |source| AgentError::Frame {
-            request: name,
+        self.send_behind(req)?;
+        self.read_answer(req)
+    }
+
+    /// Writes `req` even while a request sent ahead is still unanswered;
+    /// its own answer is read with [`AgentClient::read_answer`] after
+    /// [`AgentClient::settle`]. Only for a request sent ahead whose failure
+    /// makes the agent close the connection (the identity): otherwise `req`
+    /// would run after that failure.
+    pub fn send_behind(&mut self, req: &Request) -> Result<(), AgentError> {
+        write_frame(self.stream.get_mut(), req).map_err(|source| AgentError::Frame {
+            request: request_name(req),
             source,
-        };
-        write_frame(self.stream.get_mut(), req).map_err(frame)?;
-        read_frame(&mut self.stream).map_err(frame)
+        })
+    }
+
+    /// Reads the answer to `req`, the request last sent.
+    pub fn read_answer(&mut self, req: &Request) -> Result<Response, AgentError> {
+        read_frame(&mut self.stream).map_err(|source| AgentError::Frame {
+            request: request_name(req),
+            source,
+        })
     }
 
     /// Sends `req` without waiting for its answer, which must be `success`:
@@ -256,7 +271,7 @@ fn stream_over(mut s: UnixStream, req: &Request) -> Result<UnixStream, AgentErro
     Ok(s)
 }
 
-fn request_name(req: &Request) -> &'static str {
+pub(crate) fn request_name(req: &Request) -> &'static str {
     match req {
         Request::Version => "Version",
         Request::Ping { .. } => "Ping",
@@ -383,6 +398,36 @@ mod tests {
         s.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"first bytes");
         assert_eq!(agent.join().unwrap(), (Request::Ping { nonce: 7 }, attach));
+    }
+
+    #[test]
+    fn a_request_sent_behind_one_owed_goes_out_before_the_owed_answer_is_read() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Reads both requests before it answers either: a client that
+        // waited for the first answer before sending the second would time out.
+        let agent = std::thread::spawn(move || {
+            let mut theirs = BufReader::new(theirs);
+            let first = read_frame::<_, Request>(&mut theirs).unwrap();
+            let second = read_frame::<_, Request>(&mut theirs).unwrap();
+            write_frame(theirs.get_mut(), &Response::IdentityApplied).unwrap();
+            write_frame(theirs.get_mut(), &Response::Pong { nonce: 2 }).unwrap();
+            (first, second)
+        });
+        let mut c = AgentClient {
+            stream: BufReader::new(ours),
+            owed: None,
+        };
+        c.send_ahead(&Request::Ping { nonce: 1 }, Response::IdentityApplied)
+            .unwrap();
+        let behind = Request::Ping { nonce: 2 };
+        c.send_behind(&behind).unwrap();
+        c.settle().unwrap();
+        assert_eq!(c.read_answer(&behind).unwrap(), Response::Pong { nonce: 2 });
+        assert_eq!(
+            agent.join().unwrap(),
+            (Request::Ping { nonce: 1 }, Request::Ping { nonce: 2 })
+        );
     }
 
     #[test]

@@ -207,6 +207,46 @@ impl IdentityOwed {
     }
 }
 
+/// What [`IdentityOwed::call`] got: the identity applied, then the answer
+/// to the request sent behind it.
+pub struct CalledBehind {
+    /// The connection, ready for the next request if `answer` is Ok.
+    pub conn: AgentClient,
+    pub answer: Result<Response, AgentError>,
+    /// From the send to the identity's answer.
+    pub identity_applied: Duration,
+}
+
+impl IdentityOwed {
+    /// Sends `req` behind the identity on its connection without waiting
+    /// for the identity's answer, then reads both: the guest starts on
+    /// `req` the moment the identity is applied, with no round trip
+    /// between. Safe because the agent closes a connection whose identity
+    /// failed, so `req` never runs in a clone that kept the template's
+    /// identity; that failure is the error here.
+    /// `timeout` bounds the wait for `req`'s answer.
+    pub fn call(mut self, req: &Request, timeout: Duration) -> Result<CalledBehind, CloneError> {
+        let t = Instant::now();
+        let sent = self.conn.send_behind(req);
+        let mut conn = self.confirm()?;
+        let identity_applied = t.elapsed();
+        let answer = sent
+            .and_then(|()| {
+                conn.set_timeout(Some(timeout))
+                    .map_err(|e| AgentError::Frame {
+                        request: crate::agent_client::request_name(req),
+                        source: jevm_protocol::FrameError::Io(e),
+                    })
+            })
+            .and_then(|()| conn.read_answer(req));
+        Ok(CalledBehind {
+            conn,
+            answer,
+            identity_applied,
+        })
+    }
+}
+
 impl PendingClone {
     /// Waits for the identity: the clone, agent-ready. (Its connection is
     /// closed: a caller that wants to reuse it uses [`PendingClone::split`].)

@@ -17,7 +17,7 @@ use jevm_runtime::agent_client::{AgentClient, AgentError};
 /// How long one agent answer may take. Container creation in a loaded,
 /// nested-virtualised test host takes seconds; a dead guest is still an
 /// error after this, not a hang.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the task service asks of a pod's guest: requests and streams. The
 /// real one is [`Agent`] (vsock to the in-guest agent); the task service's
@@ -61,14 +61,30 @@ pub trait Guest: Send + Sync {
         name: &'static str,
         req: Request,
     ) -> Result<(u32, Option<CreateTimes>), CallError> {
-        match self.call(name, req).await? {
-            Response::Created { pid, times } => Ok((pid, times)),
-            Response::Started { pid } => Ok((pid, None)),
-            other => Err(CallError::Unexpected {
-                request: name,
-                answer: format!("{other:?}"),
-            }),
-        }
+        created(name, self.call(name, req).await)
+    }
+}
+
+/// `answer` read as `Created` (or `Started`): see [`Guest::created`].
+pub fn created(
+    name: &'static str,
+    answer: Result<Response, CallError>,
+) -> Result<(u32, Option<CreateTimes>), CallError> {
+    match answer? {
+        Response::Created { pid, times } => Ok((pid, times)),
+        Response::Started { pid } => Ok((pid, None)),
+        other => Err(CallError::Unexpected {
+            request: name,
+            answer: format!("{other:?}"),
+        }),
+    }
+}
+
+/// An agent's answer, its `Error` as [`CallError::Guest`].
+pub fn answer(r: Result<Response, AgentError>) -> Result<Response, CallError> {
+    match r? {
+        Response::Error { message, kind } => Err(CallError::Guest { kind, message }),
+        other => Ok(other),
     }
 }
 
@@ -173,11 +189,8 @@ impl Guest for Agent {
             Ok::<_, AgentError>(resp)
         })
         .await
-        .map_err(|_| CallError::Join(name))??;
-        match r {
-            Response::Error { message, kind } => Err(CallError::Guest { kind, message }),
-            other => Ok(other),
-        }
+        .map_err(|_| CallError::Join(name))?;
+        answer(r)
     }
 
     /// Opens `n` connections in the background for the requests and

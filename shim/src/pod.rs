@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jevm_protocol::{Event, Request, MAX_FRAME};
+use jevm_protocol::{Event, Request, Response, MAX_FRAME};
 use jevm_runtime::agent_client::AgentClient;
-use jevm_runtime::clone::{build_template, clone_ahead, CloneNetwork, CloneOptions, IdentityOwed};
+use jevm_runtime::clone::{
+    build_template, clone_ahead, CalledBehind, CloneNetwork, CloneOptions, IdentityOwed,
+};
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{TemplateSpec, TemplateStore};
 use jevm_runtime::vmm::devices::fs::DeviceNodeGrants;
@@ -16,7 +18,7 @@ use jevm_runtime::vmm::vm::VmWatch;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
-use crate::agent::{Agent, Guest};
+use crate::agent::{self, Agent, CallError, Guest, ANSWER_TIMEOUT};
 use crate::config::JevmConfig;
 use crate::events::LOST_EXIT_STATUS;
 use crate::layout::{vms_dir, PodLayout};
@@ -139,11 +141,11 @@ pub struct Pod {
     /// of the pod's containers grant (`devices::fs::device_nodes`).
     pub share_device_nodes: Arc<DeviceNodeGrants>,
     /// The clone's identity, sent and being applied while the shim mounts
-    /// the first container's share: [`Pod::ready`] waits for it
-    /// before any container request.
+    /// the first container's share: [`Pod::call_when_ready`] sends the
+    /// first container request behind it.
     identity: Mutex<Option<IdentityOwed>>,
     /// Whether the agent's event stream is subscribed: sent by the task
-    /// that subscribes, awaited by [`Pod::ready`].
+    /// that subscribes, awaited by [`Pod::call_when_ready`].
     subscribed: Mutex<Option<tokio::sync::oneshot::Receiver<Result<(), String>>>>,
     /// Bumped by every [`Pod::settle_memory_later`]: only the latest one's
     /// pass runs.
@@ -381,7 +383,8 @@ impl Pod {
             ));
         }
         // The subscription is made while the guest applies its identity
-        // and the shim mounts the share; `Pod::ready` waits for both.
+        // and the shim mounts the share; `Pod::call_when_ready` waits for
+        // both.
         let l = Arc::clone(&life);
         let pod_id = id.to_string();
         let h = tokio::spawn(async move {
@@ -508,13 +511,20 @@ impl Pod {
         }
     }
 
-    /// Waits until a new pod's guest is ready for its first container:
-    /// the clone's agent applied its identity (sent when the clone was
-    /// started; its connection then serves the next request) and the
-    /// agent's events are subscribed. Both went on while the shim mounted
-    /// the share. Returns how long it waited; None when there was nothing
-    /// to wait for (a pod whose first container was created before).
-    pub async fn ready(&self) -> Result<Option<Duration>, String> {
+    /// Sends `req`, and for a new pod's first request (its first
+    /// container's create) sends it behind the clone's identity on that
+    /// connection, without waiting for the identity's answer first (see
+    /// `IdentityOwed::call`); the agent's event subscription, made
+    /// meanwhile, is awaited too. The outer error is the pod's guest not
+    /// becoming ready; the inner result is `req`'s own answer. The
+    /// duration is how long the guest took to apply the identity: None
+    /// when there was none to wait for (a pod whose first container was
+    /// created before).
+    pub async fn call_when_ready(
+        &self,
+        name: &'static str,
+        req: Request,
+    ) -> Result<(Result<Response, CallError>, Option<Duration>), String> {
         let owed = self
             .identity
             .lock()
@@ -526,11 +536,10 @@ impl Pod {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let (Some(owed), Some(life)) = (owed, self.life.as_ref()) else {
-            return Ok(None);
+            return Ok((self.agent.call(name, req).await, None));
         };
-        let t = Instant::now();
-        let identity = async {
-            tokio::task::spawn_blocking(move || owed.confirm())
+        let first = async {
+            tokio::task::spawn_blocking(move || owed.call(&req, ANSWER_TIMEOUT))
                 .await
                 .map_err(|e| format!("pod {:?}: identity thread: {e}", self.id))?
                 .map_err(|e| format!("pod {:?}: {e}", self.id))
@@ -546,10 +555,18 @@ impl Pod {
                 None => Ok(()),
             }
         };
-        let (conn, subscribed) = tokio::join!(identity, events);
-        life.agent.adopt(conn?);
+        let (first, subscribed) = tokio::join!(first, events);
+        let CalledBehind {
+            conn,
+            answer,
+            identity_applied,
+        } = first?;
         subscribed?;
-        Ok(Some(t.elapsed()))
+        // Only a connection whose last exchange completed is reusable.
+        if answer.is_ok() {
+            life.agent.adopt(conn);
+        }
+        Ok((agent::answer(answer), Some(identity_applied)))
     }
 }
 

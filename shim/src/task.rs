@@ -31,7 +31,7 @@ use jevm_protocol::{CreateContainer, ErrorKind, Event, ExecProcess, Request, Res
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
-use crate::agent::CallError;
+use crate::agent::{self, CallError};
 use crate::config;
 use crate::events::{self, outgoing, Outgoing, LOST_EXIT_STATUS};
 use crate::layout::{check_id, PodLayout};
@@ -643,18 +643,15 @@ impl TaskService {
         .map_err(|e| status(Code::UNKNOWN, e))?;
         timings.share = Some(t.elapsed());
 
-        // A new pod's clone has been applying its identity, and its event
-        // stream subscribing, since it was started; nothing is asked of it
-        // before both are done.
-        timings.agent_ready = pod.ready().await.map_err(|e| status(Code::UNKNOWN, e))?;
-
         // The container's stdio streams, connected while the guest
         // creates it.
         pod.agent.open_ahead(stdio.streams());
+        // A new pod's clone has been applying its identity, and its event
+        // stream subscribing, since it was started: the create goes
+        // behind the identity, and is answered once both are done.
         let t = Instant::now();
-        let (pid, guest_times) = pod
-            .agent
-            .created(
+        let (answer, agent_ready) = pod
+            .call_when_ready(
                 "CreateContainer",
                 Request::CreateContainer(CreateContainer {
                     container_id: cid.clone(),
@@ -663,8 +660,10 @@ impl TaskService {
                 }),
             )
             .await
-            .map_err(agent_err)?;
-        timings.agent_create = Some(t.elapsed());
+            .map_err(|e| status(Code::UNKNOWN, e))?;
+        let (pid, guest_times) = agent::created("CreateContainer", answer).map_err(agent_err)?;
+        timings.agent_ready = agent_ready;
+        timings.agent_create = Some(t.elapsed().saturating_sub(agent_ready.unwrap_or_default()));
         timings.guest_create = guest_times;
         let t = Instant::now();
         let copies = match stdio::attach(&*pod.agent, &cid, None, &stdio).await {

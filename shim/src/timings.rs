@@ -19,10 +19,12 @@ pub struct Timings {
     /// Host mounts into the share the VM serves over virtio-fs: the rootfs
     /// and bind mounts.
     pub share: Option<Duration>,
-    /// Waiting for a new pod's agent to have applied its identity and for
-    /// its event stream (both under way while the shim mounts the share).
+    /// A new pod's first create is sent behind the clone's identity: from
+    /// that send to the identity's answer (the identity has been under way
+    /// since the clone, while the shim mounted the share).
     pub agent_ready: Option<Duration>,
-    /// The agent's CreateContainer.
+    /// The agent's CreateContainer; in a new pod, from the identity's
+    /// answer on.
     pub agent_create: Option<Duration>,
     /// The guest's own account of it, step by step.
     pub guest_create: Option<jevm_protocol::CreateTimes>,
