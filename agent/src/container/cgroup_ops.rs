@@ -6,7 +6,8 @@ use super::cgroup::Cgroup;
 use jevm_protocol::ContainerStats;
 use oci_spec::runtime::LinuxResources;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 pub trait ContainerCgroup: Send + Sync {
     fn path(&self) -> &Path;
@@ -28,8 +29,31 @@ pub trait Cgroups: Send + Sync {
     ) -> io::Result<Box<dyn ContainerCgroup>>;
 }
 
-/// The guest's cgroup v2 tree.
-pub struct GuestCgroups;
+/// The guest's cgroup v2 tree (tests: a scratch cgroup of the host).
+pub struct GuestCgroups {
+    hierarchy: PathBuf,
+    /// Made ahead for the VM's first container, until a create takes it.
+    ahead: Mutex<Option<Cgroup>>,
+}
+
+impl GuestCgroups {
+    /// Prepares `hierarchy` for containers (see [`Cgroup::prepare_in`]).
+    /// A failure is logged; it shows again, with the container's name, at
+    /// create.
+    pub fn prepare(hierarchy: &Path) -> GuestCgroups {
+        let ahead = match Cgroup::prepare_in(hierarchy) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                log::warn!("preparing the containers' cgroups: {e}");
+                None
+            }
+        };
+        GuestCgroups {
+            hierarchy: hierarchy.to_owned(),
+            ahead: Mutex::new(ahead),
+        }
+    }
+}
 
 impl Cgroups for GuestCgroups {
     fn create(
@@ -37,7 +61,12 @@ impl Cgroups for GuestCgroups {
         container_id: &str,
         resources: Option<&LinuxResources>,
     ) -> io::Result<Box<dyn ContainerCgroup>> {
-        Ok(Box::new(Cgroup::create(container_id, resources)?))
+        super::cgroup::check_id(container_id)?;
+        let ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
+        Ok(Box::new(match ahead {
+            Some(cg) => cg.limited(resources)?,
+            None => Cgroup::create_in(&self.hierarchy, container_id, resources)?,
+        }))
     }
 }
 

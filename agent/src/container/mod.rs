@@ -34,6 +34,7 @@ use process::{Attachment, Process};
 use stage::{Stage, StageCommand};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use zygote::{Next, Zygote};
@@ -148,11 +149,8 @@ impl Service {
     /// The guest's service: the agent binary as stage (through its
     /// zygote), the guest's cgroups.
     pub fn guest() -> std::io::Result<Service> {
-        // A failure here shows again, with the container's name, at create.
-        if let Err(e) = cgroup::Cgroup::prepare() {
-            log::warn!("preparing the containers' parent cgroup: {e}");
-        }
-        Service::with_zygote(StageCommand::agent(), Box::new(GuestCgroups))
+        let cgroups = GuestCgroups::prepare(Path::new(cgroup::HIERARCHY));
+        Service::with_zygote(StageCommand::agent(), Box::new(cgroups))
     }
 
     /// [`Service::new`], with stages started by a zygote of `stage` (see
