@@ -637,6 +637,29 @@ mod tests {
         cmd.spawn().unwrap()
     }
 
+    /// The signal that ended `child`, reaped after `since`. The lifecycle
+    /// tests' reaper (`container::tests`), once started, reaps every child
+    /// of the test process: then the status is in the exit table, and
+    /// `wait` finds no child.
+    fn killed_by(child: &mut std::process::Child, since: crate::container::exits::Since) -> i32 {
+        use std::os::unix::process::ExitStatusExt;
+        match child.wait() {
+            Ok(status) => status.signal().unwrap_or(0),
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let pid = child.id() as i32;
+                    if let Some(exit) = crate::container::exits::lock().peek(pid, since) {
+                        return exit.status as i32 - 128;
+                    }
+                    assert!(Instant::now() < deadline, "process {pid} was never reaped");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Err(e) => panic!("waiting for process {}: {e}", child.id()),
+        }
+    }
+
     #[test]
     fn lifecycle_on_the_host() {
         let Some(scratch) = scratch("life") else {
@@ -670,6 +693,7 @@ mod tests {
         })
         .unwrap();
 
+        let since = crate::container::exits::lock().since_now();
         let mut a = sleeper(&cg);
         let mut b = sleeper(&cg);
         let mut pids = cg.pids().unwrap();
@@ -693,20 +717,11 @@ mod tests {
         // A frozen cgroup is thawed so that SIGTERM is acted on.
         cg.freeze(true).unwrap();
         cg.signal_all(libc::SIGTERM).unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&a.wait().unwrap()),
-            Some(libc::SIGTERM)
-        );
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&b.wait().unwrap()),
-            Some(libc::SIGTERM)
-        );
+        assert_eq!(killed_by(&mut a, since), libc::SIGTERM);
+        assert_eq!(killed_by(&mut b, since), libc::SIGTERM);
         let mut d = sleeper(&cg);
         cg.signal_all(libc::SIGKILL).unwrap();
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&d.wait().unwrap()),
-            Some(libc::SIGKILL)
-        );
+        assert_eq!(killed_by(&mut d, since), libc::SIGKILL);
         assert!(
             changes.load(Ordering::SeqCst) > 0,
             "cgroup.events changes were seen"
@@ -716,10 +731,7 @@ mod tests {
         let path = cg.path().to_path_buf();
         cg.remove().unwrap();
         assert!(!path.exists());
-        assert_eq!(
-            std::os::unix::process::ExitStatusExt::signal(&c.wait().unwrap()),
-            Some(libc::SIGKILL)
-        );
+        assert_eq!(killed_by(&mut c, since), libc::SIGKILL);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !watcher.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
