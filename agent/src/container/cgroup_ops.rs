@@ -61,8 +61,15 @@ impl Cgroups for GuestCgroups {
         container_id: &str,
         resources: Option<&LinuxResources>,
     ) -> io::Result<Box<dyn ContainerCgroup>> {
-        super::cgroup::check_id(container_id)?;
-        let ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let ahead = {
+            let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            // Before taking it: a bad id leaves it for the next create
+            // (`create_in` checks the id on its own).
+            if ahead.is_some() {
+                super::cgroup::check_id(container_id)?;
+            }
+            ahead.take()
+        };
         Ok(Box::new(match ahead {
             Some(cg) => cg.limited(resources)?,
             None => Cgroup::create_in(&self.hierarchy, container_id, resources)?,
