@@ -9,14 +9,13 @@
 // Used by the agent's lifecycle code, merged separately.
 #![allow(dead_code)]
 
+use super::inotify::{Inotify, Watch, Watcher};
 use jevm_protocol::ContainerStats;
 use oci_spec::runtime::LinuxResources;
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The guest's cgroup v2 hierarchy; every container cgroup is made under
@@ -422,21 +421,26 @@ impl Cgroup {
         }
     }
 
-    /// Calls `on_oom` from a thread of its own each time `oom_kill` in
-    /// `memory.events` grows (inotify, no polling). The watch ends when the
-    /// cgroup is removed.
-    pub fn watch_oom(&self, on_oom: Box<dyn Fn() + Send + 'static>) -> io::Result<()> {
+    /// Calls `on_oom` (from `watcher`'s thread) each time `oom_kill` in
+    /// `memory.events` grows, until the returned watch is dropped.
+    pub fn watch_oom(
+        &self,
+        watcher: &Arc<Watcher>,
+        on_oom: Box<dyn Fn() + Send + 'static>,
+    ) -> io::Result<Watch> {
         let path = self.path.clone();
         let count = move || -> u64 { Cgroup { path: path.clone() }.oom_kills().unwrap_or(0) };
         let mut last = count();
-        watch_file(&self.path, "memory.events", move || {
-            let now = count();
-            if now > last {
-                last = now;
-                on_oom();
-            }
-        })
-        .map(drop)
+        watcher.watch(
+            &self.file("memory.events"),
+            Box::new(move || {
+                let now = count();
+                if now > last {
+                    last = now;
+                    on_oom();
+                }
+            }),
+        )
     }
 
     /// Kills what is left, waits until the cgroup is empty, removes it.
@@ -463,119 +467,6 @@ fn remove_tree(dir: &Path) -> io::Result<()> {
         cgroup.wait_event("populated", 0)?;
     }
     std::fs::remove_dir(dir).map_err(|e| annotate(e, format!("rmdir {}", dir.display())))
-}
-
-/// Runs `on_change` from a thread of its own each time `file` (of the
-/// cgroup `dir`) is modified; the thread ends when `dir` is removed. kernfs
-/// sends no IN_IGNORED for a removed cgroup's files while they are watched,
-/// but rmdir(2) does report IN_DELETE to the parent directory: that watch
-/// wakes the thread to notice.
-fn watch_file(
-    dir: &Path,
-    file: &str,
-    mut on_change: impl FnMut() + Send + 'static,
-) -> io::Result<std::thread::JoinHandle<()>> {
-    let watch = Inotify::watch(&dir.join(file), libc::IN_MODIFY)?;
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    watch.add(parent, libc::IN_DELETE)?;
-    let dir = dir.to_path_buf();
-    std::thread::Builder::new()
-        .name("cgroup-watch".into())
-        .spawn(move || loop {
-            match watch.read_masks() {
-                Ok(masks) => {
-                    if !dir.exists() || masks.iter().any(|m| m & libc::IN_IGNORED != 0) {
-                        return;
-                    }
-                    if masks.iter().any(|m| m & libc::IN_MODIFY != 0) {
-                        on_change();
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        })
-}
-
-/// One inotify instance watching one file.
-struct Inotify {
-    fd: OwnedFd,
-}
-
-impl Inotify {
-    fn watch(path: &Path, mask: u32) -> io::Result<Inotify> {
-        // SAFETY: plain syscall; the result is checked below.
-        let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(annotate(io::Error::last_os_error(), "inotify_init1"));
-        }
-        // SAFETY: `raw` is a new descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let inotify = Inotify { fd };
-        inotify.add(path, mask)?;
-        Ok(inotify)
-    }
-
-    fn add(&self, path: &Path, mask: u32) -> io::Result<()> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        // SAFETY: `c_path` is a valid C string alive for the call.
-        if unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c_path.as_ptr(), mask) } < 0 {
-            return Err(annotate(
-                io::Error::last_os_error(),
-                format!("inotify watch {}", path.display()),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Waits up to `timeout` for an event and drains it; false on timeout.
-    fn wait(&self, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd, alive for the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(true)
-            } else {
-                Err(e)
-            };
-        }
-        if n == 0 {
-            return Ok(false);
-        }
-        self.read_masks()?;
-        Ok(true)
-    }
-
-    /// Blocks for events; returns their masks.
-    fn read_masks(&self) -> io::Result<Vec<u32>> {
-        let mut buf = [0u8; 4096];
-        // SAFETY: `buf` is writable for its whole length.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        let header = std::mem::size_of::<libc::inotify_event>();
-        let mut masks = Vec::new();
-        let mut at = 0;
-        while at + header <= n {
-            // SAFETY: the kernel wrote a whole inotify_event at `at`;
-            // read_unaligned copes with the byte buffer's alignment.
-            let event: libc::inotify_event =
-                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(at).cast()) };
-            masks.push(event.mask);
-            at += header + event.len as usize;
-        }
-        Ok(masks)
-    }
 }
 
 #[cfg(test)]
@@ -688,10 +579,15 @@ mod tests {
         // same inotify behaviour and shows the watch ending on removal.
         let changes = Arc::new(AtomicUsize::new(0));
         let seen = changes.clone();
-        let watcher = watch_file(cg.path(), "cgroup.events", move || {
-            seen.fetch_add(1, Ordering::SeqCst);
-        })
-        .unwrap();
+        let watcher = Watcher::start("test-cgroup-watch").unwrap();
+        let watch = watcher
+            .watch(
+                &cg.file("cgroup.events"),
+                Box::new(move || {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }),
+            )
+            .unwrap();
 
         let since = crate::container::exits::lock().since_now();
         let mut a = sleeper(&cg);
@@ -732,11 +628,9 @@ mod tests {
         cg.remove().unwrap();
         assert!(!path.exists());
         assert_eq!(killed_by(&mut c, since), libc::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !watcher.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(watcher.is_finished(), "removing the cgroup ends the watch");
+        // The watch of a removed cgroup's file ends without an error.
+        drop(watch);
+        assert_eq!(watcher.watching(), 0);
 
         std::fs::remove_dir(scratch.join("jevm")).unwrap();
         std::fs::remove_dir(&scratch).unwrap();

@@ -3,11 +3,12 @@
 //! can be tested on any host.
 
 use super::cgroup::Cgroup;
+use super::inotify::{Watch, Watcher};
 use jevm_protocol::ContainerStats;
 use oci_spec::runtime::LinuxResources;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 pub trait ContainerCgroup: Send + Sync {
     fn path(&self) -> &Path;
@@ -34,12 +35,21 @@ pub struct GuestCgroups {
     hierarchy: PathBuf,
     /// Made ahead for the VM's first container, until a create takes it.
     ahead: Mutex<Option<Cgroup>>,
+    /// Started ahead as well: every container's OOM watch goes to it.
+    watcher: Option<Arc<Watcher>>,
+}
+
+/// A container's cgroup in the guest, with its OOM watch.
+struct GuestCgroup {
+    cgroup: Cgroup,
+    watcher: Option<Arc<Watcher>>,
+    oom: Mutex<Option<Watch>>,
 }
 
 impl GuestCgroups {
-    /// Prepares `hierarchy` for containers (see [`Cgroup::prepare_in`]).
-    /// A failure is logged; it shows again, with the container's name, at
-    /// create.
+    /// Prepares `hierarchy` for containers (see [`Cgroup::prepare_in`])
+    /// and starts the OOM watcher. A failure is logged; it shows again,
+    /// with the container's name, at create.
     pub fn prepare(hierarchy: &Path) -> GuestCgroups {
         let ahead = match Cgroup::prepare_in(hierarchy) {
             Ok(cg) => Some(cg),
@@ -48,9 +58,17 @@ impl GuestCgroups {
                 None
             }
         };
+        let watcher = match Watcher::start("oom-watch") {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("starting the OOM watcher: {e}");
+                None
+            }
+        };
         GuestCgroups {
             hierarchy: hierarchy.to_owned(),
             ahead: Mutex::new(ahead),
+            watcher,
         }
     }
 }
@@ -70,36 +88,49 @@ impl Cgroups for GuestCgroups {
             }
             ahead.take()
         };
-        Ok(Box::new(match ahead {
+        let cgroup = match ahead {
             Some(cg) => cg.limited(resources)?,
             None => Cgroup::create_in(&self.hierarchy, container_id, resources)?,
+        };
+        Ok(Box::new(GuestCgroup {
+            cgroup,
+            watcher: self.watcher.clone(),
+            oom: Mutex::new(None),
         }))
     }
 }
 
-impl ContainerCgroup for Cgroup {
+impl ContainerCgroup for GuestCgroup {
     fn path(&self) -> &Path {
-        Cgroup::path(self)
+        self.cgroup.path()
     }
     fn update(&self, resources: &LinuxResources) -> io::Result<()> {
-        Cgroup::update(self, resources)
+        self.cgroup.update(resources)
     }
     fn freeze(&self, frozen: bool) -> io::Result<()> {
-        Cgroup::freeze(self, frozen)
+        self.cgroup.freeze(frozen)
     }
     fn pids(&self) -> io::Result<Vec<u32>> {
-        Cgroup::pids(self)
+        self.cgroup.pids()
     }
     fn stats(&self) -> io::Result<ContainerStats> {
-        Cgroup::stats(self)
+        self.cgroup.stats()
     }
     fn signal_all(&self, signal: i32) -> io::Result<()> {
-        Cgroup::signal_all(self, signal)
+        self.cgroup.signal_all(signal)
     }
     fn watch_oom(&self, on_oom: Box<dyn Fn() + Send + 'static>) -> io::Result<()> {
-        Cgroup::watch_oom(self, on_oom)
+        let watcher = self
+            .watcher
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the OOM watcher did not start"))?;
+        let watch = self.cgroup.watch_oom(watcher, on_oom)?;
+        *self.oom.lock().unwrap_or_else(|p| p.into_inner()) = Some(watch);
+        Ok(())
     }
     fn remove(self: Box<Self>) -> io::Result<()> {
-        Cgroup::remove(*self)
+        // No OOM kill is reported once the container is being deleted.
+        drop(self.oom.lock().unwrap_or_else(|p| p.into_inner()).take());
+        self.cgroup.remove()
     }
 }

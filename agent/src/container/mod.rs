@@ -12,6 +12,7 @@ pub mod cgroup_ops;
 pub mod events;
 pub mod exits;
 pub mod init;
+mod inotify;
 pub mod plan;
 pub mod process;
 pub mod stage;
