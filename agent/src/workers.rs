@@ -1,5 +1,6 @@
-//! Threads that serve host connections: started ahead, in the template, and
-//! kept parked between connections.
+//! Threads started ahead, in the template, and kept parked between jobs:
+//! for host connections (`server`) and for exit reports
+//! (`container::process`).
 //!
 //! Starting a thread is the slowest part of answering a clone's first
 //! connection. Measured in the KVM test host: 21-40 ms from `accept`

@@ -31,7 +31,7 @@ use jevm_protocol::{
 };
 use oci_spec::runtime::{LinuxResources, Process as OciProcess, Spec};
 use plan::{InitPlan, PlanKind};
-use process::{Attachment, Process};
+use process::{Attachment, Process, Reports};
 use stage::{Stage, StageCommand};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -90,6 +90,7 @@ pub struct Service {
     zygote: Option<Zygote>,
     cgroups: Box<dyn Cgroups>,
     events: Arc<Events>,
+    reports: Arc<Reports>,
     containers: Mutex<HashMap<String, Slot<Container>>>,
 }
 
@@ -175,6 +176,7 @@ impl Service {
             zygote: None,
             cgroups,
             events: Events::start()?,
+            reports: process::start_reports(),
             containers: Mutex::new(HashMap::new()),
         })
     }
@@ -445,7 +447,7 @@ impl Service {
                     ..stage.times()
                 };
                 let process = Process::new(id, exec_id, pid, stage, wanted, ends);
-                process.watch_exit(Arc::clone(&self.events));
+                process.watch_exit(Arc::clone(&self.events), Arc::clone(&self.reports));
                 Ok((process, times))
             }
             Err(message) => {

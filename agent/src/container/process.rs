@@ -7,6 +7,7 @@ use super::exits::{self, Exit, Since};
 use super::stage::Stage;
 use super::stdio::{self, AgentStdio};
 use super::Failure;
+use crate::workers::Workers;
 use jevm_protocol::{ErrorKind, Event, StdioStream};
 use std::fs::File;
 use std::net::Shutdown;
@@ -30,6 +31,22 @@ pub const ALREADY_FINISHED: &str = "process already finished";
 
 /// Runs on the connection's thread once the `Done` answer is out.
 pub type Attachment = Box<dyn FnOnce(UnixStream) + Send>;
+
+/// Threads that report exits. Each exit's report waits for the process's
+/// output to drain, so it runs on a thread of its own; one is started
+/// with the agent, before the template's snapshot, and kept parked (see
+/// `crate::workers`): a clone's first exit costs no thread start.
+pub type Reports = Workers<Box<dyn FnOnce() + Send>>;
+
+/// A pool for [`Process::watch_exit`], with one thread started ahead.
+pub fn start_reports() -> Arc<Reports> {
+    let reports = Workers::new("exit", 1, |report: Box<dyn FnOnce() + Send>| report());
+    if let Err(e) = reports.prestart(1) {
+        // Not fatal: an exit then gets a new thread.
+        log::warn!("starting the exit-report thread ahead: {e}");
+    }
+    reports
+}
 
 enum Stdin {
     NotWanted,
@@ -121,16 +138,18 @@ impl Process {
 
     /// From now on, the process's exit is recorded and reported as
     /// `Exited` on `events` (at once if it was reaped already).
-    pub fn watch_exit(self: &Arc<Self>, events: Arc<Events>) {
+    /// Once the process is reaped, records its exit and reports it as an
+    /// event: on a thread of `reports`.
+    pub fn watch_exit(self: &Arc<Self>, events: Arc<Events>, reports: Arc<Reports>) {
         let process = Arc::clone(self);
         exits::claim(
             self.pid,
             self.since,
-            Box::new(move |exit| process.exited(exit, events)),
+            Box::new(move |exit| process.exited(exit, events, &reports)),
         );
     }
 
-    fn exited(self: Arc<Self>, exit: Exit, events: Arc<Events>) {
+    fn exited(self: Arc<Self>, exit: Exit, events: Arc<Events>, reports: &Arc<Reports>) {
         let stage = {
             let mut state = self.lock();
             state.exit = Some(exit);
@@ -153,10 +172,7 @@ impl Process {
             });
         };
         // Not on the reaper's thread: it must go on reaping meanwhile.
-        let spawned = std::thread::Builder::new()
-            .name("exit".into())
-            .spawn(report);
-        if let Err(e) = spawned {
+        if let Err(e) = reports.run(Box::new(report)) {
             log::error!("{}: reporting its exit: {e}", self.name());
         }
     }
