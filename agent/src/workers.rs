@@ -22,12 +22,17 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// How a thread begins: with a job, or parked (prestarted).
+/// How a thread begins: with a job, or parked (prestarted), saying so on
+/// the sender when it is about to.
 enum Start<J> {
     Job(J),
-    Park,
+    Park(Sender<()>),
 }
+
+/// How long `prestart` waits for its threads to reach their park.
+const PARK_WAIT: Duration = Duration::from_secs(5);
 
 pub struct Workers<J> {
     name: &'static str,
@@ -61,13 +66,28 @@ impl<J: Send + 'static> Workers<J> {
     }
 
     /// Starts `n` threads that park at once (and are kept, whatever
-    /// `keep` says, until they have served a job).
+    /// `keep` says, until they have served a job), and waits until they
+    /// are about to park. In the template that is before the snapshot: a
+    /// thread still starting up when the snapshot is taken would finish
+    /// starting in every clone, on fresh pages.
     pub fn prestart(self: &Arc<Self>, n: usize) -> std::io::Result<()> {
+        let (ready, parking) = channel();
         for _ in 0..n {
             self.idle.fetch_add(1, Ordering::SeqCst);
-            if let Err(e) = self.spawn(Some(Start::Park)) {
+            if let Err(e) = self.spawn(Some(Start::Park(ready.clone()))) {
                 self.idle.fetch_sub(1, Ordering::SeqCst);
                 return Err(e);
+            }
+        }
+        let deadline = Instant::now() + PARK_WAIT;
+        for parked in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if parking.recv_timeout(left).is_err() {
+                log::warn!(
+                    "{}: {parked} of {n} threads started ahead reached their park within {PARK_WAIT:?}",
+                    self.name
+                );
+                break;
             }
         }
         Ok(())
@@ -104,9 +124,10 @@ impl<J: Send + 'static> Workers<J> {
 
     fn work(&self, start: Option<Start<J>>) {
         // A prestarted thread was counted idle by `prestart`.
-        let (mut job, mut counted) = match start {
-            Some(Start::Job(j)) => (Some(j), false),
-            Some(Start::Park) | None => (None, true),
+        let (mut job, mut counted, mut ready) = match start {
+            Some(Start::Job(j)) => (Some(j), false, None),
+            Some(Start::Park(ready)) => (None, true, Some(ready)),
+            None => (None, true, None),
         };
         loop {
             if let Some(j) = job.take() {
@@ -122,6 +143,9 @@ impl<J: Send + 'static> Workers<J> {
             counted = false;
             if !parked {
                 return;
+            }
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
             }
             let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
             match jobs.recv() {
