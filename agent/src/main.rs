@@ -22,9 +22,23 @@ mod vsock;
 mod workers;
 
 use jevm_protocol::AGENT_PORT;
-use log::error;
+use log::{error, warn};
 use std::sync::Arc;
 use system::System;
+
+/// One malloc arena for all of the agent's threads. glibc gives a thread
+/// that allocates an arena of its own, up to 8 per CPU; in a clone each new
+/// arena is fresh pages, each a nested page fault, for a control plane
+/// whose threads seldom allocate at once. Measured in the KVM test host
+/// (`MALLOC_ARENA_MAX=1` on the guest's command line): 50-70 fewer page
+/// faults per create. Before any thread exists.
+fn one_malloc_arena() {
+    // SAFETY: mallopt only sets an allocator parameter; no other thread
+    // exists yet to allocate concurrently.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        warn!("mallopt(M_ARENA_MAX, 1) failed; threads keep arenas of their own");
+    }
+}
 
 fn main() {
     match std::env::args().nth(1).as_deref() {
@@ -34,6 +48,7 @@ fn main() {
     }
     let pid1 = std::process::id() == 1;
     logger::init();
+    one_malloc_arena();
 
     // Before any thread exists, so every thread inherits the blocked mask.
     if let Err(e) = reaper::block_sigchld() {
