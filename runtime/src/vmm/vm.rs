@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::boot::{self, BootError};
 use super::bus::Bus;
 use super::copies::{self, CopiesReport};
-use super::devices::balloon::{Balloon, FreedPages, VIRTIO_ID_BALLOON};
+use super::devices::balloon::{Balloon, FreePageReports, FreedPages, VIRTIO_ID_BALLOON};
 use super::devices::block::Block;
 use super::devices::fs::{DaxWindow, DeviceNodeGrants, Fs, VIRTIO_ID_FS};
 use super::devices::gate::MemoryGate;
@@ -760,6 +760,18 @@ impl Vm {
             .iter()
             .map(|(_, t)| t.lock().unwrap().device().active_connections())
             .sum()
+    }
+
+    /// The free page reports the guest has made so far.
+    pub fn free_page_reports(&self) -> FreePageReports {
+        self.bus
+            .mmio
+            .iter()
+            .map(|(_, t)| t.lock().unwrap().device().free_page_reports())
+            .fold(FreePageReports::default(), |a, b| FreePageReports {
+                reports: a.reports + b.reports,
+                bytes: a.bytes + b.bytes,
+            })
     }
 
     /// Stops the vCPUs (if still running) and joins their threads.

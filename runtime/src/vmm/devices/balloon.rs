@@ -81,6 +81,13 @@ impl FreedPages {
     }
 }
 
+/// Free page reports the guest made, and the bytes they gave back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FreePageReports {
+    pub reports: u64,
+    pub bytes: u64,
+}
+
 /// What the device did, for tests and the VMM's report.
 #[derive(Debug, Default)]
 pub struct BalloonCounters {
@@ -236,6 +243,13 @@ fn drop_range(mem: &GuestMemory, addr: u64, len: u64, freed: FreedPages) -> Resu
 impl VirtioDevice for Balloon {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BALLOON
+    }
+
+    fn free_page_reports(&self) -> FreePageReports {
+        FreePageReports {
+            reports: self.counters.reports.load(Ordering::Relaxed),
+            bytes: self.counters.bytes_dropped.load(Ordering::Relaxed),
+        }
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

@@ -132,6 +132,11 @@ pub trait VirtioDevice: Send {
     fn active_connections(&self) -> usize {
         0
     }
+    /// Batches of free pages the guest has reported (the balloon's free
+    /// page reporting): a template is saved once they have stopped.
+    fn free_page_reports(&self) -> balloon::FreePageReports {
+        balloon::FreePageReports::default()
+    }
     fn pause(&mut self) -> Result<Vec<QueuePosition>, DeviceError> {
         Err(DeviceError::Activate {
             device: "virtio device",
