@@ -137,9 +137,8 @@ impl Process {
     }
 
     /// From now on, the process's exit is recorded and reported as
-    /// `Exited` on `events` (at once if it was reaped already).
-    /// Once the process is reaped, records its exit and reports it as an
-    /// event: on a thread of `reports`.
+    /// `Exited` on `events` (at once if it was reaped already), from a
+    /// thread of `reports`.
     pub fn watch_exit(self: &Arc<Self>, events: Arc<Events>, reports: Arc<Reports>) {
         let process = Arc::clone(self);
         exits::claim(
