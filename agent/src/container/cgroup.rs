@@ -11,6 +11,7 @@
 
 use super::inotify::{Inotify, Watch, Watcher};
 use jevm_protocol::ContainerStats;
+use nix::sys::inotify::AddWatchFlags;
 use oci_spec::runtime::LinuxResources;
 use std::collections::BTreeMap;
 use std::io;
@@ -317,7 +318,7 @@ impl Cgroup {
     /// Waits until `cgroup.events` has `key` = `value`.
     fn wait_event(&self, key: &str, value: u64) -> io::Result<()> {
         let events = self.file("cgroup.events");
-        let watch = Inotify::watch(&events, libc::IN_MODIFY)?;
+        let watch = Inotify::watch(&events, AddWatchFlags::IN_MODIFY)?;
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         loop {
             // Read after the watch is in place, so no change is missed.

@@ -7,111 +7,72 @@
 //! fault. The agent starts one watcher before the template's snapshot;
 //! a create only adds a watch to it.
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, WatchDescriptor};
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-fn annotate(e: io::Error, what: impl std::fmt::Display) -> io::Error {
+fn annotate(e: nix::Error, what: impl std::fmt::Display) -> io::Error {
+    let e = io::Error::from(e);
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// One inotify instance.
+/// One inotify instance (nix's, with errors that name the file).
 pub struct Inotify {
-    fd: OwnedFd,
+    inner: nix::sys::inotify::Inotify,
 }
 
 impl Inotify {
     pub fn new() -> io::Result<Inotify> {
-        // SAFETY: plain syscall; the result is checked below.
-        let raw = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
-        if raw < 0 {
-            return Err(annotate(io::Error::last_os_error(), "inotify_init1"));
-        }
-        // SAFETY: `raw` is a new descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(Inotify { fd })
+        let inner = nix::sys::inotify::Inotify::init(InitFlags::IN_CLOEXEC)
+            .map_err(|e| annotate(e, "inotify_init1"))?;
+        Ok(Inotify { inner })
     }
 
     /// A new instance watching `path` for `mask`.
-    pub fn watch(path: &Path, mask: u32) -> io::Result<Inotify> {
+    pub fn watch(path: &Path, mask: AddWatchFlags) -> io::Result<Inotify> {
         let inotify = Inotify::new()?;
         inotify.add(path, mask)?;
         Ok(inotify)
     }
 
     /// Adds a watch; returns its descriptor.
-    pub fn add(&self, path: &Path, mask: u32) -> io::Result<i32> {
-        let c_path = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
-        // SAFETY: `c_path` is a valid C string alive for the call.
-        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c_path.as_ptr(), mask) };
-        if wd < 0 {
-            return Err(annotate(
-                io::Error::last_os_error(),
-                format!("inotify watch {}", path.display()),
-            ));
-        }
-        Ok(wd)
+    pub fn add(&self, path: &Path, mask: AddWatchFlags) -> io::Result<WatchDescriptor> {
+        self.inner
+            .add_watch(path, mask)
+            .map_err(|e| annotate(e, format!("inotify watch {}", path.display())))
     }
 
     /// Removes a watch. The file may be gone already, and with it the
     /// watch (EINVAL): either way nothing is watched after.
-    fn remove(&self, wd: i32) {
-        // SAFETY: plain syscall on our descriptor; no memory is passed.
-        unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
+    fn remove(&self, wd: WatchDescriptor) {
+        let _ = self.inner.rm_watch(wd);
     }
 
     /// Waits up to `timeout` for an event and drains it; false on timeout.
     pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd, alive for the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(true)
-            } else {
-                Err(e)
-            };
+        let mut fds = [PollFd::new(self.inner.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        match poll(&mut fds, timeout) {
+            Ok(0) => Ok(false),
+            Ok(_) => self.read().map(|_| true),
+            Err(nix::Error::EINTR) => Ok(true),
+            Err(e) => Err(e.into()),
         }
-        if n == 0 {
-            return Ok(false);
-        }
-        self.read()?;
-        Ok(true)
     }
 
     /// Blocks for events; returns their (watch descriptor, mask) pairs.
-    pub fn read(&self) -> io::Result<Vec<(i32, u32)>> {
-        let mut buf = [0u8; 4096];
-        // SAFETY: `buf` is writable for its whole length.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = n as usize;
-        let header = std::mem::size_of::<libc::inotify_event>();
-        let mut events = Vec::new();
-        let mut at = 0;
-        while at + header <= n {
-            // SAFETY: the kernel wrote a whole inotify_event at `at`;
-            // read_unaligned copes with the byte buffer's alignment.
-            let event: libc::inotify_event =
-                unsafe { std::ptr::read_unaligned(buf.as_ptr().add(at).cast()) };
-            events.push((event.wd, event.mask));
-            at += header + event.len as usize;
-        }
-        Ok(events)
+    pub fn read(&self) -> io::Result<Vec<(WatchDescriptor, AddWatchFlags)>> {
+        Ok(self
+            .inner
+            .read_events()?
+            .into_iter()
+            .map(|e| (e.wd, e.mask))
+            .collect())
     }
 }
 
@@ -123,13 +84,13 @@ pub struct Watcher {
     inotify: Inotify,
     /// Held while a callback runs and while a watch is added, so a change
     /// right after `inotify_add_watch` waits for its callback to be known.
-    watches: Mutex<HashMap<i32, OnChange>>,
+    watches: Mutex<HashMap<WatchDescriptor, OnChange>>,
 }
 
 /// A file watched by a [`Watcher`]; dropping it ends the watch.
 pub struct Watch {
     watcher: Arc<Watcher>,
-    wd: i32,
+    wd: WatchDescriptor,
 }
 
 impl Watcher {
@@ -146,7 +107,7 @@ impl Watcher {
         Ok(watcher)
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<i32, OnChange>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<WatchDescriptor, OnChange>> {
         self.watches.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -154,7 +115,7 @@ impl Watcher {
     /// modified, until the returned [`Watch`] is dropped.
     pub fn watch(self: &Arc<Self>, file: &Path, on_change: OnChange) -> io::Result<Watch> {
         let mut watches = self.lock();
-        let wd = self.inotify.add(file, libc::IN_MODIFY)?;
+        let wd = self.inotify.add(file, AddWatchFlags::IN_MODIFY)?;
         // The same inode watched twice gets the same descriptor; a second
         // watch of one file would end the first's callbacks.
         if watches.contains_key(&wd) {
@@ -190,7 +151,7 @@ impl Watcher {
             for (wd, mask) in events {
                 // A removed watch may still have events queued: its
                 // descriptor is no longer in the table.
-                if mask & libc::IN_MODIFY != 0 {
+                if mask.contains(AddWatchFlags::IN_MODIFY) {
                     if let Some(on_change) = watches.get_mut(&wd) {
                         on_change();
                     }
