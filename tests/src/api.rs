@@ -260,34 +260,78 @@ impl Api {
         };
         let mut c = self.client.events();
         let got: Arc<Mutex<Vec<Envelope>>> = Arc::default();
+        let subscribed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sink = Arc::clone(&got);
+        let seen = Arc::clone(&subscribed);
         let ns = self.ns.clone();
         let cid = cid.to_string();
         // containerd answers Subscribe's headers only with the first
         // event, so the call must not be awaited here: it runs on its own
-        // task, and the request reaches containerd well before the caller
-        // does whatever makes the events (a ctr command takes longer).
-        let task = self.rt.spawn(async move {
-            let Ok(stream) = c.subscribe(with_namespace!(req, ns)).await else {
-                return;
-            };
-            let mut stream = stream.into_inner();
-            while let Ok(Some(e)) = stream.message().await {
-                let Some(ev) = e.event else { continue };
-                if container_of(&ev) != cid {
-                    continue;
+        // task.
+        let task = self.rt.spawn({
+            let cid = cid.clone();
+            async move {
+                let Ok(stream) = c.subscribe(with_namespace!(req, ns)).await else {
+                    return;
+                };
+                let mut stream = stream.into_inner();
+                while let Ok(Some(e)) = stream.message().await {
+                    let Some(ev) = e.event else { continue };
+                    if container_of(&ev) != cid {
+                        continue;
+                    }
+                    if e.topic == SUBSCRIBED_PROBE {
+                        seen.store(true, std::sync::atomic::Ordering::Release);
+                        continue;
+                    }
+                    sink.lock().unwrap().push(Envelope {
+                        topic: e.topic,
+                        at: to_time(&e.timestamp),
+                        event: ev,
+                    });
                 }
-                sink.lock().unwrap().push(Envelope {
-                    topic: e.topic,
-                    at: to_time(&e.timestamp),
-                    event: ev,
-                });
             }
         });
-        std::thread::sleep(Duration::from_millis(200));
+        // Until containerd has the subscription, an event the test causes
+        // next would be lost (a fixed wait was too short once on a loaded
+        // test host: an exit never seen). So an event of our own is
+        // published until it comes back through the subscription.
+        let deadline = std::time::Instant::now() + CALL_TIMEOUT;
+        let probe = Any {
+            type_url: "types.containerd.io/containerd.events.TaskPaused".into(),
+            value: prost::Message::encode_to_vec(&ContainerOf {
+                container_id: cid.clone(),
+            }),
+        };
+        while !subscribed.load(std::sync::atomic::Ordering::Acquire) {
+            if std::time::Instant::now() >= deadline || task.is_finished() {
+                task.abort();
+                return Err(CallError::TimedOut("events: subscribing"));
+            }
+            let req = containerd_client::services::v1::PublishRequest {
+                topic: SUBSCRIBED_PROBE.into(),
+                event: Some(probe.clone()),
+            };
+            let mut c = self.client.events();
+            self.run(
+                "events: publishing the subscription probe",
+                CALL_TIMEOUT,
+                c.publish(with_namespace!(req, self.ns.clone())),
+            )?;
+            let wait = std::time::Instant::now() + Duration::from_millis(500);
+            while !subscribed.load(std::sync::atomic::Ordering::Acquire)
+                && std::time::Instant::now() < wait
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         Ok(Events { got, task })
     }
 }
+
+/// The topic of the event [`Api::subscribe`] publishes to know that its
+/// subscription is in place (a task topic: the subscription's filter).
+const SUBSCRIBED_PROBE: &str = "/tasks/jevm-test-subscribed";
 
 /// Every task event carries the container id as its field 1.
 #[derive(Clone, PartialEq, prost::Message)]
