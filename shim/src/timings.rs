@@ -67,7 +67,9 @@ impl Timings {
                 let ms = |us: u64| format!("{:.2}", us as f64 / 1e3);
                 format!(
                     " guest_cgroup_ms={} guest_stage_ms={} guest_namespaces_ms={} \
-                     guest_pid_fork_ms={} guest_mounts_ms={} guest_process_ms={} guest_create_ms={}",
+                     guest_pid_fork_ms={} guest_mounts_ms={} guest_process_ms={} guest_create_ms={} \
+                     guest_mounts_spec_ms={} guest_mounts_devices_ms={} guest_mounts_pivot_ms={} \
+                     guest_mounts_paths_ms={}",
                     ms(g.cgroup_us),
                     ms(g.stage_us),
                     ms(g.namespaces_us),
@@ -75,6 +77,10 @@ impl Timings {
                     ms(g.mounts_us),
                     ms(g.process_us),
                     ms(g.total_us),
+                    ms(g.mounts_spec_us),
+                    ms(g.mounts_devices_us),
+                    ms(g.mounts_pivot_us),
+                    ms(g.mounts_paths_us),
                 )
             }
             None => String::new(),
@@ -145,6 +151,10 @@ mod tests {
                 mounts_us: 5_000,
                 process_us: 6_000,
                 total_us: 19_000,
+                mounts_spec_us: 1_000,
+                mounts_devices_us: 1_500,
+                mounts_pivot_us: 500,
+                mounts_paths_us: 2_000,
             }),
             ..Default::default()
         };
@@ -153,7 +163,8 @@ mod tests {
             line.ends_with(
                 " total_ms=20.00 create_wall_ms=- guest_cgroup_ms=1.00 guest_stage_ms=2.50 \
                  guest_namespaces_ms=3.00 guest_pid_fork_ms=0.40 guest_mounts_ms=5.00 \
-                 guest_process_ms=6.00 guest_create_ms=19.00"
+                 guest_process_ms=6.00 guest_create_ms=19.00 guest_mounts_spec_ms=1.00 \
+                 guest_mounts_devices_ms=1.50 guest_mounts_pivot_ms=0.50 guest_mounts_paths_ms=2.00"
             ),
             "{line}"
         );

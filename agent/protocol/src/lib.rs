@@ -369,8 +369,22 @@ pub struct CreateTimes {
     /// namespace, until its PID reached the agent.
     pub pid_fork_us: u64,
     /// In the stage: the rootfs, the spec's mounts, device nodes,
-    /// `pivot_root`, read-only paths, the hostname.
+    /// `pivot_root`, read-only paths, the hostname. The four
+    /// `mounts_*_us` below are its parts.
     pub mounts_us: u64,
+    /// Of `mounts_us`: the rootfs bound onto itself and the spec's mounts.
+    #[serde(default)]
+    pub mounts_spec_us: u64,
+    /// Of `mounts_us`: `/dev`'s nodes and links, the working directory.
+    #[serde(default)]
+    pub mounts_devices_us: u64,
+    /// Of `mounts_us`: `pivot_root` (or the move and `chroot`).
+    #[serde(default)]
+    pub mounts_pivot_us: u64,
+    /// Of `mounts_us`: the terminal, the hostname, sysctls, read-only and
+    /// masked paths, a read-only root.
+    #[serde(default)]
+    pub mounts_paths_us: u64,
     /// In the stage: limits, user, capabilities, HOME, the `PATH` search,
     /// the working directory, seccomp: ready to `execve`.
     pub process_us: u64,

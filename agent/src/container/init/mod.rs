@@ -49,14 +49,14 @@ pub fn main() -> ! {
 enum Never {}
 
 /// Microseconds between laps, for the stage's steps of [`CreateTimes`].
-struct Clock(std::time::Instant);
+pub(super) struct Clock(std::time::Instant);
 
 impl Clock {
-    fn start() -> Clock {
+    pub(super) fn start() -> Clock {
         Clock(std::time::Instant::now())
     }
 
-    fn lap(&mut self) -> u64 {
+    pub(super) fn lap(&mut self) -> u64 {
         let now = std::time::Instant::now();
         let us = super::micros(now.duration_since(self.0));
         self.0 = now;
@@ -109,7 +109,8 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     report_pid(sync, &forked)?;
     let pid_fork_us = clock.lap();
 
-    mounts::prepare_rootfs(spec, userns)?;
+    let rootfs = mounts::prepare_rootfs(spec, userns)?;
+    let before_paths = clock.lap();
     // With the container's mounts in place (its devpts) but before any is
     // made read-only: /dev/console may have to be created.
     if terminal {
@@ -117,7 +118,8 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     }
     namespaces::set_hostname(spec, &plan)?;
     mounts::finish_rootfs(spec)?;
-    let mounts_us = clock.lap();
+    let mounts_paths_us = clock.lap();
+    let mounts_us = before_paths + mounts_paths_us;
     if !userns {
         process::set_limits(process)?;
     }
@@ -126,6 +128,10 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
         namespaces_us,
         pid_fork_us,
         mounts_us,
+        mounts_spec_us: rootfs.spec_us,
+        mounts_devices_us: rootfs.devices_us,
+        mounts_pivot_us: rootfs.pivot_us,
+        mounts_paths_us,
         process_us: clock.lap(),
         ..CreateTimes::default()
     };

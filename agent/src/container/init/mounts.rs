@@ -181,10 +181,20 @@ fn mount_err(dest: &Path, typ: &str, e: Errno) -> anyhow::Error {
     )
 }
 
+/// How long the parts of [`prepare_rootfs`] took, in microseconds.
+#[derive(Debug, Default)]
+pub struct RootfsTimes {
+    pub spec_us: u64,
+    pub devices_us: u64,
+    pub pivot_us: u64,
+}
+
 /// Builds the container's mounts under its rootfs and pivots into it.
 /// `userns`: the stage is in the container's user namespace, where device
 /// nodes cannot be made (they are bound from the guest's `/dev`).
-pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<()> {
+pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<RootfsTimes> {
+    let mut clock = super::Clock::start();
+    let mut times = RootfsTimes::default();
     let root = spec
         .root()
         .as_ref()
@@ -222,6 +232,7 @@ pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<()> {
     for m in mounts {
         mount_one(&rootfs, m)?;
     }
+    times.spec_us = clock.lap();
     let dev_bound = mounts.iter().any(|m| {
         m.destination() == Path::new("/dev")
             && Options::parse(m.options().as_deref().unwrap_or_default()).is_bind()
@@ -244,7 +255,10 @@ pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<()> {
             )
         })?;
     }
-    enter_rootfs(&rootfs)
+    times.devices_us = clock.lap();
+    enter_rootfs(&rootfs)?;
+    times.pivot_us = clock.lap();
+    Ok(times)
 }
 
 fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
