@@ -140,13 +140,9 @@ impl RamReservation {
             memory_size: self.len,
             userspace_addr: self.addr.as_ptr() as u64,
         };
-        // SAFETY: KVM only ever reaches the range through this process's
-        // page tables (its MMU notifier follows every change to them), so a
-        // slot over a range that is still PROT_NONE, or unmapped on an
-        // error path before the VM is dropped, can only make a vCPU's
-        // access fail (KVM_RUN returns EFAULT), not touch other memory; the
-        // holders drop the VM before the reservation (`vmm::ahead::Ahead`,
-        // `Vm`), and no vCPU exists before guest RAM is mapped over it.
+        // SAFETY: the range is reserved for as long as this value lives, and
+        // whoever holds it drops the VM first (`vmm::ahead::Ahead`, `Vm`);
+        // until a file is mapped over it, a guest access faults.
         unsafe { vm.set_user_memory_region(desc) }.map_err(MemoryError::Register)
     }
 
