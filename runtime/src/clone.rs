@@ -202,10 +202,9 @@ pub fn prepare_threads(vcpus: usize) -> Result<(), CloneError> {
 
 /// Has the next clone's KVM VM made ahead, on a thread of its own, while
 /// the caller prepares the rest (`vmm::ahead`): the restore takes it
-/// instead of waiting for `KVM_CREATE_VM`. With the guest's memory size
-/// (`mem_mib`, once the caller knows it), its RAM slot and chipset as well.
-pub fn prepare_vm(mem_mib: Option<u32>) {
-    crate::vmm::ahead::prepare(mem_mib.map(|m| u64::from(m) << 20));
+/// instead of waiting for `KVM_CREATE_VM`.
+pub fn prepare_vm() {
+    crate::vmm::ahead::prepare();
 }
 
 /// Starts a clone of `template` in a fresh run directory under

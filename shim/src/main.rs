@@ -166,7 +166,7 @@ fn main() {
         prepare_serving_process();
         // The pod's KVM VM is made while containerd prepares the create
         // request: a serving shim is started for one new pod.
-        jevm_runtime::clone::prepare_vm(None);
+        jevm_runtime::clone::prepare_vm();
     }
     // `start` and `delete` are short commands containerd waits for: one
     // thread does, without a worker pool to start and stop.

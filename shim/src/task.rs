@@ -516,7 +516,7 @@ impl TaskService {
                 if let Err(e) = jevm_runtime::clone::prepare_threads(size.vcpus as usize) {
                     log::warn!("pod {pod_id}: starting the VM's threads ahead: {e}");
                 }
-                jevm_runtime::clone::prepare_vm(Some(size.memory_mib));
+                jevm_runtime::clone::prepare_vm();
                 let layout = PodLayout::new(&cfg.run_dir, &pod_id);
                 if layout.dir().exists() {
                     log::warn!(

@@ -322,7 +322,7 @@ mod tests {
             f.write_all(&[i; PAGE]).unwrap();
         }
         f.as_file().set_len(64 * PAGE as u64).unwrap();
-        let ram = memory::map_template(f.path(), None, 64 * PAGE as u64, None).unwrap();
+        let ram = memory::map_template(f.path(), None, 64 * PAGE as u64).unwrap();
         (f, ram)
     }
 

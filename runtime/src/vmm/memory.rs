@@ -16,10 +16,7 @@ use std::sync::Arc;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::mmap::GuestRegionMmap;
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemory as _, GuestMemoryRegion};
-
-type MmapRegion = vm_memory::MmapRegion<()>;
+use vm_memory::{FileOffset, GuestAddress, GuestMemory as _, GuestMemoryRegion, MmapRegion};
 
 use super::devices::GuestMemory;
 use super::layout;
@@ -41,8 +38,6 @@ pub enum MemoryError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot reserve {0} bytes of address space for guest memory: {1}")]
-    Reserve(u64, std::io::Error),
     #[error("template memory {path} is {actual} bytes, the saved VM had {expected}")]
     TemplateSize {
         path: PathBuf,
@@ -61,185 +56,10 @@ pub struct GuestRam {
     pub mem: GuestMemory,
     pub file: Arc<File>,
     pub size: u64,
-    /// The address range `mem` is mapped into when it was reserved ahead
-    /// (`mem`'s region then does not own its mapping). Declared after
-    /// `mem`: unmapped after it.
-    _reserved: Option<RamReservation>,
 }
 
-/// Where guest RAM will be: address space reserved `PROT_NONE`, so that a
-/// KVM memory slot (and the irqchip and PIT after it, see `vmm::ahead`) can
-/// be made before the memory file is known, which is then mapped over it
-/// (`MAP_FIXED`). 2 MiB aligned, as the kernel aligns a mapping of a file
-/// with huge pages, so that those can still be mapped 2 MiB at a time.
-/// Unmapped when dropped.
-pub struct RamReservation {
-    addr: std::ptr::NonNull<libc::c_void>,
-    len: u64,
-}
-
-// SAFETY: a plain address range; it is only ever handed to mmap/munmap and
-// KVM, never dereferenced through this type.
-unsafe impl Send for RamReservation {}
-
-const HUGE_PAGE: usize = 2 << 20;
-
-impl RamReservation {
-    pub fn new(len: u64) -> Result<RamReservation, MemoryError> {
-        let err = |e| MemoryError::Reserve(len, e);
-        let want = usize::try_from(len)
-            .ok()
-            .filter(|l| *l > 0 && l % HUGE_PAGE == 0)
-            .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
-        let span = want + HUGE_PAGE;
-        // SAFETY: a fresh anonymous mapping at an address of the kernel's
-        // choosing; nothing else is affected. The result is checked.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                span,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        let start = base as usize;
-        let aligned = start.next_multiple_of(HUGE_PAGE);
-        // SAFETY: both ranges lie inside the mapping just made, outside the
-        // aligned part kept; unmapping them touches nothing else.
-        unsafe {
-            if aligned > start {
-                libc::munmap(base, aligned - start);
-            }
-            let tail = aligned + want;
-            if start + span > tail {
-                libc::munmap(tail as *mut libc::c_void, start + span - tail);
-            }
-        }
-        Ok(RamReservation {
-            addr: std::ptr::NonNull::new(aligned as *mut libc::c_void)
-                .expect("mmap returned NULL without MAP_FIXED"),
-            len,
-        })
-    }
-
-    pub fn size(&self) -> u64 {
-        self.len
-    }
-
-    /// Registers the range with KVM as guest RAM at guest physical 0.
-    pub fn register(&self, vm: &VmFd, slot: u32) -> Result<(), MemoryError> {
-        let desc = kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: self.len,
-            userspace_addr: self.addr.as_ptr() as u64,
-        };
-        // SAFETY: the range is reserved for as long as this value lives, and
-        // whoever holds it drops the VM first (`vmm::ahead::Ahead`, `Vm`);
-        // until a file is mapped over it, a guest access faults.
-        unsafe { vm.set_user_memory_region(desc) }.map_err(MemoryError::Register)
-    }
-
-    /// Maps `file` over the whole range (`flags`: `MAP_SHARED` or
-    /// `MAP_PRIVATE`, and the like) and returns the mapping as a region that
-    /// does not own it, and the reservation, which does.
-    fn map(
-        self,
-        file: &Arc<File>,
-        flags: libc::c_int,
-    ) -> std::io::Result<(MmapRegion, RamReservation)> {
-        let len = self.len as usize;
-        // SAFETY: MAP_FIXED over a range this value owns entirely (reserved
-        // by `new`), so no other mapping is replaced; the result is checked.
-        let got = unsafe {
-            libc::mmap(
-                self.addr.as_ptr(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if got == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            // A failed MAP_FIXED may have unmapped the range: reserve it
-            // again, or never unmap it (something else may be mapped there).
-            // SAFETY: as above, over the same range.
-            let again = unsafe {
-                libc::mmap(
-                    self.addr.as_ptr(),
-                    len,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                    -1,
-                    0,
-                )
-            };
-            if again == libc::MAP_FAILED {
-                std::mem::forget(self);
-            }
-            return Err(e);
-        }
-        // SAFETY: the range is the live mapping just made, `len` bytes long,
-        // page aligned; the region does not unmap it, the reservation
-        // returned with it does, after the region is gone (`GuestRam`).
-        let region = unsafe {
-            MmapRegionBuilder::new(len)
-                .with_raw_mmap_pointer(self.addr.as_ptr().cast())
-                .with_file_offset(FileOffset::from_arc(file.clone(), 0))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
-                .build()
-        }
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok((region, self))
-    }
-}
-
-impl Drop for RamReservation {
-    fn drop(&mut self) {
-        // SAFETY: the range was reserved by `new` and is owned by this value
-        // alone; whatever was mapped over it goes with it.
-        unsafe { libc::munmap(self.addr.as_ptr(), self.len as usize) };
-    }
-}
-
-/// `file` mapped read-write with `flags`: into `into` when guest RAM was
-/// reserved ahead (of exactly `size` bytes), wherever the kernel puts it
-/// otherwise.
-fn map_file(
-    file: &Arc<File>,
-    size: u64,
-    flags: libc::c_int,
-    into: Option<RamReservation>,
-) -> std::io::Result<(MmapRegion, Option<RamReservation>)> {
-    match into {
-        Some(r) if r.size() == size => r.map(file, flags).map(|(m, r)| (m, Some(r))),
-        Some(r) => Err(std::io::Error::other(format!(
-            "the address space reserved ahead is {} bytes, guest memory {size}",
-            r.size()
-        ))),
-        None => MmapRegion::build(
-            Some(FileOffset::from_arc(file.clone(), 0)),
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-        )
-        .map(|m| (m, None))
-        .map_err(|e| std::io::Error::other(e.to_string())),
-    }
-}
-
-/// Creates `mem_mib` MiB of guest RAM at guest physical address 0 (into
-/// `into`, if reserved ahead).
-pub fn create(mem_mib: u32, into: Option<RamReservation>) -> Result<GuestRam, MemoryError> {
+/// Creates `mem_mib` MiB of guest RAM at guest physical address 0.
+pub fn create(mem_mib: u32) -> Result<GuestRam, MemoryError> {
     if mem_mib < layout::MIN_MEM_MIB {
         return Err(MemoryError::TooSmall(mem_mib));
     }
@@ -259,18 +79,13 @@ pub fn create(mem_mib: u32, into: Option<RamReservation>) -> Result<GuestRam, Me
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(MemoryError::Memfd)?;
     let file = Arc::new(file);
-    let (region, reserved) = map_file(&file, size, libc::MAP_SHARED | libc::MAP_NORESERVE, into)
-        .map_err(MemoryError::Memfd)?;
-    let region = GuestRegionMmap::new(region, GuestAddress(0)).ok_or(MemoryError::Map(
-        vm_memory::mmap::FromRangesError::InvalidGuestRegion,
-    ))?;
-    let mem = GuestMemory::from_regions(vec![region]).map_err(|e| MemoryError::Map(e.into()))?;
-    Ok(GuestRam {
-        mem,
-        file,
-        size,
-        _reserved: reserved,
-    })
+    let mem = GuestMemory::from_ranges_with_files([(
+        GuestAddress(0),
+        size as usize,
+        Some(FileOffset::from_arc(file.clone(), 0)),
+    )])
+    .map_err(MemoryError::Map)?;
+    Ok(GuestRam { mem, file, size })
 }
 
 /// Registers every region of `mem` with KVM, slot numbers in order.
@@ -300,7 +115,6 @@ pub fn map_template(
     path: &Path,
     file: Option<Arc<File>>,
     expected: u64,
-    into: Option<RamReservation>,
 ) -> Result<GuestRam, MemoryError> {
     let err = |source| MemoryError::Template {
         path: path.to_owned(),
@@ -322,13 +136,13 @@ pub fn map_template(
         path: path.to_owned(),
         source,
     };
-    let (region, reserved) = map_file(
-        &file,
-        expected,
+    let region = MmapRegion::build(
+        Some(FileOffset::from_arc(file.clone(), 0)),
+        expected as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
         libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        into,
     )
-    .map_err(err)?;
+    .map_err(|e| map_err(vm_memory::mmap::FromRangesError::MmapRegion(e)))?;
     advise_huge_pages(&region, &file);
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| map_err(vm_memory::mmap::FromRangesError::InvalidGuestRegion))?;
@@ -337,7 +151,6 @@ pub fn map_template(
         mem,
         file,
         size: expected,
-        _reserved: reserved,
     })
 }
 

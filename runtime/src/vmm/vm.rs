@@ -10,8 +10,8 @@ use jevm_protocol::SHARE_TAG;
 
 use crate::jail::ThreadKind;
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -29,8 +29,8 @@ use super::devices::net::{Net, VIRTIO_ID_NET};
 use super::devices::serial::{Com1, Com1State, ConsoleLog, ConsoleNote, ConsoleSink, COM1_IRQ};
 use super::devices::vsock::Vsock;
 use super::devices::{IrqLine, VirtioDevice};
-use super::layout;
-use super::memory::{self, GuestRam, MemoryError, RamReservation};
+use super::layout::{self, KVM_TSS_ADDR};
+use super::memory::{self, GuestRam, MemoryError};
 use super::mptable::{self, MpTableError};
 use super::vcpu::{self, StopReason, VcpuError, VcpuState, VmControl};
 
@@ -220,32 +220,22 @@ struct Base {
     dax: Arc<DaxWindow>,
 }
 
-/// The VM, taken from `vmm::ahead` or made, with guest RAM of `size`
-/// bytes mapped by `map` (into the address space reserved ahead, if it
-/// was) and registered, and the chipset made after it.
-fn base(
-    size: u64,
-    map: impl FnOnce(Option<RamReservation>) -> Result<GuestRam, MemoryError>,
-) -> Result<Base, VmError> {
-    let super::ahead::Ahead {
-        kvm,
-        vm_fd,
-        dax,
-        ram: reserved,
-    } = super::ahead::take_or_create(size)?;
-    let ram = match reserved {
-        // Registered, with the chipset after it, ahead.
-        Some(r) => map(Some(r))?,
-        None => {
-            let ram = map(None)?;
-            // Guest memory before the irqchip: registering a slot right
-            // after KVM_CREATE_IRQCHIP was measured to stall for
-            // milliseconds.
-            memory::register(&vm_fd, &ram.mem)?;
-            super::ahead::chipset(&vm_fd)?;
-            ram
-        }
+fn base(ram: GuestRam) -> Result<Base, VmError> {
+    let (kvm, vm_fd, dax) = super::ahead::take_or_create()?;
+    // Guest memory before the irqchip: registering a slot right after
+    // KVM_CREATE_IRQCHIP was measured to stall for milliseconds.
+    memory::register(&vm_fd, &ram.mem)?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
     };
+    vm_fd.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
     Ok(Base {
         kvm,
         vm_fd,
@@ -424,9 +414,7 @@ impl Vm {
             vm_fd,
             ram,
             dax,
-        } = base(u64::from(cfg.mem_mib) << 20, |into| {
-            memory::create(cfg.mem_mib, into)
-        })?;
+        } = base(memory::create(cfg.mem_mib)?)?;
 
         // Devices: vsock first so it is always virtio-mmio slot 0.
         let mut virtio: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
@@ -551,9 +539,11 @@ impl Vm {
             vm_fd,
             ram,
             dax,
-        } = base(state.mem_size, |into| {
-            memory::map_template(&cfg.memory, cfg.memory_file.clone(), state.mem_size, into)
-        })?;
+        } = base(memory::map_template(
+            &cfg.memory,
+            cfg.memory_file.clone(),
+            state.mem_size,
+        )?)?;
         let (fs_name, fs) = fs_device(cfg.share.as_deref(), &cfg.share_device_nodes, &dax)?;
         let mut fs = Some(fs);
         let chip = |what, c: &kvm_irqchip| vm_fd.set_irqchip(c).map_err(kvm_err(what));

@@ -626,7 +626,7 @@ fn bench_tiny_clone(a: &Args) -> Result<()> {
         }
         if prepared {
             jevm_runtime::clone::prepare_threads(1)?;
-            jevm_runtime::clone::prepare_vm(Some(a.mem));
+            jevm_runtime::clone::prepare_vm();
             std::thread::sleep(Duration::from_millis(3));
         }
         let t = Instant::now();

@@ -418,7 +418,7 @@ mod tests {
         let mut f = std::fs::File::create(&path).unwrap();
         f.write_all(&vec![0x7e; MEM_SIZE as usize]).unwrap();
         drop(f);
-        let ram = memory::map_template(&path, None, MEM_SIZE, None).unwrap();
+        let ram = memory::map_template(&path, None, MEM_SIZE).unwrap();
         let mem = &ram.mem;
         // The clone writes three pages; the guest frees the first two.
         fill(mem, PAGES, 3 * PAGE_SIZE, 0xaa);
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn a_report_in_a_vm_that_owns_its_memory_punches_the_pages_out_of_the_file() {
-        let ram = memory::create((MEM_SIZE >> 20) as u32, None).unwrap();
+        let ram = memory::create((MEM_SIZE >> 20) as u32).unwrap();
         let mem = &ram.mem;
         fill(mem, PAGES, 64 * PAGE_SIZE, 0xaa);
         let mut r = rig(mem, FreedPages::PunchHoles);
