@@ -91,6 +91,8 @@ pub struct MicroVm {
 }
 
 const CONSOLE_TAIL: usize = 20;
+/// A guest kernel's oops is quoted whole, up to this many lines.
+const CONSOLE_OOPS: usize = 100;
 
 impl MicroVm {
     /// Boots a VM in a fresh run directory under `runtime_root`.
@@ -292,7 +294,7 @@ fn rand_u32() -> u32 {
 }
 
 fn console_tail(vm: &Vm) -> String {
-    vm.console_tail(CONSOLE_TAIL).join("\n")
+    vm.console_report(CONSOLE_TAIL, CONSOLE_OOPS).join("\n")
 }
 
 /// Waits for the agent to dial the READY port, watching the VM meanwhile.

@@ -39,8 +39,10 @@ pub enum PodEvent {
     },
 }
 
-/// How many console lines the loss report quotes.
+/// How many console lines the loss report quotes: the last ones, or a
+/// guest kernel's whole oops from its first line.
 const LOST_CONSOLE_LINES: usize = 10;
+const LOST_OOPS_LINES: usize = 100;
 
 /// How long the event reader, after its stream ended, waits for the VM's
 /// own stop reason (a better cause than "end of stream"): an agent that
@@ -99,9 +101,10 @@ impl Life {
         self.mark_lost();
         log::error!(
             "pod {}: the VM is gone: {cause}; its processes exit with status {LOST_EXIT_STATUS}; \
-             last console lines: {:?}",
+             console lines: {:?}",
             self.pod,
-            self.watch.console_tail(LOST_CONSOLE_LINES)
+            self.watch
+                .console_report(LOST_CONSOLE_LINES, LOST_OOPS_LINES)
         );
         let _ = self.tx.send(PodEvent::Lost {
             pod: self.pod.clone(),

@@ -753,6 +753,12 @@ impl Vm {
         self.console.lock().unwrap().tail(n)
     }
 
+    /// What the console says about a dead guest: its kernel's oops from
+    /// the first line (at most `max`), else the last `tail` lines.
+    pub fn console_report(&self, tail: usize, max: usize) -> Vec<String> {
+        self.console.lock().unwrap().report(tail, max)
+    }
+
     /// Open host<->guest vsock connections (a template is saved at 0).
     pub fn vsock_connections(&self) -> usize {
         self.bus
@@ -894,6 +900,12 @@ impl VmWatch {
     /// The last `n` console lines.
     pub fn console_tail(&self, n: usize) -> Vec<String> {
         self.console.lock().unwrap().tail(n)
+    }
+
+    /// What the console says about a dead guest: its kernel's oops from
+    /// the first line (at most `max`), else the last `tail` lines.
+    pub fn console_report(&self, tail: usize, max: usize) -> Vec<String> {
+        self.console.lock().unwrap().report(tail, max)
     }
 }
 

@@ -16,7 +16,26 @@ use vmm_sys_util::eventfd::EventFd;
 pub const COM1_BASE: u16 = 0x3f8;
 /// ISA IRQ of COM1.
 pub const COM1_IRQ: u32 = 4;
-const RECENT_LINES: usize = 40;
+/// Console lines kept in memory: enough for a whole oops (its registers,
+/// code bytes and call trace) before the panic line. A clone's console is
+/// quiet (`quiet`), so an idle pod holds next to none.
+const RECENT_LINES: usize = 100;
+
+/// Lines that begin a kernel oops or warning report (`BUG: unable to handle
+/// page fault`, `Oops: 0002 [#1]`, a double fault, a `WARNING` under a
+/// `cut here` line...): the report of a dead guest quotes from the first of
+/// them, where the cause is, not only the last lines before the reset.
+const OOPS_STARTS: &[&str] = &[
+    "------------[ cut here ]------------",
+    "BUG:",
+    "Oops:",
+    "general protection fault",
+    "double fault",
+    "kernel BUG at",
+    "stack segment:",
+    "invalid opcode:",
+    "Kernel panic",
+];
 
 /// Raises the serial IRQ through an irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -46,10 +65,7 @@ fn note_of(line: &str) -> Option<ConsoleNote> {
     if line.contains("Kernel panic") {
         return Some(ConsoleNote::Panic);
     }
-    let text = match line.strip_prefix('[') {
-        Some(rest) => rest.split_once(']').map_or(line, |(_, after)| after),
-        None => line,
-    };
+    let text = after_time_stamp(line);
     // Without ACPI, `poweroff -f` prints "reboot: Power off not available:
     // System halted instead" (seen in the test host), `halt -f` "reboot:
     // System halted".
@@ -113,6 +129,25 @@ impl ConsoleLog {
         out
     }
 
+    /// What to quote about a guest that died: from the first line of the
+    /// earliest kernel oops still kept (at most `max` lines), else the last
+    /// `tail` lines.
+    pub fn report(&self, tail: usize, max: usize) -> Vec<String> {
+        match self.recent.iter().position(|l| {
+            OOPS_STARTS
+                .iter()
+                .any(|s| after_time_stamp(l).starts_with(s))
+        }) {
+            Some(first) => {
+                let mut all = self.tail(self.recent.len() + 1);
+                all.drain(..first);
+                all.truncate(max);
+                all
+            }
+            None => self.tail(tail),
+        }
+    }
+
     /// Whether the guest kernel printed a panic message.
     pub fn panicked(&self) -> bool {
         self.panicked
@@ -121,6 +156,17 @@ impl ConsoleLog {
     /// Whether the guest kernel said it halted or powered off.
     pub fn halted(&self) -> bool {
         self.halted
+    }
+}
+
+/// A kernel line without its `[ seconds]` time stamp.
+fn after_time_stamp(line: &str) -> &str {
+    match line.strip_prefix('[') {
+        Some(rest) => rest
+            .split_once(']')
+            .map_or(line, |(_, after)| after)
+            .trim_start(),
+        None => line,
     }
 }
 
@@ -283,6 +329,37 @@ mod tests {
         );
         assert!(log.panicked());
         assert!(!log.halted());
+    }
+
+    #[test]
+    fn a_report_quotes_the_oops_from_its_first_line() {
+        let mut log = ConsoleLog::default();
+        for i in 0..20 {
+            log.push(format!("[    1.{i:06}] boot line {i}\n").as_bytes());
+        }
+        log.push(
+            b"[   39.000001] BUG: unable to handle page fault for address: fffffe0000001ff8\n",
+        );
+        for i in 0..30 {
+            log.push(format!("[   39.1{i:05}] register line {i}\n").as_bytes());
+        }
+        log.push(b"[   39.3] Kernel panic - not syncing: Fatal exception in interrupt\n");
+        let report = log.report(5, 100);
+        assert_eq!(report.len(), 32);
+        assert!(
+            report[0].ends_with("BUG: unable to handle page fault for address: fffffe0000001ff8")
+        );
+        assert!(report[31].ends_with("Fatal exception in interrupt"));
+        // Capped at `max` lines, from the start of the oops.
+        assert_eq!(log.report(5, 3)[0], report[0]);
+        assert_eq!(log.report(5, 3).len(), 3);
+
+        // No oops: the tail.
+        let mut quiet = ConsoleLog::default();
+        for i in 0..20 {
+            quiet.push(format!("line {i}\n").as_bytes());
+        }
+        assert_eq!(quiet.report(2, 100), vec!["line 18", "line 19"]);
     }
 
     #[test]
