@@ -11,6 +11,7 @@ mod network;
 mod pod;
 mod publisher;
 mod record;
+mod resolve;
 mod runtime_options;
 mod service;
 mod sizing;

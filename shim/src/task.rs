@@ -39,6 +39,7 @@ use crate::lifecycle::{ExitInfo, Lifecycle, StartRefused};
 use crate::mounts;
 use crate::pod::{Pod, PodEvent, PodStart, PodStarter};
 use crate::record::{self, BundleRecord};
+use crate::resolve;
 use crate::runtime_options;
 use crate::sizing;
 use crate::spec::{self, Namespaces};
@@ -614,7 +615,7 @@ impl TaskService {
         record::write(&bundle, &rec).map_err(|e| status(Code::UNKNOWN, e))?;
         let rootfs = req.rootfs.clone();
         let c = cid.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let spec = tokio::task::spawn_blocking(move || -> Result<Value, String> {
             let target = layout.rootfs(&c);
             std::fs::create_dir_all(&target)
                 .and_then(|()| std::fs::create_dir_all(layout.mounts(&c)))
@@ -631,7 +632,9 @@ impl TaskService {
             }
             // Everything the guest reaches: no set-uid file or device node
             // it makes may work on the host.
-            mounts::seal(&layout.container(&c)).map_err(|e| format!("container {c:?}: {e}"))
+            mounts::seal(&layout.container(&c)).map_err(|e| format!("container {c:?}: {e}"))?;
+            resolve::resolve_ahead(&mut spec, &target);
+            Ok(spec)
         })
         .await
         .map_err(|e| {

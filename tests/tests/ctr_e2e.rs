@@ -637,6 +637,78 @@ fn bind_mounts_ro_and_rw() {
     assert_same("bind mounts", &r, &j);
 }
 
+/// The command and `HOME` as the container sees them: found through `PATH`
+/// (jevm's shim answers for the guest where the host's view of the rootfs
+/// is the container's, `shim/src/resolve.rs`), and where a volume shadows
+/// a `PATH` directory or `/etc/passwd`, found in the volume.
+#[test]
+fn command_and_home_are_found_as_the_container_sees_them() {
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let plain_id = id("pathplain", rt);
+        let plain = env.run(rt, &plain_id, &[], &sh("echo $HOME"));
+        env.assert_gone(&plain_id);
+
+        let dir = tempfile::tempdir_in(&env.base).unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::fs::write(bin.join("true"), "#!/bin/sh\necho shadowed, run as $0\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("true"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let passwd = dir.path().join("passwd");
+        std::fs::write(&passwd, "root:x:0:0:root:/from-the-volume:/bin/sh\n").unwrap();
+        let shadow_id = id("pathshadow", rt);
+        let shadow = env.run(
+            rt,
+            &shadow_id,
+            &[
+                "--mount",
+                &format!(
+                    "type=bind,src={},dst=/usr/local/bin,options=rbind:ro",
+                    bin.display()
+                ),
+                "--mount",
+                &format!(
+                    "type=bind,src={},dst=/etc/passwd,options=rbind:ro",
+                    passwd.display()
+                ),
+            ],
+            &["true"],
+        );
+        env.assert_gone(&shadow_id);
+        let home_id = id("pathhome", rt);
+        let home = env.run(
+            rt,
+            &home_id,
+            &[
+                "--mount",
+                &format!(
+                    "type=bind,src={},dst=/etc/passwd,options=rbind:ro",
+                    passwd.display()
+                ),
+            ],
+            &sh("echo $HOME"),
+        );
+        env.assert_gone(&home_id);
+        (plain, shadow, home)
+    });
+    // The image's own answer (runc's is the reference below).
+    assert!(r.0.code == 0 && r.0.stdout.starts_with('/'), "{:?}", r.0);
+    assert_eq!(
+        (r.1.stdout.as_str(), r.1.code),
+        ("shadowed, run as /usr/local/bin/true\n", 0),
+        "{:?}",
+        r.1
+    );
+    assert_eq!(
+        (r.2.stdout.as_str(), r.2.code),
+        ("/from-the-volume\n", 0),
+        "{:?}",
+        r.2
+    );
+    assert_same("PATH and HOME", &r, &j);
+}
+
 /// jevm's guest maps share files through a 256 MiB DAX window of 2 MiB
 /// ranges (runtime/src/vmm/devices/fs/dax.rs): a file larger than the
 /// window is read by recycling ranges while it is read. Marks every 8 MiB

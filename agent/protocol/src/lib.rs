@@ -36,6 +36,30 @@ pub const SHARE_TAG: &str = "jevm-share";
 /// under it (`<SHARE_MOUNT>/<container id>/rootfs`, ...).
 pub const SHARE_MOUNT: &str = "/run/jevm/shared";
 
+/// Spec annotation the shim sets on a container it creates: the path its
+/// command has in the container, found through `PATH` on the host's view
+/// of the rootfs where that view is certain to be the container's
+/// (`shim/src/resolve.rs`). The guest checks it once and uses it instead of
+/// trying each `PATH` directory over the share. Never the user's: the shim
+/// removes a value the spec came with.
+pub const EXEC_PATH_ANNOTATION: &str = "io.jevm.exec-path";
+
+/// The home directory of `uid` in `passwd` (the text of `/etc/passwd`) as
+/// runc finds it: the sixth field of the first line whose third is `uid`,
+/// `/` when there is none or it is empty. The agent reads the container's
+/// file; the shim reads the same file on the host when it can.
+pub fn home_in_passwd(passwd: &str, uid: u64) -> String {
+    passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.len() >= 6 && fields[2].parse::<u64>().ok() == Some(uid))
+                .then(|| fields[5].to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".to_string())
+}
+
 /// Sent by the agent on the READY connection, then the connection is closed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ready {

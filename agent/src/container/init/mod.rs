@@ -123,7 +123,12 @@ fn create(sync: &mut Sync, spec: &Spec, terminal: bool) -> Result<Never> {
     if !userns {
         process::set_limits(process)?;
     }
-    let prepared = process::prepare(process, spec, terminal)?;
+    let exec_path = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(jevm_protocol::EXEC_PATH_ANNOTATION))
+        .map(String::as_str);
+    let prepared = process::prepare(process, spec, terminal, exec_path)?;
     let times = CreateTimes {
         namespaces_us,
         pid_fork_us,
@@ -167,7 +172,7 @@ fn exec(
     if !userns {
         process::set_limits(process)?;
     }
-    let prepared = process::prepare(process, spec, terminal)?;
+    let prepared = process::prepare(process, spec, terminal, None)?;
     let times = CreateTimes {
         namespaces_us,
         pid_fork_us,

@@ -52,7 +52,15 @@ pub fn set_limits(process: &Process) -> Result<()> {
 }
 
 /// Everything up to `execve` but [`set_limits`].
-pub fn prepare(process: &Process, spec: &Spec, terminal: bool) -> Result<Prepared> {
+/// `exec_path`: where the host found the command (the container's init
+/// only, [`jevm_protocol::EXEC_PATH_ANNOTATION`]); used once it checks out
+/// here, else the `PATH` search runs as usual.
+pub fn prepare(
+    process: &Process,
+    spec: &Spec,
+    terminal: bool,
+    exec_path: Option<&str>,
+) -> Result<Prepared> {
     new_session(terminal)?;
     let nnp = process.no_new_privileges().unwrap_or(false);
     if nnp {
@@ -94,7 +102,10 @@ pub fn prepare(process: &Process, spec: &Spec, terminal: bool) -> Result<Prepare
     }
     let args = process.args().as_deref().unwrap_or_default();
     let name = args.first().context("args must not be empty")?;
-    let path = look_path(name, &env)?;
+    let path = match exec_path {
+        Some(p) if !name.contains('/') && executable(Path::new(p)).is_ok() => p.to_owned(),
+        _ => look_path(name, &env)?,
+    };
     Ok(Prepared {
         path: cstring(&path, "executable path")?,
         args: args
@@ -261,16 +272,8 @@ fn set_user(process: &Process) -> Result<()> {
 /// container's /etc/passwd, else "/".
 fn home_of(uid: u32) -> String {
     std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|passwd| {
-            passwd.lines().find_map(|line| {
-                let fields: Vec<&str> = line.split(':').collect();
-                (fields.len() >= 6 && fields[2].parse::<u32>().ok() == Some(uid))
-                    .then(|| fields[5].to_string())
-            })
-        })
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "/".to_string())
+        .map(|passwd| jevm_protocol::home_in_passwd(&passwd, uid.into()))
+        .unwrap_or_else(|_| "/".to_string())
 }
 
 /// `args[0]` as Go's `exec.LookPath` finds it with the container's PATH,
