@@ -26,7 +26,7 @@
 
 use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstat, Mode};
+use nix::sys::stat::fstat;
 use serde_json::Value;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -152,14 +152,13 @@ fn normal(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-fn open_root(rootfs: &Path) -> nix::Result<OwnedFd> {
-    let fd = nix::fcntl::open(
-        rootfs,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    // SAFETY: `open` just returned this descriptor and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+fn open_root(rootfs: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(rootfs)
+        .map(OwnedFd::from)
 }
 
 /// Opens `path` (absolute, normal) inside `root` with no symbolic link on

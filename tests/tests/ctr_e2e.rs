@@ -645,9 +645,16 @@ fn bind_mounts_ro_and_rw() {
 fn command_and_home_are_found_as_the_container_sees_them() {
     let env = ctr_env_or_skip!();
     let (r, j) = both(|rt| {
-        let plain_id = id("pathplain", rt);
-        let plain = env.run(rt, &plain_id, &[], &sh("echo $HOME"));
-        env.assert_gone(&plain_id);
+        let run = |name: &str, flags: &[&str], cmd: &[&str]| {
+            let id = id(name, rt);
+            let o = env.run(rt, &id, flags, cmd);
+            env.assert_gone(&id);
+            o
+        };
+        let ro_bind = |src: &Path, dst: &str| {
+            format!("type=bind,src={},dst={dst},options=rbind:ro", src.display())
+        };
+        let plain = run("pathplain", &[], &sh("echo $HOME"));
 
         let dir = tempfile::tempdir_in(&env.base).unwrap();
         let bin = dir.path().join("bin");
@@ -657,39 +664,18 @@ fn command_and_home_are_found_as_the_container_sees_them() {
         std::fs::set_permissions(bin.join("true"), std::fs::Permissions::from_mode(0o755)).unwrap();
         let passwd = dir.path().join("passwd");
         std::fs::write(&passwd, "root:x:0:0:root:/from-the-volume:/bin/sh\n").unwrap();
-        let shadow_id = id("pathshadow", rt);
-        let shadow = env.run(
-            rt,
-            &shadow_id,
+        let passwd_mount = ro_bind(&passwd, "/etc/passwd");
+        let shadow = run(
+            "pathshadow",
             &[
                 "--mount",
-                &format!(
-                    "type=bind,src={},dst=/usr/local/bin,options=rbind:ro",
-                    bin.display()
-                ),
+                &ro_bind(&bin, "/usr/local/bin"),
                 "--mount",
-                &format!(
-                    "type=bind,src={},dst=/etc/passwd,options=rbind:ro",
-                    passwd.display()
-                ),
+                &passwd_mount,
             ],
             &["true"],
         );
-        env.assert_gone(&shadow_id);
-        let home_id = id("pathhome", rt);
-        let home = env.run(
-            rt,
-            &home_id,
-            &[
-                "--mount",
-                &format!(
-                    "type=bind,src={},dst=/etc/passwd,options=rbind:ro",
-                    passwd.display()
-                ),
-            ],
-            &sh("echo $HOME"),
-        );
-        env.assert_gone(&home_id);
+        let home = run("pathhome", &["--mount", &passwd_mount], &sh("echo $HOME"));
         (plain, shadow, home)
     });
     // The image's own answer (runc's is the reference below).
