@@ -13,7 +13,7 @@ use jevm_runtime::clone::{
 };
 use jevm_runtime::microvm::MicroVm;
 use jevm_runtime::template::{TemplateSpec, TemplateStore};
-use jevm_runtime::vmm::devices::fs::DeviceNodeGrants;
+use jevm_runtime::vmm::devices::fs::{DeviceNodeGrants, RequestCounts, ShareRequests};
 use jevm_runtime::vmm::vm::VmWatch;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -153,6 +153,8 @@ pub struct Pod {
     /// Bumped by every [`Pod::settle_memory_later`]: only the latest one's
     /// pass runs.
     settle: AtomicU64,
+    /// What the guest has asked of its share, for the create's timings.
+    share_requests: Option<Arc<ShareRequests>>,
 }
 
 /// What starting a pod takes.
@@ -209,6 +211,11 @@ pub struct StartTimes {
 const SETTLE_DELAY: Duration = Duration::from_secs(3);
 
 impl Pod {
+    /// The requests the guest has made of its share so far.
+    pub fn share_requests(&self) -> Option<RequestCounts> {
+        self.share_requests.as_ref().map(|r| r.counts())
+    }
+
     /// Once the pod has had no start for [`SETTLE_DELAY`], gives back the
     /// guest's private copies that hold what the template's page holds
     /// (`Vm::drop_identical_copies`): they go back to being the template's
@@ -350,6 +357,7 @@ impl Pod {
         let agent = Agent::new(vm.vsock_uds().to_path_buf());
         let uds = vm.vsock_uds().to_path_buf();
         let vm_dir = vm.run_dir().to_path_buf();
+        let share_requests = vm.vm().share_requests();
         let life = Arc::new(Life {
             pod: id.to_string(),
             agent: Arc::clone(&agent),
@@ -374,6 +382,7 @@ impl Pod {
             share_device_nodes,
             identity: Mutex::new(Some(identity)),
             subscribed: Mutex::new(Some(sub_rx)),
+            share_requests,
         });
         let l = Arc::clone(&life);
         if let Err(e) = std::thread::Builder::new()
@@ -511,6 +520,7 @@ impl Pod {
             share_device_nodes: Arc::default(),
             identity: Mutex::new(None),
             subscribed: Mutex::new(None),
+            share_requests: None,
         }
     }
 

@@ -602,6 +602,7 @@ impl TaskService {
         undo.device_grant = Some((Arc::clone(&pod), cid.clone()));
 
         // The container's part of the share.
+        let asked_before = pod.share_requests();
         let t = Instant::now();
         let layout = pod.layout.clone();
         undo.container_dir = Some(layout.container(&cid));
@@ -668,6 +669,10 @@ impl TaskService {
         timings.agent_ready = agent_ready;
         timings.agent_create = Some(t.elapsed().saturating_sub(agent_ready.unwrap_or_default()));
         timings.guest_create = guest_times;
+        timings.share_requests = pod
+            .share_requests()
+            .zip(asked_before)
+            .map(|(now, before)| now.since(&before));
         let t = Instant::now();
         let copies = match stdio::attach(&*pod.agent, &cid, None, &stdio).await {
             Ok(c) => c,

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use jevm_runtime::vmm::devices::fs::RequestCounts;
+
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Timings {
     /// `shim start` subcommand to the task service existing (first
@@ -28,6 +30,9 @@ pub struct Timings {
     pub agent_create: Option<Duration>,
     /// The guest's own account of it, step by step.
     pub guest_create: Option<jevm_protocol::CreateTimes>,
+    /// What the guest asked of the share from the container's share
+    /// mounts to the create's answer: each request a round trip.
+    pub share_requests: Option<RequestCounts>,
     /// Opening the FIFOs and the agent's stdio streams.
     pub stdio: Option<Duration>,
     /// The agent's StartContainer: the process is running.
@@ -85,10 +90,18 @@ impl Timings {
             }
             None => String::new(),
         };
+        let share = match &self.share_requests {
+            Some(r) => format!(
+                " share_requests={} share_host_ms={:.2} share_ops={r}",
+                r.total(),
+                r.host.as_secs_f64() * 1e3
+            ),
+            None => String::new(),
+        };
         format!(
             "jevm timings: container={cid} shim_start_ms={} template_lookup_ms={} network_ms={} \
              clone_ms={} virtiofs_share_ms={} agent_ready_ms={} agent_create_ms={} stdio_ms={} \
-             create_other_ms={} process_running_ms={} total_ms={} create_wall_ms={}{guest}",
+             create_other_ms={} process_running_ms={} total_ms={} create_wall_ms={}{guest}{share}",
             ms(self.shim_start),
             ms(self.template_lookup),
             ms(self.network),
@@ -121,6 +134,23 @@ mod tests {
             "jevm timings: container=c1 shim_start_ms=- template_lookup_ms=- network_ms=- clone_ms=1.50 \
              virtiofs_share_ms=- agent_ready_ms=- agent_create_ms=2.00 stdio_ms=- create_other_ms=- \
              process_running_ms=- total_ms=3.50 create_wall_ms=-"
+        );
+    }
+
+    #[test]
+    fn the_share_requests_of_the_create_end_the_line() {
+        let share = jevm_runtime::vmm::devices::fs::ShareRequests::default();
+        share.record(1, Duration::from_micros(300));
+        share.record(1, Duration::from_micros(200));
+        share.record(3, Duration::from_micros(500));
+        let t = Timings {
+            share_requests: Some(share.counts()),
+            ..Default::default()
+        };
+        let line = t.line("c");
+        assert!(
+            line.ends_with(" share_requests=3 share_host_ms=1.00 share_ops=LOOKUP:2,GETATTR:1"),
+            "{line}"
         );
     }
 

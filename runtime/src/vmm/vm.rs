@@ -22,7 +22,7 @@ use super::bus::Bus;
 use super::copies::{self, CopiesReport};
 use super::devices::balloon::{Balloon, FreePageReports, FreedPages, VIRTIO_ID_BALLOON};
 use super::devices::block::Block;
-use super::devices::fs::{DaxWindow, DeviceNodeGrants, Fs, VIRTIO_ID_FS};
+use super::devices::fs::{DaxWindow, DeviceNodeGrants, Fs, ShareRequests, VIRTIO_ID_FS};
 use super::devices::gate::MemoryGate;
 use super::devices::mmio::{MmioDeviceState, MmioTransport};
 use super::devices::net::{Net, VIRTIO_ID_NET};
@@ -778,6 +778,15 @@ impl Vm {
                 reports: a.reports + b.reports,
                 bytes: a.bytes + b.bytes,
             })
+    }
+
+    /// The counts of what the guest asked of its virtio-fs share (None
+    /// without one), read without stopping or locking the device.
+    pub fn share_requests(&self) -> Option<Arc<ShareRequests>> {
+        self.bus
+            .mmio
+            .iter()
+            .find_map(|(_, t)| t.lock().unwrap().device().share_requests())
     }
 
     /// Stops the vCPUs (if still running) and joins their threads.

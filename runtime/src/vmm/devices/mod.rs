@@ -137,6 +137,10 @@ pub trait VirtioDevice: Send {
     fn free_page_reports(&self) -> balloon::FreePageReports {
         balloon::FreePageReports::default()
     }
+    /// The requests a file system device's share has served.
+    fn share_requests(&self) -> Option<Arc<fs::ShareRequests>> {
+        None
+    }
     fn pause(&mut self) -> Result<Vec<QueuePosition>, DeviceError> {
         Err(DeviceError::Activate {
             device: "virtio device",

@@ -79,7 +79,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
     EntryOut, InHeader, InitIn, InitIn2, InitOut, MknodIn, Opcode, OutHeader, KERNEL_MINOR_VERSION,
@@ -95,9 +95,11 @@ mod dax;
 mod device_nodes;
 #[cfg(test)]
 mod fuzz;
+mod requests;
 pub use dax::DaxWindow;
 use dax::WindowHandler;
 pub use device_nodes::{DeviceKind, DeviceNodeGrants, DeviceRule};
+pub use requests::{RequestCounts, ShareRequests};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
@@ -338,6 +340,7 @@ enum Backend {
         session: std::sync::Mutex<Option<FuseSession>>,
         /// Where SETUPMAPPING puts files (none: the guest is refused).
         window: Option<Arc<DaxWindow>>,
+        requests: Arc<ShareRequests>,
     },
 }
 
@@ -383,7 +386,15 @@ impl Backend {
             device_nodes: Arc::clone(device_nodes),
             session: Default::default(),
             window: window.cloned(),
+            requests: Arc::default(),
         })
+    }
+
+    fn requests(&self) -> Option<Arc<ShareRequests>> {
+        match self {
+            Backend::Unattached(_) => None,
+            Backend::Share { requests, .. } => Some(Arc::clone(requests)),
+        }
     }
 
     fn session(&self) -> Option<FuseSession> {
@@ -442,7 +453,9 @@ impl Backend {
                 device_nodes,
                 session,
                 window,
+                requests,
             } => {
+                let started = Instant::now();
                 let serve = |reader, writer| {
                     let mut mapper = window.as_ref().map(|w| WindowHandler(Arc::clone(w)));
                     let vu_req = mapper.as_mut().map(|m| m as &mut dyn FsCacheReqHandler);
@@ -454,7 +467,7 @@ impl Backend {
                 // request from its start.
                 let mut args = reader.clone();
                 let header = args.read_obj::<InHeader>().ok();
-                match header {
+                let res = match header {
                     Some(h)
                         if h.opcode == Opcode::Mknod as u32
                             && refused_mknod(&mut args, device_nodes) =>
@@ -490,7 +503,11 @@ impl Backend {
                         }
                     }
                     _ => serve(reader, writer),
+                };
+                if let Some(h) = header {
+                    requests.record(h.opcode, started.elapsed());
                 }
+                res
             }
         };
         match res {
@@ -633,6 +650,10 @@ impl VirtioDevice for Fs {
             "{DEVICE}: ignoring {}-byte write to read-only config space at {offset:#x}",
             data.len()
         );
+    }
+
+    fn share_requests(&self) -> Option<Arc<ShareRequests>> {
+        self.backend.requests()
     }
 
     fn set_memory_gate(&mut self, gate: MemoryGate) {
@@ -884,7 +905,6 @@ impl Worker {
 mod tests {
     use super::*;
     use fuse_backend_rs::abi::fuse_abi::{InitIn, OpenIn, OpenOut, ReadIn, ROOT_ID};
-    use std::time::Instant;
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -1073,6 +1093,11 @@ mod tests {
         // Errors other than ENOENT stay errors; `..` stays in the share.
         assert_eq!(raw_lookup(b, "a/b").0.error, -libc::EINVAL);
         assert_eq!(lookup(b, &mem, ROOT_ID, "..").unwrap().nodeid, ROOT_ID);
+        // Each request served was counted, the ones answered here and the
+        // server's alike.
+        let asked = fs.share_requests().expect("a share counts").counts();
+        assert_eq!(asked.to_string(), "LOOKUP:4,INIT:1,OPEN:1,READ:1");
+        assert!(asked.host > Duration::ZERO);
     }
 
     /// Opens `node` read-only and reads its first 64 bytes; both must succeed.
