@@ -6,6 +6,7 @@ mod config;
 mod events;
 mod layout;
 mod lifecycle;
+mod mount_points;
 mod mounts;
 mod network;
 mod pod;

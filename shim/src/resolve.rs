@@ -137,7 +137,7 @@ impl Covered {
 
 /// `path` made absolute and lexically normal; None if it has `..` (which
 /// would need the file system to resolve) or is not absolute.
-fn normal(path: &Path) -> Option<PathBuf> {
+pub(crate) fn normal(path: &Path) -> Option<PathBuf> {
     if !path.is_absolute() {
         return None;
     }
@@ -152,7 +152,7 @@ fn normal(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
-fn open_root(rootfs: &Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_root(rootfs: &Path) -> std::io::Result<OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
@@ -163,7 +163,7 @@ fn open_root(rootfs: &Path) -> std::io::Result<OwnedFd> {
 
 /// Opens `path` (absolute, normal) inside `root` with no symbolic link on
 /// the way (ELOOP if there is one).
-fn open_plain(root: &OwnedFd, path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
+pub(crate) fn open_plain(root: &OwnedFd, path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
     let rel = path.strip_prefix("/").unwrap_or(path);
     let rel = if rel.as_os_str().is_empty() {
         Path::new(".")

@@ -39,12 +39,12 @@ use crate::lifecycle::{ExitInfo, Lifecycle, StartRefused};
 use crate::mounts;
 use crate::pod::{Pod, PodEvent, PodStart, PodStarter};
 use crate::record::{self, BundleRecord};
-use crate::resolve;
 use crate::runtime_options;
 use crate::sizing;
 use crate::spec::{self, Namespaces};
 use crate::stdio::{self, Copies, StdioPaths};
 use crate::timings::Timings;
+use crate::{mount_points, resolve};
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 
@@ -634,6 +634,7 @@ impl TaskService {
             // Everything the guest reaches: no set-uid file or device node
             // it makes may work on the host.
             mounts::seal(&layout.container(&c)).map_err(|e| format!("container {c:?}: {e}"))?;
+            mount_points::make_ahead(&spec, &target);
             resolve::resolve_ahead(&mut spec, &target);
             Ok(spec)
         })
