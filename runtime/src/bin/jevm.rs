@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use jevm_runtime::clone::{build_template, clone_from, CloneOptions};
+use jevm_runtime::clone::{build_template, clone_from, prepare_threads, prepare_vm, CloneOptions};
 use jevm_runtime::microvm::{BootConfig, MicroVm};
 use jevm_runtime::template::{TemplateKey, TemplateSpec, TemplateStore};
 use jevm_runtime::vmm::check::check_host;
@@ -143,8 +143,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let store = TemplateStore::new(&state_dir);
             let key = TemplateKey::parse(&template)?;
+            // As a shim does before its create: the KVM VM is made on a
+            // thread while the template is opened, the jailed threads
+            // while the clone is set up.
+            prepare_vm();
             let t = store.open(&key)?;
             for i in 0..count {
+                if i > 0 {
+                    prepare_vm();
+                }
+                prepare_threads(usize::from(t.manifest.spec.vcpus))?;
                 let vm = clone_from(
                     &t,
                     &run_dir,

@@ -433,6 +433,13 @@ fn bench_clone(a: &Args) -> Result<()> {
         template_kib
     );
 
+    // A pod's clone serves the pod's directory, and its guest keeps the
+    // share the template mounted; without one the guest would unmount it
+    // as part of its identity, which no pod's clone does.
+    let share = std::env::temp_dir().join("jevm-bench-share");
+    std::fs::create_dir_all(&share)?;
+    let share = share.to_str().unwrap();
+
     // (b) clones, each its own process as a shim would be, then (a) cold
     // boots, for the ratio, both timed from spawning the process to the
     // agent being ready; (c) a clone's memory while idle. The first of
@@ -463,6 +470,8 @@ fn bench_clone(a: &Args) -> Result<()> {
                 rd,
                 "--hold-ms",
                 "1500",
+                "--share",
+                share,
             ])
             .stdout(Stdio::piped())
             .spawn()?;
