@@ -554,41 +554,77 @@ fn read_only_rootfs_refuses_writes() {
     assert_same("--read-only", &r, &j);
 }
 
+/// Runs `cmd` under `rt` without `--rm`, so that the container and its
+/// snapshot stay after the task; calls `look` with the snapshot's upper
+/// directory (None if `ctr` named none) before the container is deleted.
+/// Returns the exit code, what `look` found and whether a task was left.
+fn in_kept_snapshot<T>(
+    env: &Env,
+    rt: &str,
+    id: &str,
+    cmd: &[&str],
+    look: impl FnOnce(Option<&Path>) -> T,
+) -> (i32, T, bool) {
+    let mut c = env.ctr();
+    c.args(["run", "--runtime", rt, &env.image, id]).args(cmd);
+    let o = jevm_tests::ctr::Running::spawn(c, false).wait(*CTR_TIMEOUT);
+    let mounts = env.ctr_out(&["snapshots", "mounts", "/mnt", id]);
+    let upper = mounts
+        .stdout
+        .split([',', ' '])
+        .find_map(|w| w.strip_prefix("upperdir="))
+        .map(std::path::PathBuf::from);
+    let found = look(upper.as_deref());
+    let task_left = env.tasks().contains(&id.to_string());
+    env.ctr_out(&["containers", "delete", id]);
+    env.assert_gone(id);
+    (o.code, found, task_left)
+}
+
 #[test]
 fn written_file_is_in_the_snapshot() {
     let env = ctr_env_or_skip!();
     let (r, j) = both(|rt| {
         let id = id("snap", rt);
-        // Without --rm the container and its snapshot stay after the task.
-        let mut c = env.ctr();
-        c.args([
-            "run",
-            "--runtime",
-            rt,
-            &env.image,
-            &id,
-            "sh",
-            "-c",
-            &format!("echo payload-{id} > /work/written; sync"),
-        ]);
-        let o = jevm_tests::ctr::Running::spawn(c, false).wait(*CTR_TIMEOUT);
-        let mounts = env.ctr_out(&["snapshots", "mounts", "/mnt", &id]);
-        let upper = mounts
-            .stdout
-            .split([',', ' '])
-            .find_map(|w| w.strip_prefix("upperdir="))
-            .map(str::to_string);
-        let content = upper
-            .as_ref()
-            .and_then(|u| std::fs::read_to_string(format!("{u}/work/written")).ok())
-            .map(|s| s.replace(&id, "ID"));
-        let task_left = env.tasks().contains(&id);
-        env.ctr_out(&["containers", "delete", &id]);
-        env.assert_gone(&id);
-        (o.code, content, task_left)
+        let script = format!("echo payload-{id} > /work/written; sync");
+        in_kept_snapshot(&env, rt, &id, &sh(&script), |upper| {
+            upper
+                .and_then(|u| std::fs::read_to_string(u.join("work/written")).ok())
+                .map(|s| s.replace(&id, "ID"))
+        })
     });
     assert_eq!(r, (0, Some("payload-ID\n".into()), false));
     assert_same("file written into the snapshot", &r, &j);
+}
+
+/// The test image has no `/run`, on which containerd's default spec mounts
+/// a tmpfs: runc makes the mount point in the rootfs, so the snapshot
+/// keeps it; jevm's shim makes it on the host before the guest would
+/// (shim/src/mount_points.rs) and must leave the same directory.
+#[test]
+fn a_missing_mount_point_is_made_in_the_snapshot_as_runc_makes_it() {
+    use std::os::unix::fs::MetadataExt;
+    let env = ctr_env_or_skip!();
+    let (r, j) = both(|rt| {
+        let id = id("mntpt", rt);
+        in_kept_snapshot(&env, rt, &id, &["true"], |upper| {
+            upper
+                .and_then(|u| std::fs::symlink_metadata(u.join("run")).ok())
+                .map(|m| {
+                    (
+                        m.is_dir(),
+                        format!("{:o}", m.mode() & 0o7777),
+                        m.uid(),
+                        m.gid(),
+                    )
+                })
+        })
+    });
+    assert!(
+        matches!(&r, (0, Some((true, _, 0, 0)), false)),
+        "runc: {r:?}"
+    );
+    assert_same("the /run mount point in the snapshot", &r, &j);
 }
 
 #[test]
