@@ -18,9 +18,10 @@
 //! container without a user namespace of its own (the stage makes mount
 //! points as root of the guest, whose MKDIR the share's server performs
 //! as root too; in a user namespace the owner would be the mapped root).
-//! The mode is the guest's request, 0777 under the stage's umask 0, under
-//! this process's umask, as the share's server in this process applies it
-//! to a MKDIR. Anything else, or any error, is left to the guest.
+//! The mode is runc's, 0755, which the guest asks for too (under this
+//! process's umask, as the share's server in this process applies it to a
+//! guest's MKDIR; a shim's is 0). Anything else, or any error, is left to
+//! the guest.
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
@@ -73,7 +74,7 @@ pub fn make_ahead(spec: &Value, rootfs: &Path) -> usize {
             fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW),
             Err(Errno::ENOENT)
         );
-        if missing && mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(0o777)).is_ok()
+        if missing && mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(0o755)).is_ok()
         {
             made += 1;
         }
@@ -135,7 +136,7 @@ mod tests {
         for d in ["dev", "run"] {
             let m = fs::symlink_metadata(r.join(d)).unwrap();
             assert!(m.is_dir(), "{d}");
-            assert_eq!(m.mode() & 0o7777, 0o777 & !umask(), "{d}");
+            assert_eq!(m.mode() & 0o7777, 0o755 & !umask(), "{d}");
         }
         for absent in [
             "dev/shm",
