@@ -205,6 +205,7 @@ pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<RootfsTimes> {
     if !rootfs.is_dir() {
         bail!("rootfs {:?}: not a directory", rootfs.display().to_string());
     }
+    learn_top_names(&rootfs);
     let linux = spec.linux().as_ref();
 
     // Nothing done below may propagate back to the guest's mounts.
@@ -259,6 +260,20 @@ pub fn prepare_rootfs(spec: &Spec, userns: bool) -> Result<RootfsTimes> {
     enter_rootfs(&rootfs)?;
     times.pivot_us = clock.lap();
     Ok(times)
+}
+
+/// Reads the first batch of the rootfs's top directory and drops it: on
+/// the share that is one READDIRPLUS, whose answer the kernel keeps as a
+/// directory entry, with attributes, for every name in it (a page of them,
+/// ~25 names: a rootfs's top directory), where the mounts and the process
+/// would have looked up `proc`, `dev`, `sys`, `run`, `etc`, the working
+/// directory and the command's directory one round trip each. Opening and
+/// closing the directory cost two round trips more, so it pays from the
+/// third name on. An error only means the names are looked up one by one.
+fn learn_top_names(rootfs: &Path) {
+    if let Ok(mut names) = std::fs::read_dir(rootfs) {
+        let _ = names.next();
+    }
 }
 
 fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
@@ -351,8 +366,10 @@ fn mount_one(rootfs: &Path, m: &Mount) -> Result<()> {
     Ok(())
 }
 
-/// Creates a mount point: a directory, or an empty file for a file bind.
+/// Creates a mount point: a directory, or an empty file for a file bind,
+/// mode 0755 as runc makes both (the stage's umask is 0 here).
 fn make_target(dest: &Path, dir: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     if dir {
         return ensure_dir(dest);
     }
@@ -365,21 +382,27 @@ fn make_target(dest: &Path, dir: bool) -> std::io::Result<()> {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o755)
             .open(dest)
             .map(drop),
     }
 }
 
-/// `create_dir_all`, but a directory already there is only looked at.
-/// `mkdir` of an existing path in the rootfs is not free: the kernel
-/// revalidates the last component with `LOOKUP_EXCL`, which FUSE always
-/// answers with a LOOKUP round trip to the host (every mount point and
-/// every device node's parent paid one), where a `stat` is answered from
-/// the guest's cache.
+/// `create_dir_all` with runc's mode for what it makes in a rootfs (mount
+/// points, the working directory, device nodes' parents: 0755), but a
+/// directory already there is only looked at. `mkdir` of an existing path
+/// in the rootfs is not free: the kernel revalidates the last component
+/// with `LOOKUP_EXCL`, which FUSE always answers with a LOOKUP round trip
+/// to the host (every mount point and every device node's parent paid
+/// one), where a `stat` is answered from the guest's cache.
 pub(super) fn ensure_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.is_dir() => Ok(()),
-        _ => std::fs::create_dir_all(path),
+        _ => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(path),
     }
 }
 
