@@ -883,6 +883,68 @@ fn memory_a_container_freed_goes_back_to_the_host() {
     assert_same("freed memory given back", &(r.0, r.1), &(j.0, j.1));
 }
 
+/// jevm only: runc has no share. In a new clone every name the guest
+/// looks up in the rootfs is a round trip to the VMM, none cached; the
+/// shim counts them per create (`share_requests` in its timings line).
+/// With the test image, which lacks `/run`: no MKDIR (the shim made the
+/// mount point), no STATX (the template's guest learnt the server has
+/// none), no `PATH` search or `/etc/passwd` read (the shim looked), the
+/// rootfs's top names (the mount points, the working directory, `bin`)
+/// from one READDIRPLUS, and a LOOKUP only for the rest of the way.
+#[test]
+fn a_new_pods_create_asks_the_share_only_what_the_host_cannot_answer() {
+    let env = ctr_env_or_skip!();
+    if runc_only() {
+        jevm_tests::ctr::skipped("JEVM_E2E_RUNC_ONLY=1: a jevm-only test did not run");
+        return;
+    }
+    let id = id("asks", JEVM);
+    let o = env.run(JEVM, &id, &[], &["true"]);
+    env.assert_gone(&id);
+    assert_eq!(o.code, 0, "{o:?}");
+    let log = env.base.join("containerd.log");
+    let needle = format!("jevm timings: container={id} ");
+    let start = std::time::Instant::now();
+    // containerd copies the shim's log asynchronously.
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains(&needle)) {
+            break l.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no timings line for {id} in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(|v| v.trim_end_matches(['"', '\\']).to_string())
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+    };
+    let ops: Vec<(String, u32)> = field("share_ops=")
+        .split(',')
+        .map(|o| {
+            let (op, n) = o
+                .split_once(':')
+                .unwrap_or_else(|| panic!("{o:?} in {line:?}"));
+            (op.to_string(), n.parse().unwrap())
+        })
+        .collect();
+    let count = |op: &str| ops.iter().find(|(o, _)| o == op).map_or(0, |(_, n)| *n);
+    for absent in ["MKDIR", "STATX", "OPEN", "READ"] {
+        assert_eq!(count(absent), 0, "{absent} in {ops:?}");
+    }
+    assert_eq!(count("READDIRPLUS"), 1, "{ops:?}");
+    // The container's directory and its rootfs, then `true` in `bin` and
+    // the `busybox` it links to.
+    assert!(count("LOOKUP") <= 4, "{ops:?}");
+    let total: u32 = field("share_requests=").parse().unwrap();
+    assert_eq!(total, ops.iter().map(|(_, n)| n).sum::<u32>(), "{line}");
+}
+
 /// jevm only: runc has no guest. The shim's pass 3 s after a pod's start
 /// gives back guest copies identical to the template's pages (docs/
 /// clones.md); the pod must go on as before, its container and an exec.
