@@ -178,6 +178,22 @@ impl Env {
     pub fn containers(&self) -> Vec<String> {
         self.ids(&["containers", "ls"])
     }
+    /// The first line of containerd's log containing `needle`, waited for
+    /// up to `within` (containerd copies a shim's log asynchronously).
+    pub fn log_line(&self, needle: &str, within: Duration) -> Option<String> {
+        let log = self.base.join("containerd.log");
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(l) = text.lines().find(|l| l.contains(needle)) {
+                return Some(l.to_string());
+            }
+            if start.elapsed() > within {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     pub fn tasks(&self) -> Vec<String> {
         self.ids(&["tasks", "ls"])
     }

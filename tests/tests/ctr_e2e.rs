@@ -902,22 +902,12 @@ fn a_new_pods_create_asks_the_share_only_what_the_host_cannot_answer() {
     let o = env.run(JEVM, &id, &[], &["true"]);
     env.assert_gone(&id);
     assert_eq!(o.code, 0, "{o:?}");
-    let log = env.base.join("containerd.log");
-    let needle = format!("jevm timings: container={id} ");
-    let start = std::time::Instant::now();
-    // containerd copies the shim's log asynchronously.
-    let line = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains(&needle)) {
-            break l.to_string();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no timings line for {id} in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let line = env
+        .log_line(
+            &format!("jevm timings: container={id} "),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| panic!("no timings line for {id} in containerd's log"));
     let field = |name: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(name))
@@ -962,19 +952,8 @@ fn an_idle_pods_identical_and_zero_guest_copies_go_back_and_the_pod_keeps_workin
         &[],
         &sh("echo kept > /tmp/mark; while true; do sleep 0.1; done"),
     );
-    let log = env.base.join("containerd.log");
     let needle = format!("pod {id}: guest copies of template pages: ");
-    let start = std::time::Instant::now();
-    let line = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.contains(&needle)) {
-            break Some(l.to_string());
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let line = env.log_line(&needle, Duration::from_secs(60));
     let exec = env.ctr_out(&[
         "task",
         "exec",

@@ -780,8 +780,8 @@ impl Vm {
             })
     }
 
-    /// The counts of what the guest asked of its virtio-fs share (None
-    /// without one), read without stopping or locking the device.
+    /// What the guest asked of its virtio-fs share (None without one): a
+    /// handle whose counts are read later without locking the device.
     pub fn share_requests(&self) -> Option<Arc<ShareRequests>> {
         self.bus
             .mmio

@@ -340,6 +340,7 @@ enum Backend {
         session: std::sync::Mutex<Option<FuseSession>>,
         /// Where SETUPMAPPING puts files (none: the guest is refused).
         window: Option<Arc<DaxWindow>>,
+        /// Every request served, counted for the shim's timings.
         requests: Arc<ShareRequests>,
     },
 }
