@@ -143,8 +143,9 @@ pub fn bind_rootfs_dir(cid: &str, source: &Path, target: &Path) -> Result<(), St
 }
 
 /// Binds `b.source` on `target` (created as an empty file or directory
-/// matching the source), read-only when the spec says so.
-pub fn bind(cid: &str, b: &HostBind, target: &Path) -> Result<(), String> {
+/// matching the source), read-only when the spec says so; tells whether
+/// the source is a directory.
+pub fn bind(cid: &str, b: &HostBind, target: &Path) -> Result<bool, String> {
     let what = || {
         format!(
             "container {cid:?}: bind mount source {}",
@@ -175,7 +176,7 @@ pub fn bind(cid: &str, b: &HostBind, target: &Path) -> Result<(), String> {
             ));
         }
     }
-    Ok(())
+    Ok(md.is_dir())
 }
 
 fn cause(e: &std::io::Error) -> String {

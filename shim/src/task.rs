@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use crate::agent::{self, CallError};
 use crate::config;
 use crate::events::{self, outgoing, Outgoing, LOST_EXIT_STATUS};
-use crate::layout::{check_id, PodLayout};
+use crate::layout::{self, check_id, PodLayout};
 use crate::lifecycle::{ExitInfo, Lifecycle, StartRefused};
 use crate::mounts;
 use crate::pod::{Pod, PodEvent, PodStart, PodStarter};
@@ -628,13 +628,19 @@ impl TaskService {
             } else {
                 mounts::mount_rootfs(&c, &rootfs, &target)?;
             }
+            let mut source_dirs = Vec::with_capacity(binds.len());
             for b in &binds {
-                mounts::bind(&c, b, &layout.mount(&c, b.index))?;
+                let dir = mounts::bind(&c, b, &layout.mount(&c, b.index))?;
+                source_dirs.push((layout::guest_mount(&c, b.index), dir));
             }
             // Everything the guest reaches: no set-uid file or device node
             // it makes may work on the host.
             mounts::seal(&layout.container(&c)).map_err(|e| format!("container {c:?}: {e}"))?;
-            mount_points::make_ahead(&spec, &target);
+            mount_points::make_ahead(&spec, &target, |source| {
+                source_dirs
+                    .iter()
+                    .find_map(|(s, dir)| (s == source).then_some(*dir))
+            });
             resolve::resolve_ahead(&mut spec, &target);
             Ok(spec)
         })

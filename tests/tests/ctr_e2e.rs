@@ -554,19 +554,24 @@ fn read_only_rootfs_refuses_writes() {
     assert_same("--read-only", &r, &j);
 }
 
-/// Runs `cmd` under `rt` without `--rm`, so that the container and its
-/// snapshot stay after the task; calls `look` with the snapshot's upper
-/// directory (None if `ctr` named none) before the container is deleted.
-/// Returns the exit code, what `look` found and whether a task was left.
+/// Runs `cmd` under `rt` with `ctr run`'s `flags` and without `--rm`, so
+/// that the container and its snapshot stay after the task; calls `look`
+/// with the snapshot's upper directory (None if `ctr` named none) before
+/// the container is deleted. Returns the exit code, what `look` found and
+/// whether a task was left.
 fn in_kept_snapshot<T>(
     env: &Env,
     rt: &str,
     id: &str,
+    flags: &[&str],
     cmd: &[&str],
     look: impl FnOnce(Option<&Path>) -> T,
 ) -> (i32, T, bool) {
     let mut c = env.ctr();
-    c.args(["run", "--runtime", rt, &env.image, id]).args(cmd);
+    c.args(["run", "--runtime", rt])
+        .args(flags)
+        .args([&env.image, id])
+        .args(cmd);
     let o = jevm_tests::ctr::Running::spawn(c, false).wait(*CTR_TIMEOUT);
     let mounts = env.ctr_out(&["snapshots", "mounts", "/mnt", id]);
     let upper = mounts
@@ -587,7 +592,7 @@ fn written_file_is_in_the_snapshot() {
     let (r, j) = both(|rt| {
         let id = id("snap", rt);
         let script = format!("echo payload-{id} > /work/written; sync");
-        in_kept_snapshot(&env, rt, &id, &sh(&script), |upper| {
+        in_kept_snapshot(&env, rt, &id, &[], &sh(&script), |upper| {
             upper
                 .and_then(|u| std::fs::read_to_string(u.join("work/written")).ok())
                 .map(|s| s.replace(&id, "ID"))
@@ -598,33 +603,70 @@ fn written_file_is_in_the_snapshot() {
 }
 
 /// The test image has no `/run`, on which containerd's default spec mounts
-/// a tmpfs: runc makes the mount point in the rootfs, so the snapshot
-/// keeps it; jevm's shim makes it on the host before the guest would
-/// (shim/src/mount_points.rs) and must leave the same directory.
+/// a tmpfs, nor `/var`, nor the volumes' mount points below: runc makes
+/// mount points in the rootfs (a directory, or an empty file for a file's
+/// bind, with the directories above it), so the snapshot keeps them; jevm's
+/// shim makes them on the host before the guest would (shim/src/
+/// mount_points.rs) and must leave the same files and directories.
 #[test]
-fn a_missing_mount_point_is_made_in_the_snapshot_as_runc_makes_it() {
+fn missing_mount_points_are_made_in_the_snapshot_as_runc_makes_them() {
     use std::os::unix::fs::MetadataExt;
     let env = ctr_env_or_skip!();
+    let volumes = tempfile::tempdir_in(&env.base).unwrap();
+    let file = volumes.path().join("file");
+    std::fs::write(&file, "from the host\n").unwrap();
+    let dir = volumes.path().join("dir");
+    std::fs::create_dir(&dir).unwrap();
+    let made = ["run", "var", "var/lib", "var/lib/point", "etc/point-file"];
     let (r, j) = both(|rt| {
         let id = id("mntpt", rt);
-        in_kept_snapshot(&env, rt, &id, &["true"], |upper| {
-            upper
-                .and_then(|u| std::fs::symlink_metadata(u.join("run")).ok())
-                .map(|m| {
-                    (
-                        m.is_dir(),
-                        format!("{:o}", m.mode() & 0o7777),
-                        m.uid(),
-                        m.gid(),
-                    )
-                })
+        let binds = [
+            format!(
+                "type=bind,src={},dst=/var/lib/point,options=rbind:ro",
+                dir.display()
+            ),
+            format!(
+                "type=bind,src={},dst=/etc/point-file,options=rbind:ro",
+                file.display()
+            ),
+        ];
+        let flags = ["--mount", &binds[0], "--mount", &binds[1]];
+        let cmd = sh("cat /etc/point-file; ls -A /var/lib/point");
+        in_kept_snapshot(&env, rt, &id, &flags, &cmd, |upper| {
+            made.map(|p| {
+                upper
+                    .and_then(|u| std::fs::symlink_metadata(u.join(p)).ok())
+                    .map(|m| {
+                        (
+                            m.file_type().is_dir(),
+                            m.file_type().is_file(),
+                            m.len() * u64::from(m.is_file()),
+                            format!("{:o}", m.mode() & 0o7777),
+                            m.uid(),
+                            m.gid(),
+                        )
+                    })
+            })
         })
     });
-    assert!(
-        matches!(&r, (0, Some((true, _, 0, 0)), false)),
-        "runc: {r:?}"
+    let dir_755 = Some((true, false, 0, "755".to_string(), 0, 0));
+    let file_755 = Some((false, true, 0, "755".to_string(), 0, 0));
+    assert_eq!(
+        r,
+        (
+            0,
+            [
+                dir_755.clone(),
+                dir_755.clone(),
+                dir_755.clone(),
+                dir_755,
+                file_755,
+            ],
+            false
+        ),
+        "runc"
     );
-    assert_same("the /run mount point in the snapshot", &r, &j);
+    assert_same("mount points in the snapshot", &r, &j);
 }
 
 #[test]
@@ -890,7 +932,10 @@ fn memory_a_container_freed_goes_back_to_the_host() {
 /// mount point), no STATX (the template's guest learnt the server has
 /// none), no `PATH` search or `/etc/passwd` read (the shim looked), the
 /// rootfs's top names (the mount points, the working directory, `bin`)
-/// from one READDIRPLUS, and a LOOKUP only for the rest of the way.
+/// from one READDIRPLUS, and a LOOKUP only for the rest of the way. With
+/// volumes on mount points the image lacks, a file's under a directory
+/// it has and a directory's under two it lacks: no MKDIR or CREATE
+/// either (the shim made them as runc would).
 #[test]
 fn a_new_pods_create_asks_the_share_only_what_the_host_cannot_answer() {
     let env = ctr_env_or_skip!();
@@ -898,9 +943,40 @@ fn a_new_pods_create_asks_the_share_only_what_the_host_cannot_answer() {
         jevm_tests::ctr::skipped("JEVM_E2E_RUNC_ONLY=1: a jevm-only test did not run");
         return;
     }
-    let id = id("asks", JEVM);
-    let o = env.run(JEVM, &id, &[], &["true"]);
-    env.assert_gone(&id);
+    let ops = share_ops(&env, &id("asks", JEVM), &[]);
+    for absent in ["MKDIR", "STATX", "OPEN", "READ"] {
+        assert_eq!(count(&ops, absent), 0, "{absent} in {ops:?}");
+    }
+    assert_eq!(count(&ops, "READDIRPLUS"), 1, "{ops:?}");
+    // The container's directory and its rootfs, then `true` in `bin` and
+    // the `busybox` it links to.
+    assert!(count(&ops, "LOOKUP") <= 4, "{ops:?}");
+
+    let volumes = tempfile::tempdir_in(&env.base).unwrap();
+    let file = volumes.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let binds = [
+        format!(
+            "type=bind,src={},dst=/var/lib/vol,options=rbind:rw",
+            volumes.path().display()
+        ),
+        format!(
+            "type=bind,src={},dst=/etc/vol-file,options=rbind:ro",
+            file.display()
+        ),
+    ];
+    let flags = ["--mount", &binds[0], "--mount", &binds[1]];
+    let ops = share_ops(&env, &id("asksvol", JEVM), &flags);
+    for absent in ["MKDIR", "CREATE", "MKNOD", "STATX"] {
+        assert_eq!(count(&ops, absent), 0, "{absent} in {ops:?}");
+    }
+}
+
+/// Runs `true` in a new jevm pod with `ctr run`'s `flags`; the share's
+/// requests of its create, by opcode, from the shim's timings line.
+fn share_ops(env: &Env, id: &str, flags: &[&str]) -> Vec<(String, u32)> {
+    let o = env.run(JEVM, id, flags, &["true"]);
+    env.assert_gone(id);
     assert_eq!(o.code, 0, "{o:?}");
     let line = env
         .log_line(
@@ -923,16 +999,13 @@ fn a_new_pods_create_asks_the_share_only_what_the_host_cannot_answer() {
             (op.to_string(), n.parse().unwrap())
         })
         .collect();
-    let count = |op: &str| ops.iter().find(|(o, _)| o == op).map_or(0, |(_, n)| *n);
-    for absent in ["MKDIR", "STATX", "OPEN", "READ"] {
-        assert_eq!(count(absent), 0, "{absent} in {ops:?}");
-    }
-    assert_eq!(count("READDIRPLUS"), 1, "{ops:?}");
-    // The container's directory and its rootfs, then `true` in `bin` and
-    // the `busybox` it links to.
-    assert!(count("LOOKUP") <= 4, "{ops:?}");
     let total: u32 = field("share_requests=").parse().unwrap();
     assert_eq!(total, ops.iter().map(|(_, n)| n).sum::<u32>(), "{line}");
+    ops
+}
+
+fn count(ops: &[(String, u32)], op: &str) -> u32 {
+    ops.iter().find(|(o, _)| o == op).map_or(0, |(_, n)| *n)
 }
 
 /// jevm only: runc has no guest. The shim's pass 3 s after a pod's start
