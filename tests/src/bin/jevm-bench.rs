@@ -452,6 +452,9 @@ fn bench_clone(a: &Args) -> Result<()> {
     let mut boots = Vec::new();
     let mut ready = Vec::new();
     let mut spawn_ready = Vec::new();
+    // The process's own start: spawn to `main`, `main` to the template
+    // opened, the template opened to the clone's start.
+    let (mut to_main, mut to_opened, mut to_clone) = (Vec::new(), Vec::new(), Vec::new());
     let mut private = Vec::new();
     let mut private_clean = Vec::new();
     let mut anonymous = Vec::new();
@@ -481,13 +484,23 @@ fn bench_clone(a: &Args) -> Result<()> {
         for line in lines.by_ref() {
             let line = line?;
             if let Some(rest) = line.split("clone-to-agent-ready ").nth(1) {
-                got = Some(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or("0")
-                        .parse::<f64>()?,
-                );
-                spawn_ready.push(t.elapsed().as_secs_f64() * 1e3);
+                let spawned = t.elapsed().as_secs_f64() * 1e3;
+                let number = |after: &str| -> Result<f64> {
+                    let v = rest
+                        .split_once(after)
+                        .and_then(|(_, r)| r.split_whitespace().next())
+                        .with_context(|| format!("no {after:?} in {line:?}"))?;
+                    Ok(v.parse::<f64>()?)
+                };
+                let in_process: f64 = rest.split_whitespace().next().unwrap_or("0").parse()?;
+                let (opened, cloning) = (number("template opened ")?, number("clone started ")?);
+                got = Some(in_process);
+                spawn_ready.push(spawned);
+                if n > 0 {
+                    to_main.push(spawned - in_process - cloning);
+                    to_opened.push(opened);
+                    to_clone.push(cloning - opened);
+                }
             }
             if line.starts_with("vmm memory:") {
                 // idle for a moment, then look at it
@@ -535,7 +548,13 @@ fn bench_clone(a: &Args) -> Result<()> {
     );
     println!("clone to agent ready (in the clone process), median {clone_med:.2} ms, p99 {clone_p99:.2} ms");
     let spawn_med = median(&mut spawn_ready);
-    println!("clone process spawn to agent ready, median {spawn_med:.2} ms");
+    println!(
+        "clone process spawn to agent ready, median {spawn_med:.2} ms (the process's own start, \
+         medians: spawn to main {:.2} ms, main to template opened {:.2}, to clone started {:.2})",
+        median(&mut to_main),
+        median(&mut to_opened),
+        median(&mut to_clone)
+    );
     println!(
         "ratio clone/boot, both from process spawn to agent ready: {:.4} (in-process clone / boot: {:.4})",
         spawn_med / boot_med,
