@@ -29,6 +29,7 @@
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fstatat, mkdirat, Mode};
+use nix::unistd::close;
 use serde_json::Value;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -91,14 +92,15 @@ pub fn make_ahead(
         let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
             continue;
         };
-        let Some(parent) = make_dirs(&root, parent, &mut made) else {
+        let Some(below_root) = make_dirs(&root, parent, &mut made) else {
             continue;
         };
+        let parent = below_root.as_ref().unwrap_or(&root);
         let missing = matches!(
             fstatat(Some(parent.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW),
             Err(Errno::ENOENT)
         );
-        if missing && make(&parent, name, is_dir).is_ok() {
+        if missing && make(parent, name, is_dir).is_ok() {
             made += 1;
         }
     }
@@ -106,24 +108,26 @@ pub fn make_ahead(
 }
 
 /// Opens the directory `path` (absolute, normal) in `root`, making what is
-/// missing of it as the guest's `create_dir_all` would (mode 0755 each);
-/// None where a link, or anything but a directory, is on the way.
-fn make_dirs(root: &OwnedFd, path: &Path, made: &mut usize) -> Option<OwnedFd> {
+/// missing of it as the guest's `create_dir_all` would (mode 0755 each):
+/// Some(None) for `root` itself; None where a link, or anything but a
+/// directory, is on the way.
+fn make_dirs(root: &OwnedFd, path: &Path, made: &mut usize) -> Option<Option<OwnedFd>> {
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY;
-    let mut dir = open_plain(root, Path::new("/"), flags).ok()?;
+    let mut dir: Option<OwnedFd> = None;
     for c in path.components() {
         let Component::Normal(name) = c else {
             continue;
         };
-        let next = match open_plain(&dir, Path::new(name), flags) {
+        let at = dir.as_ref().unwrap_or(root);
+        let next = match open_plain(at, Path::new(name), flags) {
             Err(Errno::ENOENT) => {
-                make(&dir, name, true).ok()?;
+                make(at, name, true).ok()?;
                 *made += 1;
-                open_plain(&dir, Path::new(name), flags)
+                open_plain(at, Path::new(name), flags)
             }
             other => other,
         };
-        dir = next.ok()?;
+        dir = Some(next.ok()?);
     }
     Some(dir)
 }
@@ -136,10 +140,7 @@ fn make(dir: &OwnedFd, name: &std::ffi::OsStr, is_dir: bool) -> nix::Result<()> 
     }
     let flags =
         OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let fd = openat(Some(dir.as_raw_fd()), name, flags, mode)?;
-    // SAFETY: `openat` just returned this descriptor and nothing else owns it.
-    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
-    Ok(())
+    close(openat(Some(dir.as_raw_fd()), name, flags, mode)?)
 }
 
 /// As the guest's `Options::is_bind` reads a mount.
